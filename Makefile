@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`.
+# DIALS comes from Debian's `dials` package for /usr/bin/python3 (the first
+# python3 on PATH may be another interpreter that cannot import dials).
+PYTHON ?= /usr/bin/python3
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench validate clean
+
+# Idempotent: installs only what is missing.
+setup:
+	@$(PYTHON) -c "import dials, dxtbx, scipy" 2>/dev/null || { \
+		echo "Installing DIALS from the distribution (apt-get install dials)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dials; }
+	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pytest python3-hypothesis; }
+	@$(PYTHON) -c "import importlib.metadata as m, sys; \
+		sys.exit(0 if any(e.name == 'dials.correct_truncation' for e in m.entry_points(group='console_scripts')) else 1)" 2>/dev/null \
+		&& $(PYTHON) -c "import dials_truncfix, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(dials_truncfix.__file__), 'dials_truncfix') else 1)" 2>/dev/null \
+		|| $(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --break-system-packages -e .
+
+demo: setup
+	$(PYTHON) -m dials_truncfix.demo demo
+
+test: setup
+	$(PYTHON) -m pytest --junitxml=test-results.xml $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) benchmarks/run.py
+
+validate: setup
+	$(PYTHON) -m dials_truncfix.validate --output benchmarks/results/validation.md
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .hypothesis demo benchmarks/work test-results.xml

@@ -1,0 +1,1061 @@
+"""Simulate a MicroED rotation sweep recorded by a camera that truncates
+negative pixel values to zero (the situation of Hattne et al., 2016).
+
+The geometry follows the proteinase K experiment of the paper: 200 kV
+electrons (0.0251 A), a 2048 x 2048 detector with 0.0312 mm pixels at a
+virtual distance of 2.2 m, a P 43 21 2 crystal with a = b = 67.3, c = 101 A
+rotating continuously at 0.36 degrees per image.  Reflections are placed where
+DIALS' own static predictor puts them, with intensities |F|^2 of a random
+protein-like structure (electron scattering factors) and a Gaussian rocking
+curve split over the images it is recorded on.
+
+The camera model, per pixel and image::
+
+    N     ~ Poisson(background + spots)               electrons
+    raw   = clip(round(dark + gain * N / g + read_noise * eps), 0, 65535)
+    truth = round((raw - dark) * g)                    signed, written as CBF
+    trunc = clip(truth, 0, 65535)                      uint16 ADSC SMV
+
+where ``dark`` is the (known) mean dark frame, ``g`` the per-pixel gain
+(flat-field) image applied by the camera software (close to 1), whose
+inverse is the pixel response, so that a flat illumination is featureless
+after correction, and ``eps`` unit Gaussian read noise.
+
+Outputs (in ``output.directory``)::
+
+    truncated/sim_#####.img   ADSC SMV, unsigned 16 bit (FormatSMVADSC)
+    truth/sim_#####.cbf       full imgCIF with goniometer and scan, signed
+                              32 bit, byte-offset (FormatCBFFullByteOffset),
+                              trusted range wide enough for negative values
+    truth_intensities.mtz     unique reflections, I = scale * |F|^2 (ADU)
+    truth_reflections.refl    every simulated observation (positions, LP,
+                              recorded fraction, expected ADU)
+    truth.expt                the exact models used (no imageset)
+    simulation.json           parameters and derived constants
+
+Run as ``python -m dials_truncfix.simulate image_size=512 n_images=20``.
+Everything is deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import ndtr
+
+import iotbx.phil
+import libtbx.phil
+
+logger = logging.getLogger("dials_truncfix.simulate")
+
+#: Detector of the paper: 2048 pixels of 0.0312 mm (TVIPS F416, 2x binned)
+REFERENCE_IMAGE_SIZE = 2048
+REFERENCE_PIXEL_SIZE = 0.0312
+
+#: Trusted range written into the truth CBF files (array_intensities
+#: undefined_value / overload).  dxtbx masks pixels unless
+#: underload < value < overload (strict), so negative values are valid.
+TRUTH_TRUSTED_RANGE = (-1000000.0, 10000000.0)
+
+#: Reflections closer to the rotation axis than this |zeta| are not simulated
+#: (their rocking curves would extend over tens of degrees).
+ZETA_MIN = 0.05
+
+#: Epoch of the first image (2016-01-01T00:00:00Z) for deterministic headers.
+EPOCH0 = calendar.timegm((2016, 1, 1, 0, 0, 0, 0, 0, 0))
+
+phil_str = """
+seed = 1
+  .type = int(value_min=0)
+  .help = "Random seed: crystal orientation, structure, camera calibration"
+          "frames and the noise of every image derive from it."
+image_size = 2048
+  .type = int(value_min=16)
+  .help = "Number of pixels N of the square N x N detector."
+n_images = 50
+  .type = int(value_min=1)
+  .help = "Number of images in the rotation sweep."
+osc_start = 0.0
+  .type = float
+  .help = "Rotation angle at the start of the first image (degrees)."
+osc_width = 0.36
+  .type = float(value_min=0, allow_none=False)
+  .help = "Rotation per image (degrees); the rotation is continuous."
+exposure_time = 4.0
+  .type = float(value_min=0)
+  .help = "Exposure time per image (s), written to the headers only."
+d_min = 1.3
+  .type = float(value_min=0.5)
+  .help = "High resolution limit (A) of the predicted reflections."
+intensity_scale = 150
+  .type = float(value_min=0)
+  .help = "Flux: expected number of electrons in a fully recorded reflection"
+          "of average |F|^2 (average over all unique reflections to d_min),"
+          "before the Lorentz factor. The truth intensities are"
+          "I = scale * |F|^2 with scale = intensity_scale / <|F|^2>."
+beam {
+  wavelength = 0.0251
+    .type = float(value_min=0)
+    .help = "Wavelength (A); 0.0251 A corresponds to 200 kV electrons."
+  centre = None
+    .type = floats(size=2)
+    .help = "Beam centre (fast, slow) in pixels. None: slightly off the"
+            "middle of the detector, (0.5 N + 0.31, 0.5 N - 0.27)."
+}
+detector {
+  distance = 2200
+    .type = float(value_min=0)
+    .help = "Sample-to-detector (virtual) distance in mm."
+  pixel_size = None
+    .type = float(value_min=0)
+    .help = "Pixel size in mm. None: 0.0312 * 2048 / image_size, so that the"
+            "detector always covers the angles of 2048 x 0.0312 mm pixels."
+}
+crystal {
+  space_group = "P 43 21 2"
+    .type = space_group
+    .help = "Space group of the crystal."
+  unit_cell = 67.3 67.3 101 90 90 90
+    .type = unit_cell
+    .help = "Unit cell (proteinase K)."
+  atoms_per_asu = 300
+    .type = int(value_min=1)
+    .help = "Number of random C/N/O atoms in the asymmetric unit of the"
+            "random protein-like structure."
+  b_iso = 17
+    .type = float(value_min=0)
+    .help = "Isotropic B factor (A^2) of all atoms."
+  mosaicity = 0.3
+    .type = float(value_min=0)
+    .help = "Standard deviation (degrees) of the Gaussian rocking curve, in"
+            "DIALS' sigma_m convention; the width in phi is mosaicity/|zeta|."
+}
+spot_sigma = 1.2
+  .type = float(value_min=0.1)
+  .help = "Standard deviation (pixels) of the 2D Gaussian spot profile."
+background {
+  scale = 12
+    .type = float(value_min=0)
+    .help = "Resolution-dependent background at the direct beam position"
+            "(electrons/pixel/image): scale * exp(-falloff / d^2)."
+  falloff = 10
+    .type = float(value_min=0)
+    .help = "Falloff constant k (A^2) of the background scale*exp(-k/d^2)."
+  constant = 0.3
+    .type = float(value_min=0)
+    .help = "Flat background added everywhere (electrons/pixel/image)."
+}
+camera {
+  gain = 4.0
+    .type = float(value_min=0)
+    .help = "Camera gain, ADU per detected electron."
+  read_noise = 3.0
+    .type = float(value_min=0)
+    .help = "Standard deviation of the Gaussian read noise (ADU)."
+  dark_level = 100
+    .type = float
+    .help = "Mean dark level (ADU) of the raw frames; subtracted exactly"
+            "(its per-pixel mean is known to the camera software)."
+  dark_variation = 5
+    .type = float(value_min=0)
+    .help = "Standard deviation (ADU) of the fixed pattern of the dark frame"
+            "around dark_level."
+  gain_variation = 0.02
+    .type = float(value_min=0)
+    .help = "Standard deviation of the per-pixel gain (flat-field) image"
+            "around 1."
+}
+output {
+  directory = simulated
+    .type = path
+    .help = "Output directory; receives truncated/, truth/ and the truth"
+            "intensities."
+  prefix = sim
+    .type = str
+    .help = "File name prefix of the images: <prefix>_#####.img/.cbf"
+  truth_images = True
+    .type = bool
+    .help = "Also write the signed truth images as CBF."
+  nproc = 1
+    .type = int(value_min=1)
+    .help = "Number of processes rendering and writing images."
+}
+"""
+
+# iotbx's converter registry adds the unit_cell and space_group types
+phil_scope = libtbx.phil.parse(
+    phil_str, converter_registry=iotbx.phil.default_converter_registry
+)
+
+
+# ---------------------------------------------------------------------------
+# Data containers
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class CameraCalibration:
+    """Per-pixel calibration frames of the simulated camera (slow, fast)."""
+
+    dark: np.ndarray  # mean dark frame (ADU), float64
+    gain_image: np.ndarray  # flat-field gain applied by the camera, float64
+
+
+@dataclass
+class SimulationResult:
+    """Everything needed to render the images of a simulated sweep.
+
+    Images are rendered lazily (one 2048^2 sweep would not fit comfortably in
+    memory): use :func:`expected_image`, :func:`render_truth` or
+    :meth:`truth_image`.
+    """
+
+    params: object
+    experiments: object  # dxtbx ExperimentList with one experiment
+    reflections: object  # dials reflection table of simulated observations
+    miller_array: object  # cctbx intensities (unique asu), I = scale |F|^2 (ADU)
+    scale: float  # electrons per unit |F|^2
+    background: np.ndarray  # expected background (electrons/pixel/image)
+    calibration: CameraCalibration
+    # rendering arrays, one entry per (reflection, image) pair, sorted by image
+    pair_image: np.ndarray = field(repr=False, default=None)
+    pair_x: np.ndarray = field(repr=False, default=None)
+    pair_y: np.ndarray = field(repr=False, default=None)
+    pair_electrons: np.ndarray = field(repr=False, default=None)
+
+    @property
+    def image_size(self):
+        return int(self.params.image_size)
+
+    @property
+    def n_images(self):
+        return int(self.params.n_images)
+
+    def truth_image(self, index):
+        """Signed truth image (int32, shape (N, N)) of 0-based image index."""
+        return render_truth(self, index)
+
+    def truncated_image(self, index):
+        """The truncated image (uint16) of 0-based image index."""
+        return truncate(self.truth_image(index))
+
+
+# ---------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------
+
+
+def get_params(args=None):
+    """Parse command-line style phil arguments (list of strings) and return
+    the extracted parameters."""
+    sources = []
+    interp = phil_scope.command_line_argument_interpreter(home_scope="")
+    for arg in args or []:
+        if os.path.isfile(arg):
+            sources.append(libtbx.phil.parse(file_name=arg))
+        else:
+            sources.append(interp.process(arg=arg))
+    return phil_scope.fetch(sources=sources).extract()
+
+
+def pixel_size_for(params):
+    if params.detector.pixel_size is not None:
+        return float(params.detector.pixel_size)
+    return REFERENCE_PIXEL_SIZE * REFERENCE_IMAGE_SIZE / params.image_size
+
+
+def beam_centre_px(params):
+    if params.beam.centre is not None:
+        return tuple(float(v) for v in params.beam.centre)
+    n = params.image_size
+    return (0.5 * n + 0.31, 0.5 * n - 0.27)
+
+
+def _rng(params, *keys):
+    """Independent numpy generator for a named purpose."""
+    return np.random.default_rng([int(params.seed)] + [int(k) for k in keys])
+
+
+# stream identifiers for _rng
+_RNG_ORIENTATION, _RNG_CAMERA, _RNG_IMAGE = 1, 2, 3
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def random_rotation(rng):
+    """Uniformly distributed random rotation matrix (3x3 numpy)."""
+    q = rng.normal(size=4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def build_experiment(params, padding_images=0):
+    """ExperimentList (one experiment, no imageset) with the models that
+    stock dxtbx reconstructs from the written SMV headers.  The scan covers
+    ``padding_images`` extra images before and after the sweep (used for
+    prediction of reflections whose rocking curve reaches into the sweep)."""
+    from cctbx import uctbx
+    from dxtbx.model import (
+        BeamFactory,
+        Crystal,
+        DetectorFactory,
+        GoniometerFactory,
+        ScanFactory,
+    )
+    from dxtbx.model.experiment_list import Experiment, ExperimentList
+    from scitbx import matrix
+
+    n = params.image_size
+    px = pixel_size_for(params)
+    bx, by = beam_centre_px(params)
+    beam = BeamFactory.simple(params.beam.wavelength)
+    detector = DetectorFactory.simple(
+        "CCD",
+        params.detector.distance,
+        (bx * px, by * px),
+        "+x",
+        "-y",
+        (px, px),
+        (n, n),
+        (-1, 65535),
+        [],
+    )
+    goniometer = GoniometerFactory.single_axis()
+    n_total = params.n_images + 2 * padding_images
+    start = params.osc_start - padding_images * params.osc_width
+    scan = ScanFactory.make_scan(
+        image_range=(1, n_total),
+        exposure_times=params.exposure_time,
+        oscillation=(start, params.osc_width),
+        epochs={
+            i + 1: EPOCH0 + (i - padding_images) * params.exposure_time
+            for i in range(n_total)
+        },
+        deg=True,
+    )
+
+    uc = uctbx.unit_cell(params.crystal.unit_cell.parameters())
+    sg = params.crystal.space_group.group()
+    if not sg.is_compatible_unit_cell(uc):
+        raise ValueError("unit cell incompatible with the space group")
+    O = matrix.sqr(uc.orthogonalization_matrix())
+    U = matrix.sqr(
+        tuple(random_rotation(_rng(params, _RNG_ORIENTATION)).ravel().tolist())
+    )
+    M = U * O
+    real_a, real_b, real_c = (M.transpose().elems[3 * i : 3 * i + 3] for i in range(3))
+    crystal = Crystal(real_a, real_b, real_c, space_group=sg)
+
+    experiments = ExperimentList()
+    experiments.append(
+        Experiment(
+            beam=beam,
+            detector=detector,
+            goniometer=goniometer,
+            scan=scan,
+            crystal=crystal,
+        )
+    )
+    return experiments
+
+
+def random_intensities(params):
+    """Unique (asu) |F|^2 of a random C/N/O structure with electron
+    scattering factors, as a cctbx miller array of intensities (unscaled)."""
+    from cctbx import crystal as cctbx_crystal
+    from cctbx.development import random_structure
+    from scitbx.array_family import flex
+
+    n = params.crystal.atoms_per_asu
+    # roughly protein-like composition C:N:O = 64:17:19
+    n_n = int(round(0.17 * n))
+    n_o = int(round(0.19 * n))
+    elements = ["N"] * n_n + ["O"] * n_o + ["C"] * (n - n_n - n_o)
+
+    symmetry = cctbx_crystal.symmetry(
+        unit_cell=params.crystal.unit_cell.parameters(),
+        space_group_info=params.crystal.space_group,
+    )
+    state = random.getstate()
+    try:
+        random.seed(int(params.seed))
+        flex.set_random_seed(int(params.seed))
+        xrs = random_structure.xray_structure(
+            space_group_info=symmetry.space_group_info(),
+            unit_cell=symmetry.unit_cell(),
+            elements=elements,
+            min_distance=1.2,
+            u_iso=params.crystal.b_iso / (8 * math.pi**2),
+            use_u_iso=True,
+        )
+    finally:
+        random.setstate(state)
+    xrs.scattering_type_registry(table="electron", d_min=max(params.d_min, 0.25))
+    d_min = params.d_min * 0.98  # margin for predicted d slightly below d_min
+    f_calc = xrs.structure_factors(d_min=d_min, algorithm="direct").f_calc()
+    return f_calc.as_intensity_array()
+
+
+def detector_pixel_s2(experiment):
+    """(1/d)^2 at the centre of every pixel (slow, fast) of panel 0."""
+    panel = experiment.detector[0]
+    beam = experiment.beam
+    nf, ns = panel.get_image_size()
+    px_f, px_s = panel.get_pixel_size()
+    origin = np.array(panel.get_origin())
+    fast = np.array(panel.get_fast_axis())
+    slow = np.array(panel.get_slow_axis())
+    f = (np.arange(nf) + 0.5) * px_f
+    s = (np.arange(ns) + 0.5) * px_s
+    lab = (
+        origin[None, None, :]
+        + s[:, None, None] * slow[None, None, :]
+        + f[None, :, None] * fast[None, None, :]
+    )
+    s0 = np.array(beam.get_s0())
+    k = 1.0 / beam.get_wavelength()
+    s1 = lab / np.linalg.norm(lab, axis=2)[:, :, None] * k
+    q = s1 - s0[None, None, :]
+    return np.einsum("ijk,ijk->ij", q, q)
+
+
+def expected_background(params, experiment):
+    """Background in electrons/pixel/image, falling with resolution."""
+    s2 = detector_pixel_s2(experiment)
+    bg = params.background.constant + params.background.scale * np.exp(
+        -params.background.falloff * s2
+    )
+    return bg
+
+
+def camera_calibration(params):
+    """Dark frame and gain image of the camera (deterministic given seed)."""
+    n = params.image_size
+    rng = _rng(params, _RNG_CAMERA)
+    dark = params.camera.dark_level + params.camera.dark_variation * rng.normal(
+        size=(n, n)
+    )
+    gain_image = 1.0 + params.camera.gain_variation * rng.normal(size=(n, n))
+    np.clip(gain_image, 0.5, 1.5, out=gain_image)
+    return CameraCalibration(dark=dark, gain_image=gain_image)
+
+
+# ---------------------------------------------------------------------------
+# Simulation
+# ---------------------------------------------------------------------------
+
+
+def simulate_sweep(params):
+    """Predict and scale the reflections of the sweep; returns a
+    :class:`SimulationResult` from which the images are rendered."""
+    from dials.algorithms.integration import Corrections
+    from dials.array_family import flex
+
+    t0 = time.time()
+    mosaicity = math.radians(params.crystal.mosaicity)
+    osc = math.radians(params.osc_width)
+    # predict also reflections up to 5 sigma of the widest simulated rocking
+    # curve outside the sweep, so that their tails are recorded
+    sigma_phi_max = mosaicity / ZETA_MIN
+    padding_images = int(math.ceil(5 * sigma_phi_max / osc)) if osc > 0 else 0
+    padded = build_experiment(params, padding_images=padding_images)
+    experiments = build_experiment(params)
+    expt = experiments[0]
+
+    refl = flex.reflection_table.from_predictions(padded[0], dmin=params.d_min)
+    logger.info("%d reflections predicted (%.1f s)", len(refl), time.time() - t0)
+    refl["id"] = flex.int(len(refl), 0)
+    refl["d"] = expt.crystal.get_unit_cell().d(refl["miller_index"])
+    refl.compute_zeta(expt)
+    refl = refl.select(flex.abs(refl["zeta"]) >= ZETA_MIN)
+    # the frame number of the padded scan -> frame of the real scan
+    x, y, z = refl["xyzcal.px"].parts()
+    refl["xyzcal.px"] = flex.vec3_double(x, y, z - padding_images)
+
+    # intensities
+    intensities = random_intensities(params)
+    mean_f2 = flex.mean(intensities.data())
+    scale = params.intensity_scale / mean_f2 if mean_f2 > 0 else 0.0
+    lookup = intensities.customized_copy(data=intensities.data() * scale)
+    from cctbx import miller
+
+    obs_set = miller.set(
+        lookup.crystal_symmetry(), refl["miller_index"], anomalous_flag=False
+    ).map_to_asu()
+    matches = lookup.map_to_asu().match_indices(obs_set)
+    pairs = matches.pairs()
+    true_e = flex.double(len(refl), 0.0)
+    true_e.set_selected(pairs.column(1), lookup.data().select(pairs.column(0)))
+
+    corrections = Corrections(expt.beam, expt.goniometer, expt.detector)
+    lp = corrections.lp(refl["s1"])
+    refl["lp"] = lp
+    refl["intensity.true_electrons"] = true_e  # fully recorded, LP corrected
+    observed_e = true_e / lp  # electrons in the full rocking curve
+
+    # split each reflection over the images of the sweep
+    phi = np.array(refl["xyzcal.mm"].parts()[2])  # radians
+    zeta = np.abs(np.array(refl["zeta"]))
+    sigma_phi = np.maximum(mosaicity / zeta, 1e-6)
+    start = math.radians(params.osc_start)
+    j0 = np.floor((phi - 5 * sigma_phi - start) / osc).astype(np.int64)
+    j1 = np.floor((phi + 5 * sigma_phi - start) / osc).astype(np.int64)
+    j0 = np.clip(j0, 0, params.n_images)
+    j1 = np.clip(j1, -1, params.n_images - 1)
+    span = np.maximum(j1 - j0 + 1, 0)
+    ridx = np.repeat(np.arange(len(refl)), span)
+    offs = np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
+    img = j0[ridx] + offs
+    a = start + img * osc
+    frac = ndtr((a + osc - phi[ridx]) / sigma_phi[ridx]) - ndtr(
+        (a - phi[ridx]) / sigma_phi[ridx]
+    )
+    obs_np = np.array(observed_e)
+    recorded = np.bincount(ridx, weights=frac, minlength=len(refl))
+    refl["fraction_recorded"] = flex.double(recorded)
+    gain = params.camera.gain
+    refl["intensity.true.value"] = flex.double(obs_np * recorded * gain)
+    refl["intensity.true.corrected"] = true_e * gain
+    keep = frac * obs_np[ridx] > 1e-3
+    px = np.array(refl["xyzcal.px"].parts()[0])
+    py = np.array(refl["xyzcal.px"].parts()[1])
+    order = np.argsort(img[keep], kind="stable")
+    pair_image = img[keep][order]
+    pair_x = px[ridx[keep]][order]
+    pair_y = py[ridx[keep]][order]
+    pair_e = (frac * obs_np[ridx])[keep][order]
+
+    # reflections that contribute to the sweep
+    refl = refl.select(flex.bool(recorded > 1e-6))
+    refl.set_flags(flex.bool(len(refl), True), refl.flags.predicted)
+
+    gain_adu = intensities.customized_copy(data=intensities.data() * scale * gain)
+    result = SimulationResult(
+        params=params,
+        experiments=experiments,
+        reflections=refl,
+        miller_array=gain_adu.set_observation_type_xray_intensity(),
+        scale=scale,
+        background=expected_background(params, expt),
+        calibration=camera_calibration(params),
+        pair_image=pair_image,
+        pair_x=pair_x,
+        pair_y=pair_y,
+        pair_electrons=pair_e,
+    )
+    logger.info(
+        "%d reflections in the sweep, %d spot renderings, %.1f s",
+        len(refl),
+        len(pair_image),
+        time.time() - t0,
+    )
+    return result
+
+
+def render_spots(shape, x, y, electrons, sigma):
+    """Expected electrons (float64 image of ``shape`` = (slow, fast)) of
+    Gaussian spots centred at pixel coordinates (x, y) (DIALS convention:
+    pixel i covers [i, i+1)), integrated exactly over each pixel, rendered
+    only within a box of +-4 sigma."""
+    ns, nf = shape
+    image = np.zeros(ns * nf)
+    if len(x) == 0:
+        return image.reshape(shape)
+    h = int(math.ceil(4 * sigma))
+    box = np.arange(-h, h + 1)
+    ix = np.floor(x).astype(np.int64)[:, None] + box[None, :]  # (K, B)
+    iy = np.floor(y).astype(np.int64)[:, None] + box[None, :]
+    inv = 1.0 / sigma
+    px = ndtr((ix + 1 - x[:, None]) * inv) - ndtr((ix - x[:, None]) * inv)
+    py = ndtr((iy + 1 - y[:, None]) * inv) - ndtr((iy - y[:, None]) * inv)
+    px *= electrons[:, None]
+    values = py[:, :, None] * px[:, None, :]  # (K, B, B)
+    valid = (
+        ((iy >= 0) & (iy < ns))[:, :, None] & ((ix >= 0) & (ix < nf))[:, None, :]
+    )
+    flat = iy[:, :, None] * nf + ix[:, None, :]
+    image += np.bincount(flat[valid], weights=values[valid], minlength=ns * nf)
+    return image.reshape(shape)
+
+
+def expected_image(result, index):
+    """Expected electrons per pixel (float64, (slow, fast)) of image
+    ``index`` (0-based): background plus the recorded part of the spots."""
+    lo, hi = np.searchsorted(result.pair_image, [index, index + 1])
+    n = result.image_size
+    spots = render_spots(
+        (n, n),
+        result.pair_x[lo:hi],
+        result.pair_y[lo:hi],
+        result.pair_electrons[lo:hi],
+        result.params.spot_sigma,
+    )
+    return spots + result.background
+
+
+def render_truth(result, index):
+    """Signed truth image (int32) of image ``index`` (0-based): counting noise,
+    camera read-out, dark subtraction and gain correction, rounded."""
+    params = result.params
+    cam = params.camera
+    cal = result.calibration
+    rng = _rng(params, _RNG_IMAGE, index)
+    electrons = rng.poisson(expected_image(result, index)).astype(np.float64)
+    raw = cal.dark + electrons * (cam.gain / cal.gain_image)
+    if cam.read_noise > 0:
+        raw += cam.read_noise * rng.standard_normal(size=raw.shape)
+    raw = np.clip(np.rint(raw), 0, 65535)  # 16 bit ADC
+    truth = np.rint((raw - cal.dark) * cal.gain_image)
+    return truth.astype(np.int32)
+
+
+def truncate(truth):
+    """What the camera stores: negatives set to 0, clipped to 65535, uint16."""
+    return np.clip(truth, 0, 65535).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path, data):
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(
+        directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid())
+    )
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def image_epoch(params, index):
+    return EPOCH0 + index * params.exposure_time
+
+
+def smv_bytes(data, params, index):
+    """ADSC SMV file contents (header + little-endian uint16 data) of image
+    ``index`` (0-based) for a (slow, fast) uint16 array."""
+    data = np.ascontiguousarray(data, dtype="<u2")
+    ns, nf = data.shape
+    px = pixel_size_for(params)
+    bx, by = beam_centre_px(params)
+    phi = params.osc_start + index * params.osc_width
+    date = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(image_epoch(params, index)))
+    # dxtbx's FormatSMVADSC: BEAM_CENTER_Y is along fast, BEAM_CENTER_X along
+    # slow (mm, Mosflm convention)
+    items = [
+        ("DIM", "2"),
+        ("BYTE_ORDER", "little_endian"),
+        ("TYPE", "unsigned_short"),
+        ("SIZE1", "%d" % nf),
+        ("SIZE2", "%d" % ns),
+        ("PIXEL_SIZE", "%.8g" % px),
+        ("BIN", "none"),
+        ("DISTANCE", "%.6f" % params.detector.distance),
+        ("OSC_START", "%.6f" % phi),
+        ("OSC_RANGE", "%.6f" % params.osc_width),
+        ("PHI", "%.6f" % phi),
+        ("WAVELENGTH", "%.6f" % params.beam.wavelength),
+        ("BEAM_CENTER_X", "%.6f" % (by * px)),
+        ("BEAM_CENTER_Y", "%.6f" % (bx * px)),
+        ("TIME", "%.6f" % params.exposure_time),
+        ("DATE", date),
+    ]
+    body = "".join("%s=%s;\n" % kv for kv in items) + "}\n"
+
+    def header_for(nbytes):
+        return "{\nHEADER_BYTES=%5d;\n" % nbytes + body
+
+    nbytes = 512
+    while len(header_for(nbytes)) > nbytes:
+        nbytes += 512
+    header = header_for(nbytes).encode("ascii")
+    header += b" " * (nbytes - len(header))
+    return header + data.tobytes()
+
+
+def write_smv(path, data, params, index):
+    """Write an ADSC SMV image atomically."""
+    _atomic_write_bytes(path, smv_bytes(data, params, index))
+
+
+def write_truth_cbf(path, data, experiment, index, trusted_range=TRUTH_TRUSTED_RANGE):
+    """Write a full imgCIF file (signed 32-bit, byte-offset compressed) with
+    beam, detector, goniometer and the scan of image ``index`` (0-based) of
+    ``experiment``, so that stock dxtbx imports the truth images as a sweep
+    with negative values inside the trusted range.  Atomic."""
+    import pycbf
+    from dxtbx.format.FormatCBFMultiTile import cbf_wrapper
+
+    data = np.ascontiguousarray(data, dtype="<i4")
+    ns, nf = data.shape
+    beam = experiment.beam
+    panel = experiment.detector[0]
+    scan = experiment.scan
+    gonio = experiment.goniometer
+    phi0, dphi = scan.get_oscillation()
+    phi = phi0 + index * dphi
+    exposure = scan.get_exposure_times()[0]
+    epoch = scan.get_epochs()[0] + index * exposure
+    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
+    fast = panel.get_fast_axis()
+    slow = panel.get_slow_axis()
+    normal = panel.get_normal()
+    origin = panel.get_origin()
+    # distance along the normal; origin offset within the detector plane
+    dist = sum(o * n for o, n in zip(origin, normal))
+    in_plane = [o - dist * n for o, n in zip(origin, normal)]
+    pf_, ps_ = panel.get_pixel_size()
+    axis = gonio.get_rotation_axis()
+    pfrac = beam.get_polarization_fraction()
+    fmt = "%.10g"
+
+    cbf = cbf_wrapper()
+    name = os.path.splitext(os.path.basename(path))[0]
+    cbf.new_datablock(name.encode())
+    cbf.add_category("diffrn", ["id"])
+    cbf.add_row(["DS1"])
+    cbf.add_category("diffrn_source", ["diffrn_id", "source", "type"])
+    cbf.add_row(["DS1", "electron microscope", "simulated 200 kV TEM"])
+    cbf.add_category(
+        "diffrn_radiation",
+        [
+            "diffrn_id",
+            "wavelength_id",
+            "probe",
+            "polarizn_source_ratio",
+            "polarizn_source_norm",
+        ],
+    )
+    # cbflib: polarization fraction = (1 + ratio) / 2
+    cbf.add_row(["DS1", "WAVELENGTH1", "electron", fmt % (2 * pfrac - 1), "0.0"])
+    cbf.add_category("diffrn_radiation_wavelength", ["id", "wavelength", "wt"])
+    cbf.add_row(["WAVELENGTH1", fmt % beam.get_wavelength(), "1.0"])
+    cbf.add_category(
+        "diffrn_detector", ["diffrn_id", "id", "type", "details", "number_of_axes"]
+    )
+    cbf.add_row(["DS1", "DETECTOR", "simulated CMOS", "dials_truncfix truth", "3"])
+    cbf.add_category("diffrn_detector_axis", ["detector_id", "axis_id"])
+    for a in ("DETECTOR_X", "DETECTOR_Y", "DETECTOR_Z"):
+        cbf.add_row(["DETECTOR", a])
+    cbf.add_category("diffrn_detector_element", ["id", "detector_id"])
+    cbf.add_row(["ELEMENT1", "DETECTOR"])
+    cbf.add_category(
+        "diffrn_data_frame", ["id", "detector_element_id", "array_id", "binary_id"]
+    )
+    cbf.add_row(["FRAME1", "ELEMENT1", "ARRAY1", "1"])
+    cbf.add_category(
+        "diffrn_measurement", ["diffrn_id", "id", "number_of_axes", "method"]
+    )
+    cbf.add_row(["DS1", "GONIOMETER", "1", "rotation"])
+    cbf.add_category("diffrn_measurement_axis", ["measurement_id", "axis_id"])
+    cbf.add_row(["GONIOMETER", "GONIOMETER_PHI"])
+    cbf.add_category("diffrn_scan", ["id", "frame_id_start", "frame_id_end", "frames"])
+    cbf.add_row(["SCAN1", "FRAME1", "FRAME1", "1"])
+    cbf.add_category(
+        "diffrn_scan_axis",
+        [
+            "axis_id",
+            "scan_id",
+            "angle_start",
+            "angle_range",
+            "angle_increment",
+            "displacement_start",
+            "displacement_range",
+            "displacement_increment",
+        ],
+    )
+    cbf.add_row(
+        ["GONIOMETER_PHI", "SCAN1", fmt % phi, fmt % dphi, fmt % dphi, "0", "0", "0"]
+    )
+    for a in ("DETECTOR_X", "DETECTOR_Y"):
+        cbf.add_row([a, "SCAN1", "0", "0", "0", "0", "0", "0"])
+    cbf.add_row(["DETECTOR_Z", "SCAN1", "0", "0", "0", fmt % dist, "0", "0"])
+    cbf.add_category(
+        "diffrn_scan_frame",
+        ["frame_id", "frame_number", "integration_time", "scan_id", "date"],
+    )
+    cbf.add_row(["FRAME1", "%d" % (index + 1), fmt % exposure, "SCAN1", date])
+    cbf.add_category(
+        "diffrn_scan_frame_axis", ["frame_id", "axis_id", "angle", "displacement"]
+    )
+    cbf.add_row(["FRAME1", "GONIOMETER_PHI", fmt % phi, "0"])
+    cbf.add_row(["FRAME1", "DETECTOR_X", "0", "0"])
+    cbf.add_row(["FRAME1", "DETECTOR_Y", "0", "0"])
+    cbf.add_row(["FRAME1", "DETECTOR_Z", "0", fmt % dist])
+    cbf.add_category(
+        "axis",
+        [
+            "id",
+            "type",
+            "equipment",
+            "depends_on",
+            "vector[1]",
+            "vector[2]",
+            "vector[3]",
+            "offset[1]",
+            "offset[2]",
+            "offset[3]",
+        ],
+    )
+    s0 = beam.get_sample_to_source_direction()
+    cbf.add_row(
+        ["GONIOMETER_PHI", "rotation", "goniometer", "."]
+        + [fmt % v for v in axis]
+        + [".", ".", "."]
+    )
+    cbf.add_row(["SOURCE", "general", "source", "."] + [fmt % v for v in s0] + [".", ".", "."])
+    cbf.add_row(["GRAVITY", "general", "gravity", ".", "0", "-1", "0", ".", ".", "."])
+    cbf.add_row(
+        ["DETECTOR_Z", "translation", "detector", "."]
+        + [fmt % v for v in normal]
+        + ["0", "0", "0"]
+    )
+    cbf.add_row(
+        ["DETECTOR_Y", "translation", "detector", "DETECTOR_Z", "0", "1", "0", "0", "0", "0"]
+    )
+    cbf.add_row(
+        ["DETECTOR_X", "translation", "detector", "DETECTOR_Y", "1", "0", "0", "0", "0", "0"]
+    )
+    cbf.add_row(
+        ["ELEMENT_X", "translation", "detector", "DETECTOR_X"]
+        + [fmt % v for v in fast]
+        + [fmt % v for v in in_plane]
+    )
+    cbf.add_row(
+        ["ELEMENT_Y", "translation", "detector", "ELEMENT_X"]
+        + [fmt % v for v in slow]
+        + ["0", "0", "0"]
+    )
+    cbf.add_category(
+        "array_structure_list",
+        ["array_id", "index", "dimension", "precedence", "direction", "axis_set_id"],
+    )
+    cbf.add_row(["ARRAY1", "1", "%d" % nf, "1", "increasing", "ELEMENT_X"])
+    cbf.add_row(["ARRAY1", "2", "%d" % ns, "2", "increasing", "ELEMENT_Y"])
+    cbf.add_category(
+        "array_structure_list_axis",
+        ["axis_set_id", "axis_id", "displacement", "displacement_increment"],
+    )
+    cbf.add_row(["ELEMENT_X", "ELEMENT_X", "0.0", fmt % pf_])
+    cbf.add_row(["ELEMENT_Y", "ELEMENT_Y", "0.0", fmt % ps_])
+    cbf.add_category(
+        "array_intensities",
+        [
+            "array_id",
+            "binary_id",
+            "linearity",
+            "gain",
+            "gain_esd",
+            "overload",
+            "undefined_value",
+        ],
+    )
+    cbf.add_row(
+        [
+            "ARRAY1",
+            "1",
+            "linear",
+            "1.0",
+            "0.0",
+            fmt % trusted_range[1],
+            fmt % trusted_range[0],
+        ]
+    )
+    cbf.add_category(
+        "array_structure", ["id", "encoding_type", "compression_type", "byte_order"]
+    )
+    cbf.add_row(["ARRAY1", "signed 32-bit integer", "byte_offset", "little_endian"])
+    cbf.add_category("array_data", ["array_id", "binary_id", "data"])
+    cbf.add_row(["ARRAY1", "1"])
+    cbf.set_integerarray_wdims_fs(
+        pycbf.CBF_BYTE_OFFSET,
+        1,
+        data.tobytes(),
+        4,
+        1,
+        data.size,
+        b"little_endian",
+        nf,
+        ns,
+        1,
+        0,
+    )
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        cbf.write_widefile(
+            tmp.encode(),
+            pycbf.CBF,
+            pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K,
+            0,
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_tmp(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+
+
+def write_truth_intensities(result, path):
+    """MTZ with the unique true intensities I = scale * |F|^2 in ADU
+    (column I, with SIGI = 0)."""
+    ma = result.miller_array
+    ma = ma.customized_copy(sigmas=ma.data() * 0)
+    mtz = ma.as_mtz_dataset(column_root_label="I", wavelength=result.params.beam.wavelength)
+    tmp = _atomic_tmp(path) + ".mtz"
+    try:
+        mtz.mtz_object().write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_truth_reflections(result, path):
+    tmp = _atomic_tmp(path) + ".refl"
+    try:
+        result.reflections.as_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_truth_experiments(result, path):
+    tmp = _atomic_tmp(path) + ".expt"
+    try:
+        result.experiments.as_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def image_paths(params, index, directory=None):
+    """(truncated SMV path, truth CBF path) of 0-based image ``index``."""
+    directory = directory or params.output.directory
+    name = "%s_%05d" % (params.output.prefix, index + 1)
+    return (
+        os.path.join(directory, "truncated", name + ".img"),
+        os.path.join(directory, "truth", name + ".cbf"),
+    )
+
+
+def write_image(result, index, directory=None):
+    """Render image ``index`` (0-based) and write its truncated SMV and (if
+    output.truth_images) truth CBF files."""
+    params = result.params
+    truth = render_truth(result, index)
+    smv_path, cbf_path = image_paths(params, index, directory)
+    write_smv(smv_path, truncate(truth), params, index)
+    if params.output.truth_images:
+        write_truth_cbf(cbf_path, truth, result.experiments[0], index)
+    return index
+
+
+_WORKER_RESULT = None
+
+
+def _worker(args):
+    index, directory = args
+    return write_image(_WORKER_RESULT, index, directory)
+
+
+def write_sweep(result, directory=None, nproc=None):
+    """Write all images and truth files of ``result`` to ``directory``
+    (default output.directory).  Returns the directory."""
+    global _WORKER_RESULT
+    params = result.params
+    directory = directory or params.output.directory
+    nproc = nproc or params.output.nproc
+    os.makedirs(os.path.join(directory, "truncated"), exist_ok=True)
+    if params.output.truth_images:
+        os.makedirs(os.path.join(directory, "truth"), exist_ok=True)
+    jobs = [(i, directory) for i in range(params.n_images)]
+    if nproc > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        _WORKER_RESULT = result
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(nproc, len(jobs))) as pool:
+                for _ in pool.imap_unordered(_worker, jobs):
+                    pass
+        finally:
+            _WORKER_RESULT = None
+    else:
+        for i, d in jobs:
+            write_image(result, i, d)
+    write_truth_intensities(result, os.path.join(directory, "truth_intensities.mtz"))
+    write_truth_reflections(result, os.path.join(directory, "truth_reflections.refl"))
+    write_truth_experiments(result, os.path.join(directory, "truth.expt"))
+    meta = {
+        "parameters": phil_scope.format(python_object=params).as_str(),
+        "scale_electrons_per_F2": result.scale,
+        "gain_adu_per_electron": params.camera.gain,
+        "pixel_size_mm": pixel_size_for(params),
+        "beam_centre_px": beam_centre_px(params),
+        "n_reflections": len(result.reflections),
+        "truth_trusted_range": list(TRUTH_TRUSTED_RANGE),
+        "crystal_A_matrix": list(result.experiments[0].crystal.get_A()),
+        "intensity_units": "ADU (= gain * electrons); truth_intensities.mtz I is "
+        "the Lorentz-corrected full intensity, truth_reflections.refl "
+        "intensity.true.value the expected recorded sum before correction",
+    }
+    _atomic_write_bytes(
+        os.path.join(directory, "simulation.json"),
+        (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
+    )
+    return directory
+
+
+def run(args=None):
+    """Command-line entry: ``python -m dials_truncfix.simulate [phil]``."""
+    if args is None:
+        args = sys.argv[1:]
+    if any(a in ("-h", "--help", "-c", "--show-config") for a in args):
+        print(__doc__)
+        print(phil_scope.as_str(attributes_level=1))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = get_params(args)
+    t0 = time.time()
+    result = simulate_sweep(params)
+    directory = write_sweep(result)
+    logger.info(
+        "Wrote %d images to %s in %.1f s", params.n_images, directory, time.time() - t0
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
