@@ -17,15 +17,23 @@ _shell_map_cache: OrderedDict = OrderedDict()
 
 
 def inv_d2_per_panel(detector, beam):
-    """1/d^2 (A^-2) of every pixel centre, one (slow, fast) array per panel,
-    from the panel geometry (any number of panels, tilts, beam position)."""
-    s0 = beam.get_s0()
-    wavelength = beam.get_wavelength()
+    """1/d^2 (A^-2) at every pixel centre, one (slow, fast) array per panel,
+    from the panel frames (any number of panels, tilts, beam position)."""
+    s0 = np.array(beam.get_s0())
+    k = np.linalg.norm(s0)
     out = []
     for panel in detector:
         fast, slow = panel.get_image_size()
-        two_theta = panel.get_two_theta_array(s0).as_numpy_array().reshape(slow, fast)
-        out.append((2.0 * np.sin(0.5 * two_theta) / wavelength) ** 2)
+        size_fast, size_slow = panel.get_pixel_size()
+        origin = np.array(panel.get_origin())
+        f_axis = np.array(panel.get_fast_axis()) * size_fast
+        s_axis = np.array(panel.get_slow_axis()) * size_slow
+        j = np.arange(fast) + 0.5
+        i = np.arange(slow) + 0.5
+        lab = origin + i[:, None, None] * s_axis + j[None, :, None] * f_axis
+        s1 = lab * (k / np.linalg.norm(lab, axis=2))[:, :, None]
+        # |s1 - s0| = 1/d
+        out.append(np.sum((s1 - s0) ** 2, axis=2))
     return out
 
 

@@ -308,11 +308,9 @@ def random_rotation(rng):
     )
 
 
-def build_experiment(params, padding_images=0):
+def build_experiment(params):
     """ExperimentList (one experiment, no imageset) with the models that
-    stock dxtbx reconstructs from the written SMV headers.  The scan covers
-    ``padding_images`` extra images before and after the sweep (used for
-    prediction of reflections whose rocking curve reaches into the sweep)."""
+    stock dxtbx reconstructs from the written SMV headers."""
     from cctbx import uctbx
     from dxtbx.model import (
         BeamFactory,
@@ -340,15 +338,12 @@ def build_experiment(params, padding_images=0):
         [],
     )
     goniometer = GoniometerFactory.single_axis()
-    n_total = params.n_images + 2 * padding_images
-    start = params.osc_start - padding_images * params.osc_width
     scan = ScanFactory.make_scan(
-        image_range=(1, n_total),
+        image_range=(1, params.n_images),
         exposure_times=params.exposure_time,
-        oscillation=(start, params.osc_width),
+        oscillation=(params.osc_start, params.osc_width),
         epochs={
-            i + 1: EPOCH0 + (i - padding_images) * params.exposure_time
-            for i in range(n_total)
+            i + 1: EPOCH0 + i * params.exposure_time for i in range(params.n_images)
         },
         deg=True,
     )
@@ -411,7 +406,7 @@ def random_intensities(params):
         random.setstate(state)
     xrs.scattering_type_registry(table="electron", d_min=max(params.d_min, 0.25))
     d_min = params.d_min * 0.98  # margin for predicted d slightly below d_min
-    f_calc = xrs.structure_factors(d_min=d_min, algorithm="direct").f_calc()
+    f_calc = xrs.structure_factors(d_min=d_min, algorithm="fft").f_calc()
     return f_calc.as_intensity_array()
 
 
@@ -464,32 +459,59 @@ def camera_calibration(params):
 # ---------------------------------------------------------------------------
 
 
+def predict_reflections(experiment, d_min, padding=0.0):
+    """Scan-static prediction with DIALS' own predictor (as dials.integrate
+    does it for a scan-static model); ``padding`` in degrees extends the
+    predicted rotation range on both sides."""
+    from dials.algorithms.spot_prediction import ScanStaticReflectionPredictor
+    from dials.array_family import flex  # noqa: F401 (registers converters)
+
+    predictor = ScanStaticReflectionPredictor(experiment, dmin=d_min, padding=padding)
+    # the same choice of index generator as dials' ReflectionPredictor
+    if experiment.scan.get_num_images() > 50:
+        return predictor.for_ub_old_index_generator(experiment.crystal.get_A())
+    return predictor.for_ub(experiment.crystal.get_A())
+
+
+def lp_correction(experiment, s1):
+    """DIALS' Lorentz-polarization correction factor (the factor
+    dials.integrate multiplies summed intensities by; see
+    dials/algorithms/integration/corrections.h) for s1 vectors (M, 3)."""
+    beam = experiment.beam
+    s0 = np.array(beam.get_s0())
+    pn = np.array(beam.get_polarization_normal())
+    pf = beam.get_polarization_fraction()
+    m2 = np.array(experiment.goniometer.get_rotation_axis())
+    s1 = np.asarray(s1, dtype=float).reshape(-1, 3)
+    s1_len = np.linalg.norm(s1, axis=1)
+    s0_len = np.linalg.norm(s0)
+    L = np.abs(s1 @ np.cross(m2, s0)) / (s0_len * s1_len)
+    P1 = (s1 @ pn) / s1_len
+    P2 = (1.0 - 2.0 * pf) * (1.0 - P1 * P1)
+    P3 = (s1 @ s0) / (s1_len * s0_len)
+    P4 = pf * (1.0 + P3 * P3)
+    return L / (P2 + P4)
+
+
 def simulate_sweep(params):
     """Predict and scale the reflections of the sweep; returns a
     :class:`SimulationResult` from which the images are rendered."""
-    from dials.algorithms.integration import Corrections
     from dials.array_family import flex
 
     t0 = time.time()
     mosaicity = math.radians(params.crystal.mosaicity)
     osc = math.radians(params.osc_width)
-    # predict also reflections up to 5 sigma of the widest simulated rocking
-    # curve outside the sweep, so that their tails are recorded
-    sigma_phi_max = mosaicity / ZETA_MIN
-    padding_images = int(math.ceil(5 * sigma_phi_max / osc)) if osc > 0 else 0
-    padded = build_experiment(params, padding_images=padding_images)
     experiments = build_experiment(params)
     expt = experiments[0]
 
-    refl = flex.reflection_table.from_predictions(padded[0], dmin=params.d_min)
+    # also reflections whose rocking curve reaches into the sweep from outside
+    padding = 3 * params.crystal.mosaicity / ZETA_MIN
+    refl = predict_reflections(expt, params.d_min, padding=padding)
     logger.info("%d reflections predicted (%.1f s)", len(refl), time.time() - t0)
     refl["id"] = flex.int(len(refl), 0)
     refl["d"] = expt.crystal.get_unit_cell().d(refl["miller_index"])
     refl.compute_zeta(expt)
     refl = refl.select(flex.abs(refl["zeta"]) >= ZETA_MIN)
-    # the frame number of the padded scan -> frame of the real scan
-    x, y, z = refl["xyzcal.px"].parts()
-    refl["xyzcal.px"] = flex.vec3_double(x, y, z - padding_images)
 
     # intensities
     intensities = random_intensities(params)
@@ -506,8 +528,7 @@ def simulate_sweep(params):
     true_e = flex.double(len(refl), 0.0)
     true_e.set_selected(pairs.column(1), lookup.data().select(pairs.column(0)))
 
-    corrections = Corrections(expt.beam, expt.goniometer, expt.detector)
-    lp = corrections.lp(refl["s1"])
+    lp = flex.double(lp_correction(expt, np.array(refl["s1"])))
     refl["lp"] = lp
     refl["intensity.true_electrons"] = true_e  # fully recorded, LP corrected
     observed_e = true_e / lp  # electrons in the full rocking curve
@@ -751,8 +772,9 @@ def write_truth_cbf(path, data, experiment, index, trusted_range=TRUTH_TRUSTED_R
             "polarizn_source_norm",
         ],
     )
-    # cbflib: polarization fraction = (1 + ratio) / 2
-    cbf.add_row(["DS1", "WAVELENGTH1", "electron", fmt % (2 * pfrac - 1), "0.0"])
+    # dxtbx's BeamFactory.imgCIF_H takes polarizn_source_ratio as the
+    # polarization fraction (0.5 = unpolarized, as for electrons)
+    cbf.add_row(["DS1", "WAVELENGTH1", "electron", fmt % pfrac, "0.0"])
     cbf.add_category("diffrn_radiation_wavelength", ["id", "wavelength", "wt"])
     cbf.add_row(["WAVELENGTH1", fmt % beam.get_wavelength(), "1.0"])
     cbf.add_category(

@@ -1,0 +1,54 @@
+"""Property-based tests of the core on random images and masks."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from dials_truncfix.correct import CorrectionParameters, correct_image
+from dials_truncfix.shells import ShellError, build_shell_map
+
+SHAPE = (24, 30)
+
+
+@st.composite
+def scenes(draw):
+    image = draw(arrays(np.uint16, SHAPE, elements=st.integers(0, 40)))
+    # bias towards many zeros and a lognormal-ish spread so that fits succeed sometimes
+    noise = draw(st.integers(0, 2**32 - 1))
+    if draw(st.booleans()):
+        rng = np.random.default_rng(noise)
+        image = np.clip(np.rint(-6 + np.exp(2 + 0.4 * rng.standard_normal(SHAPE))), 0, 65535).astype(np.uint16)
+    valid = draw(arrays(np.bool_, SHAPE, elements=st.booleans()))
+    centre = (draw(st.floats(-10, 40)), draw(st.floats(-10, 40)))
+    slow, fast = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]]
+    inv_d2 = (fast - centre[0]) ** 2 + (slow - centre[1]) ** 2
+    n_shells = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**40))
+    return image, valid, inv_d2, n_shells, seed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenes())
+def test_correction_invariants(scene):
+    image, valid, inv_d2, n_shells, seed = scene
+    try:
+        shell_map = build_shell_map([inv_d2], [valid], n_shells, min_pixels_per_shell=20)
+    except ShellError:
+        assert valid.sum() < 20
+        return
+    before = image.copy()
+    params = CorrectionParameters(n_shells=n_shells, seed=seed, min_pixels_per_shell=20)
+    result = correct_image([image], shell_map, params, "prop")
+    out = np.asarray(result.data[0])
+    assert np.array_equal(image, before), "input modified"
+    assert out.shape == image.shape
+    positive = image > 0
+    assert np.array_equal(out[positive], image[positive]), "a positive pixel changed"
+    assert np.all(out[image == 0] <= 0), "a former zero became positive"
+    assert np.array_equal(out[~valid], image[~valid]), "a masked pixel changed"
+    assert result.n_changed == int(np.count_nonzero(out != image))
+    again = correct_image([image], shell_map, params, "prop")
+    assert np.array_equal(np.asarray(again.data[0]), out)
