@@ -21,6 +21,11 @@ setup(
     install_requires=["numpy", "scipy"],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={
+        # names sorting before every stock top-level class: see format_wrapper
+        "dxtbx.format": [
+            "FormatATruncfix:Format = dials_truncfix.format_wrapper:FormatATruncfix",
+            "FormatATruncfixMultiImage:Format = dials_truncfix.format_wrapper:FormatATruncfixMultiImage",
+        ],
         "console_scripts": [
             "dials.correct_truncation=dials_truncfix.command_line.correct_truncation:run",
         ],

@@ -240,8 +240,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
             result.status = CORRECTED
         else:
             result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
-            logger.warning("Image %s shell %d (%.2f-%.2f A): %s", image_key, s,
-                           result.d_max, result.d_min, result.status)
+            _warn_once(image_key, s, "Image %s shell %d (%.2f-%.2f A): %s" % (image_key, s, result.d_max, result.d_min, result.status))
 
     out_dtype = np.float64 if flat.dtype.kind == "f" else np.int32
     out = flat.astype(out_dtype, copy=True)
@@ -268,6 +267,16 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
         data.append(out[offset : offset + size].reshape(shape))
         offset += size
     return ImageCorrection(data=data, status=CORRECTED, shells=results)
+
+
+_warned = set()
+
+
+def _warn_once(image_key, shell, message):
+    """Images are read repeatedly by DIALS programs: say each problem once."""
+    if (image_key, shell) not in _warned:
+        _warned.add((image_key, shell))
+        logger.warning(message)
 
 
 def sweep_offset(corrections):

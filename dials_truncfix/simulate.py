@@ -40,12 +40,14 @@ Everything is deterministic given ``seed``.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -336,6 +338,8 @@ def build_experiment(params):
         (n, n),
         (-1, 65535),
         [],
+        gain=params.camera.gain,
+        pedestal=0.0,
     )
     goniometer = GoniometerFactory.single_axis()
     scan = ScanFactory.make_scan(
@@ -659,18 +663,31 @@ def truncate(truth):
 # ---------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path, data):
+@contextlib.contextmanager
+def _atomic_path(path):
+    """Yield a temporary file name in the directory of ``path``; on success
+    the temporary file is renamed to ``path`` (os.replace), on failure
+    removed, so that readers never see a partially written file."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(
-        directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid())
+    # keep the extension: some writers (dxtbx, DIALS) dispatch on it
+    fd, tmp = tempfile.mkstemp(
+        prefix=".%s." % os.path.basename(path),
+        suffix=".tmp" + os.path.splitext(path)[1],
+        dir=directory,
     )
+    os.close(fd)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _atomic_write_bytes(path, data):
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
 
 
 def image_epoch(params, index):
@@ -705,6 +722,8 @@ def smv_bytes(data, params, index):
         ("BEAM_CENTER_Y", "%.6f" % (bx * px)),
         ("TIME", "%.6f" % params.exposure_time),
         ("DATE", date),
+        # read by FormatSMVADSC as the detector gain (ADU per electron)
+        ("GAIN", "%.6g" % params.camera.gain),
     ]
     body = "".join("%s=%s;\n" % kv for kv in items) + "}\n"
 
@@ -724,11 +743,14 @@ def write_smv(path, data, params, index):
     _atomic_write_bytes(path, smv_bytes(data, params, index))
 
 
-def write_truth_cbf(path, data, experiment, index, trusted_range=TRUTH_TRUSTED_RANGE):
+def write_truth_cbf(
+    path, data, experiment, index, trusted_range=TRUTH_TRUSTED_RANGE, gain=1.0
+):
     """Write a full imgCIF file (signed 32-bit, byte-offset compressed) with
     beam, detector, goniometer and the scan of image ``index`` (0-based) of
     ``experiment``, so that stock dxtbx imports the truth images as a sweep
-    with negative values inside the trusted range.  Atomic."""
+    with negative values inside the trusted range.  ``gain`` (ADU per
+    electron) becomes the detector gain.  Atomic."""
     import pycbf
     from dxtbx.format.FormatCBFMultiTile import cbf_wrapper
 
@@ -902,7 +924,7 @@ def write_truth_cbf(path, data, experiment, index, trusted_range=TRUTH_TRUSTED_R
             "ARRAY1",
             "1",
             "linear",
-            "1.0",
+            fmt % gain,
             "0.0",
             fmt % trusted_range[1],
             fmt % trusted_range[0],
@@ -927,59 +949,38 @@ def write_truth_cbf(path, data, experiment, index, trusted_range=TRUTH_TRUSTED_R
         1,
         0,
     )
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
-    try:
+    with _atomic_path(path) as tmp:
         cbf.write_widefile(
             tmp.encode(),
             pycbf.CBF,
             pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K,
             0,
         )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_tmp(path):
-    directory = os.path.dirname(os.path.abspath(path))
-    return os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
 
 
 def write_truth_intensities(result, path):
     """MTZ with the unique true intensities I = scale * |F|^2 in ADU
-    (column I, with SIGI = 0)."""
+    (columns I and SIGI = 0), i.e. the Lorentz-corrected intensity of a fully
+    recorded reflection in the units of the images."""
     ma = result.miller_array
     ma = ma.customized_copy(sigmas=ma.data() * 0)
-    mtz = ma.as_mtz_dataset(column_root_label="I", wavelength=result.params.beam.wavelength)
-    tmp = _atomic_tmp(path) + ".mtz"
-    try:
-        mtz.mtz_object().write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    mtz = ma.as_mtz_dataset(
+        column_root_label="I", wavelength=result.params.beam.wavelength
+    ).mtz_object()
+    with _atomic_path(path) as tmp:
+        mtz.write(tmp)
 
 
 def write_truth_reflections(result, path):
-    tmp = _atomic_tmp(path) + ".refl"
-    try:
+    """The simulated observations as a DIALS reflection table."""
+    with _atomic_path(path) as tmp:
         result.reflections.as_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_truth_experiments(result, path):
-    tmp = _atomic_tmp(path) + ".expt"
-    try:
+    """The exact models (beam, detector, goniometer, scan, crystal)."""
+    with _atomic_path(path) as tmp:
         result.experiments.as_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def image_paths(params, index, directory=None):
@@ -1000,7 +1001,9 @@ def write_image(result, index, directory=None):
     smv_path, cbf_path = image_paths(params, index, directory)
     write_smv(smv_path, truncate(truth), params, index)
     if params.output.truth_images:
-        write_truth_cbf(cbf_path, truth, result.experiments[0], index)
+        write_truth_cbf(
+            cbf_path, truth, result.experiments[0], index, gain=params.camera.gain
+        )
     return index
 
 

@@ -61,3 +61,54 @@ def add_spots(values, n_spots, rng, peak=300.0, sigma=1.2):
     ):
         values[y - 4 : y + 5, x - 4 : x + 5] += height * profile
     return values
+
+
+def smv_geometry(size=512, pixel_size=None, distance=2200.0, wavelength=0.0251):
+    """Header items of a MicroED-like ADSC SMV image: the detector covers the
+    same angles as 2048 x 0.0312 mm pixels at 2.2 m, whatever ``size`` is."""
+    pixel_size = pixel_size or 0.0312 * 2048 / size
+    return dict(
+        PIXEL_SIZE=round(pixel_size, 6),
+        BIN="2x2",
+        DISTANCE=distance,
+        WAVELENGTH=wavelength,
+        BEAM_CENTER_X=round(size * pixel_size * 0.52, 4),
+        BEAM_CENTER_Y=round(size * pixel_size * 0.49, 4),
+        TIME=1.0,
+        DATE="Wed Nov 25 12:00:00 2026",
+    )
+
+
+def write_truncated_smv_sweep(directory, n_images=4, size=512, seed=0, n_shells=10,
+                              osc_width=0.36, spots=50, prefix="trunc"):
+    """Write a sweep of truncated SMV images whose background follows known
+    per-shell shifted lognormals computed from the real dxtbx geometry.
+    Returns (paths, truth) where truth holds the shell parameters."""
+    import os
+
+    import dxtbx
+
+    from dials_truncfix.geometry import inv_d2_per_panel
+    from dials_truncfix.shells import build_shell_map
+    from dials_truncfix.smv import write_smv
+
+    os.makedirs(directory, exist_ok=True)
+    header = smv_geometry(size)
+    rng = np.random.default_rng(seed)
+    truth = falling_parameters(n_shells)
+    paths, shell_map = [], None
+    for i in range(n_images):
+        path = os.path.join(directory, f"{prefix}_{i + 1:05d}.img")
+        items = dict(header, OSC_START=round(i * osc_width, 4), OSC_RANGE=osc_width, PHI=round(i * osc_width, 4))
+        if shell_map is None:  # the geometry dxtbx will see, from a throw-away file
+            probe = os.path.join(directory, f".{prefix}_probe_00000.img")
+            write_smv(probe, np.zeros((size, size), np.uint16), **items)
+            image = dxtbx.load(probe)
+            os.unlink(probe)
+            inv_d2 = inv_d2_per_panel(image.get_detector(), image.get_beam())
+            shell_map = build_shell_map(inv_d2, [np.ones((size, size), bool)], n_shells, 100)
+        values = draw_true_values(shell_map.labels.reshape(size, size), truth, rng)
+        add_spots(values, spots, rng)
+        write_smv(path, truncate(values), **items)
+        paths.append(path)
+    return paths, truth
