@@ -170,7 +170,7 @@ def _integer_panels(panels):
             return flat, NOT_TRUNCATED_FLOAT
     elif flat.dtype.kind not in "iu":
         raise TypeError(f"unsupported pixel type {flat.dtype}")
-    if flat.size and flat.min() < 0:
+    if flat.dtype.kind != "u" and flat.size and flat.min() < 0:
         return flat, NOT_TRUNCATED_NEGATIVE
     return flat, None
 
@@ -179,9 +179,11 @@ def shell_histograms(flat, shell_map):
     """H(I) per shell for I = 0..HISTOGRAM_CAP, counts above the cap in the
     last column; masked pixels excluded."""
     stride = HISTOGRAM_CAP + 2
-    if flat.dtype.kind == "f" or flat.max(initial=0) > HISTOGRAM_CAP:
+    if flat.dtype.itemsize > 2 and flat.max(initial=0) > HISTOGRAM_CAP:
         flat = np.minimum(flat, HISTOGRAM_CAP + 1)
-    index = shell_map.histogram_base(stride) + flat.astype(np.intp, copy=False)
+    if flat.dtype.kind == "f":
+        flat = flat.astype(np.intp)
+    index = shell_map.histogram_base(stride) + flat
     counts = np.bincount(index, minlength=(shell_map.n_shells + 1) * stride)
     return counts.reshape(shell_map.n_shells + 1, stride)[: shell_map.n_shells]
 
@@ -196,10 +198,13 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
         return ImageCorrection(data=list(panels), status=reason)
 
-    is_zero = flat == 0
-    is_zero &= shell_map.labels != INVALID
-    if not is_zero.any() and not params.fit_all_shells:
+    # zero pixels of each shell, in raster order within the shell
+    order, shell_starts = shell_map.pixel_order()
+    zero_rank = np.flatnonzero(flat[order] == 0)
+    if zero_rank.size == 0 and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS)
+    zero_positions = order[zero_rank]
+    starts = np.searchsorted(zero_rank, shell_starts)
 
     histograms = shell_histograms(flat, shell_map)
     results = []
@@ -244,17 +249,15 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
 
     out_dtype = np.float64 if flat.dtype.kind == "f" else np.int32
     out = flat.astype(out_dtype, copy=True)
-    zero_positions = np.flatnonzero(is_zero)
-    zero_labels = shell_map.labels[zero_positions]
-    order = np.argsort(zero_labels, kind="stable")
-    zero_positions = zero_positions[order]
-    starts = np.searchsorted(zero_labels[order], np.arange(shell_map.n_shells + 1))
 
     rng = image_rng(params.seed, image_key)
     for s, fit in fits.items():
         result = results[s]
         values, counts = zero_value_counts(result.n_zero, fit.theta, fit.mu, fit.sigma)
-        assigned = np.repeat(values, counts).astype(out_dtype)
+        assigned = np.empty(result.n_zero, dtype=out_dtype)
+        ends = np.cumsum(counts)
+        for value, start, end in zip(values, ends - counts, ends):
+            assigned[start:end] = value
         rng.shuffle(assigned)
         out[zero_positions[starts[s] : starts[s + 1]]] = assigned
         result.n_changed = int(np.count_nonzero(assigned))

@@ -172,7 +172,6 @@ class _CorrectOnRead:
                 f"{image_file}: correction on read needs {ENVIRONMENT_VARIABLE} or recorded settings"
             )
         self._truncfix_params, self._truncfix_mask_file = settings_from_kwarg(record)
-        self._truncfix_corrector = None
         super().__init__(to_path(image_file), **kwargs)
 
     def get_image_file(self, *args):
@@ -187,20 +186,35 @@ class _CorrectOnRead:
 
     def get_raw_data(self, *index):
         raw = super().get_raw_data(*index)
-        if self._truncfix_corrector is None:
-            static = self.get_static_mask()
-            self._truncfix_corrector = ImageCorrector(
+        key = image_identity(to_path(self._truncfix_name), index[0] if index else 0)
+        corrected, result = self._corrector().correct(raw, key)
+        if result.status not in (CORRECTED, NO_ZEROS):
+            _notice_once(to_path(self._truncfix_name), result.status)
+        return corrected if isinstance(raw, tuple) else corrected[0]
+
+    def _corrector(self):
+        """One corrector per geometry, mask and settings, shared by all the
+        images of a sweep (each image is a new format instance)."""
+        static = self.get_static_mask()
+        key = (
+            self._truncfix_params,
+            self._truncfix_mask_file,
+            str(self.get_detector().to_dict()),
+            tuple(self.get_beam().get_s0()),
+            None if static is None else tuple(m.as_numpy_array().tobytes() for m in static),
+        )
+        corrector = _correctors.get(key)
+        if corrector is None:
+            corrector = ImageCorrector(
                 self.get_detector(),
                 self.get_beam(),
                 self._truncfix_params,
                 masks=[static] if static is not None else [],
                 mask_file=self._truncfix_mask_file,
             )
-        key = image_identity(to_path(self._truncfix_name), index[0] if index else 0)
-        corrected, result = self._truncfix_corrector.correct(raw, key)
-        if result.status not in (CORRECTED, NO_ZEROS):
-            _notice_once(to_path(self._truncfix_name), result.status)
-        return corrected if isinstance(raw, tuple) else corrected[0]
+            _correctors.clear()  # one sweep geometry at a time is the common case
+            _correctors[key] = corrector
+        return corrector
 
     @classmethod
     def get_imageset(cls, input_filenames, *args, format_kwargs=None, template=None, **kwargs):
@@ -218,6 +232,7 @@ class _CorrectOnRead:
 
 
 _noticed = set()
+_correctors = {}
 
 
 def _notice_once(path, status):

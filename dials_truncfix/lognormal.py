@@ -113,6 +113,13 @@ class _Objective:
         self.hi = self.counts + 0.5
 
     def __call__(self, p):
+        with np.errstate(all="ignore"):
+            try:
+                return self._evaluate(p)
+            except (ValueError, OverflowError, ZeroDivisionError):
+                return 1e300, np.zeros(3)
+
+    def _evaluate(self, p):
         a, mu, s = p
         theta = 0.5 - math.exp(a)
         sigma = math.exp(s)
@@ -121,8 +128,8 @@ class _Objective:
         hpos = self.h[1:]
 
         # Zero bin: log F(0.5)
-        y0 = 0.5 - theta
-        z0 = (math.log(y0) - mu) / sigma
+        y0 = math.exp(a)  # = 0.5 - theta, without cancellation
+        z0 = (a - mu) / sigma
         ll = h0 * special.log_ndtr(z0)
         # d z / d(theta, mu, sigma) at an edge x: (-1/(sigma y), -1/sigma, -z/sigma)
         r0 = math.exp(_log_phi(z0) - special.log_ndtr(z0)) if h0 else 0.0

@@ -39,6 +39,7 @@ class ShellMap:
     n_valid: np.ndarray
     requested_shells: int
     _histogram_base: np.ndarray = field(default=None, repr=False)
+    _order: tuple = field(default=None, repr=False)
 
     @property
     def n_shells(self):
@@ -47,6 +48,18 @@ class ShellMap:
     @property
     def n_pixels(self):
         return self.labels.size
+
+    def pixel_order(self):
+        """(indices of the valid pixels sorted by shell, raster order within
+        a shell; start of each shell in it): cached, the same for every image."""
+        if self._order is None:
+            index_type = np.int32 if self.labels.size < 2**31 else np.intp
+            order = np.argsort(self.labels, kind="stable").astype(index_type)
+            n_invalid = int(np.count_nonzero(self.labels == INVALID))
+            order = order[n_invalid:]
+            starts = np.concatenate(([0], np.cumsum(self.n_valid)))
+            self._order = (order, starts)
+        return self._order
 
     def histogram_base(self, stride):
         """labels * stride, with masked pixels sent to a dump shell after the

@@ -471,10 +471,11 @@ def predict_reflections(experiment, d_min, padding=0.0):
     from dials.array_family import flex  # noqa: F401 (registers converters)
 
     predictor = ScanStaticReflectionPredictor(experiment, dmin=d_min, padding=padding)
-    # the same choice of index generator as dials' ReflectionPredictor
-    if experiment.scan.get_num_images() > 50:
-        return predictor.for_ub_old_index_generator(experiment.crystal.get_A())
-    return predictor.for_ub(experiment.crystal.get_A())
+    # dials' ReflectionPredictor uses this index generator for sweeps of more
+    # than 50 images; positions are the same with either, but this one is
+    # faster with a large padding and does not return reflections (slightly)
+    # beyond d_min as for_ub does
+    return predictor.for_ub_old_index_generator(experiment.crystal.get_A())
 
 
 def lp_correction(experiment, s1):
@@ -527,14 +528,18 @@ def simulate_sweep(params):
     obs_set = miller.set(
         lookup.crystal_symmetry(), refl["miller_index"], anomalous_flag=False
     ).map_to_asu()
-    matches = lookup.map_to_asu().match_indices(obs_set)
-    pairs = matches.pairs()
+    # observations hold symmetry equivalents and repeats: match each of them
+    # to the unique asu reflection (systematic absences keep intensity 0)
+    lookup = lookup.map_to_asu()
+    pairs = miller.match_multi_indices(
+        miller_indices_unique=lookup.indices(), miller_indices=obs_set.indices()
+    ).pairs()
     true_e = flex.double(len(refl), 0.0)
     true_e.set_selected(pairs.column(1), lookup.data().select(pairs.column(0)))
 
     lp = flex.double(lp_correction(expt, np.array(refl["s1"])))
     refl["lp"] = lp
-    refl["intensity.true_electrons"] = true_e  # fully recorded, LP corrected
+    refl["intensity.true.electrons"] = true_e  # fully recorded, LP corrected
     observed_e = true_e / lp  # electrons in the full rocking curve
 
     # split each reflection over the images of the sweep
@@ -962,12 +967,22 @@ def write_truth_intensities(result, path):
     """MTZ with the unique true intensities I = scale * |F|^2 in ADU
     (columns I and SIGI = 0), i.e. the Lorentz-corrected intensity of a fully
     recorded reflection in the units of the images."""
+    import iotbx.mtz
+
     ma = result.miller_array
     ma = ma.customized_copy(sigmas=ma.data() * 0)
     mtz = ma.as_mtz_dataset(
         column_root_label="I", wavelength=result.params.beam.wavelength
     ).mtz_object()
+    mtz.set_title("dials_truncfix simulated truth intensities (ADU)")
     with _atomic_path(path) as tmp:
+        mtz.write(tmp)
+        # replace the creation time stamps of the column sources (written by
+        # the first write of a new object) so that identical parameters give
+        # identical files
+        mtz = iotbx.mtz.object(tmp)
+        for column in mtz.columns():
+            column.set_source("dials_truncfix.simulate")
         mtz.write(tmp)
 
 
@@ -1044,7 +1059,13 @@ def write_sweep(result, directory=None, nproc=None):
     write_truth_reflections(result, os.path.join(directory, "truth_reflections.refl"))
     write_truth_experiments(result, os.path.join(directory, "truth.expt"))
     meta = {
-        "parameters": phil_scope.format(python_object=params).as_str(),
+        # without output.directory, so that the file is identical wherever
+        # the sweep is written
+        "parameters": "\n".join(
+            line
+            for line in phil_scope.format(python_object=params).as_str().splitlines()
+            if not line.strip().startswith("directory =")
+        ),
         "scale_electrons_per_F2": result.scale,
         "gain_adu_per_electron": params.camera.gain,
         "pixel_size_mm": pixel_size_for(params),

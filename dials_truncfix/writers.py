@@ -70,6 +70,23 @@ def _add_rotation(cbf, goniometer, scan, index, diffrn_id):
     _set_column(cbf, "diffrn_scan_frame", "date", [stamp + f"{epoch % 1:.3f}"[1:]])
 
 
+def _rename_values(cbf, mapping):
+    """Replace every (text) value found in ``mapping`` throughout the handle."""
+    cbf.rewind_datablock()
+    for c in range(cbf.count_categories()):
+        cbf.select_category(c)
+        for col in range(cbf.count_columns()):
+            cbf.select_column(col)
+            for row in range(cbf.count_rows()):
+                cbf.select_row(row)
+                try:
+                    value = cbf.get_value()
+                except Exception:
+                    continue
+                if value is not None and value.decode() in mapping:
+                    cbf.set_value(mapping[value.decode()].encode())
+
+
 def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
     """The bytes of a full CBF for image ``index`` of ``imageset`` holding
     ``panels`` (int32 arrays, slow x fast) and the given trusted ranges."""
@@ -85,6 +102,10 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
     goniometer = imageset.get_goniometer()
     scan = imageset.get_scan()
     if rotation and goniometer is not None and scan is not None and not scan.is_still():
+        if len(panels) == 1:
+            # stock FormatCBFFull reads sequences through cbflib_adaptbx,
+            # which expects the Pilatus-style names of the pixel axes
+            _rename_values(cbf, {"AXIS_L0M0_L1M0_F": "ELEMENT_X", "AXIS_L0M0_L1M0_S": "ELEMENT_Y"})
         cbf.find_category(b"diffrn")
         cbf.find_column(b"id")
         _add_rotation(cbf, goniometer, scan, index, cbf.get_value().decode())
@@ -97,7 +118,7 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
         names.append(cbf.get_value().decode())
     cbf.add_category("array_structure", ["id", "encoding_type", "compression_type", "byte_order"])
     for name in names:
-        cbf.add_row([name, "signed 32-bit integer", "packed", "little_endian"])
+        cbf.add_row([name, "signed 32-bit integer", "x-CBF_BYTE_OFFSET", "little_endian"])
     cbf.add_category("array_data", ["array_id", "binary_id", "data"])
     for binary_id, (name, data) in enumerate(zip(names, panels), start=1):
         data = np.ascontiguousarray(data, dtype="<i4")
@@ -105,7 +126,7 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
         cbf.add_row([name, str(binary_id)])
         cbf.find_column(b"data")
         cbf.set_integerarray_wdims_fs(
-            pycbf.CBF_PACKED, binary_id, data.tobytes(), 4, 1, data.size,
+            pycbf.CBF_BYTE_OFFSET, binary_id, data.tobytes(), 4, 1, data.size,
             b"little_endian", nx, ny, 1, 0,
         )
 
@@ -120,10 +141,22 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
         os.unlink(tmp)
 
 
-def write_full_cbf(path, imageset, index, panels, trusted_ranges, rotation=True):
+def _umask_permissions(path):
+    """mkstemp makes 0600 files: give the usual permissions instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def atomic_write(path, chunks):
     from dials_truncfix.smv import atomic_write_bytes
 
-    atomic_write_bytes(path, [full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation)])
+    atomic_write_bytes(path, chunks)
+    _umask_permissions(path)
+
+
+def write_full_cbf(path, imageset, index, panels, trusted_ranges, rotation=True):
+    atomic_write(path, [full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation)])
 
 
 def smv_header_items(imageset, index, offset):
@@ -175,4 +208,5 @@ def write_smv_image(path, imageset, index, panels, offset):
         raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
     data, n_clipped = smv_data(panels[0], offset)
     write_smv(path, data, **smv_header_items(imageset, index, offset))
+    _umask_permissions(path)
     return n_clipped
