@@ -175,17 +175,19 @@ def _integer_panels(panels):
     return flat, None
 
 
-def shell_histograms(flat, shell_map):
+def shell_histograms(by_shell, shell_starts):
     """H(I) per shell for I = 0..HISTOGRAM_CAP, counts above the cap in the
-    last column; masked pixels excluded."""
-    stride = HISTOGRAM_CAP + 2
-    if flat.dtype.itemsize > 2 and flat.max(initial=0) > HISTOGRAM_CAP:
-        flat = np.minimum(flat, HISTOGRAM_CAP + 1)
-    if flat.dtype.kind == "f":
-        flat = flat.astype(np.intp)
-    index = shell_map.histogram_base(stride) + flat
-    counts = np.bincount(index, minlength=(shell_map.n_shells + 1) * stride)
-    return counts.reshape(shell_map.n_shells + 1, stride)[: shell_map.n_shells]
+    last column, from the valid pixel values sorted by shell."""
+    if by_shell.dtype.itemsize > 2 and by_shell.max(initial=0) > HISTOGRAM_CAP:
+        by_shell = np.minimum(by_shell, HISTOGRAM_CAP + 1)
+    if by_shell.dtype.kind == "f":
+        by_shell = by_shell.astype(np.intp)
+    n_shells = len(shell_starts) - 1
+    histograms = np.zeros((n_shells, HISTOGRAM_CAP + 2), dtype=np.int64)
+    for s in range(n_shells):
+        counts = np.bincount(by_shell[shell_starts[s] : shell_starts[s + 1]])
+        histograms[s, : len(counts)] = counts
+    return histograms
 
 
 def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, image_key):
@@ -200,13 +202,14 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
 
     # zero pixels of each shell, in raster order within the shell
     order, shell_starts = shell_map.pixel_order()
-    zero_rank = np.flatnonzero(flat[order] == 0)
+    by_shell = flat[order]
+    zero_rank = np.flatnonzero(by_shell == 0)
     if zero_rank.size == 0 and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS)
     zero_positions = order[zero_rank]
     starts = np.searchsorted(zero_rank, shell_starts)
 
-    histograms = shell_histograms(flat, shell_map)
+    histograms = shell_histograms(by_shell, shell_starts)
     results = []
     fits = {}
     for s in range(shell_map.n_shells):

@@ -38,7 +38,6 @@ class ShellMap:
     d_min: np.ndarray
     n_valid: np.ndarray
     requested_shells: int
-    _histogram_base: np.ndarray = field(default=None, repr=False)
     _order: tuple = field(default=None, repr=False)
 
     @property
@@ -60,14 +59,6 @@ class ShellMap:
             starts = np.concatenate(([0], np.cumsum(self.n_valid)))
             self._order = (order, starts)
         return self._order
-
-    def histogram_base(self, stride):
-        """labels * stride, with masked pixels sent to a dump shell after the
-        last one; cached, because it is the same for every image."""
-        if self._histogram_base is None or self._histogram_base[1] != stride:
-            dump = np.where(self.labels == INVALID, self.n_shells, self.labels)
-            self._histogram_base = (dump.astype(np.intp) * stride, stride)
-        return self._histogram_base[0]
 
 
 def _d_from_inv_d2(inv_d2):
