@@ -230,6 +230,7 @@ class SimulationResult:
     calibration: CameraCalibration
     # rendering arrays, one entry per (reflection, image) pair, sorted by image
     pair_image: np.ndarray = field(repr=False, default=None)
+    pair_refl: np.ndarray = field(repr=False, default=None)  # row in reflections
     pair_x: np.ndarray = field(repr=False, default=None)
     pair_y: np.ndarray = field(repr=False, default=None)
     pair_electrons: np.ndarray = field(repr=False, default=None)
@@ -263,7 +264,7 @@ def get_params(args=None):
     interp = phil_scope.command_line_argument_interpreter(home_scope="")
     for arg in args or []:
         if os.path.isfile(arg):
-            sources.append(libtbx.phil.parse(file_name=arg))
+            sources.append(iotbx.phil.parse(file_name=arg))
         else:
             sources.append(interp.process(arg=arg))
     return phil_scope.fetch(sources=sources).extract()
@@ -565,18 +566,21 @@ def simulate_sweep(params):
     gain = params.camera.gain
     refl["intensity.true.value"] = flex.double(obs_np * recorded * gain)
     refl["intensity.true.corrected"] = true_e * gain
-    keep = frac * obs_np[ridx] > 1e-3
+    # reflections that contribute to the sweep
+    contributes = recorded > 1e-6
+    new_index = np.cumsum(contributes) - 1
+    refl = refl.select(flex.bool(contributes))
+    refl.set_flags(flex.bool(len(refl), True), refl.flags.predicted)
+
+    keep = (frac * obs_np[ridx] > 1e-3) & contributes[ridx]
     px = np.array(refl["xyzcal.px"].parts()[0])
     py = np.array(refl["xyzcal.px"].parts()[1])
     order = np.argsort(img[keep], kind="stable")
     pair_image = img[keep][order]
-    pair_x = px[ridx[keep]][order]
-    pair_y = py[ridx[keep]][order]
+    pair_refl = new_index[ridx[keep]][order]
+    pair_x = px[pair_refl]
+    pair_y = py[pair_refl]
     pair_e = (frac * obs_np[ridx])[keep][order]
-
-    # reflections that contribute to the sweep
-    refl = refl.select(flex.bool(recorded > 1e-6))
-    refl.set_flags(flex.bool(len(refl), True), refl.flags.predicted)
 
     gain_adu = intensities.customized_copy(data=intensities.data() * scale * gain)
     result = SimulationResult(
@@ -588,6 +592,7 @@ def simulate_sweep(params):
         background=expected_background(params, expt),
         calibration=camera_calibration(params),
         pair_image=pair_image,
+        pair_refl=pair_refl,
         pair_x=pair_x,
         pair_y=pair_y,
         pair_electrons=pair_e,

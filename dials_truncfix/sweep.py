@@ -22,6 +22,7 @@ logger = logging.getLogger(f"dials.{__name__}")
 #: trusted minimum written for signed (CBF) output: below any corrected value
 CBF_TRUSTED_MINIMUM = LOWEST_VALUE - 1
 EXTENSIONS = {"cbf": ".cbf", "smv": ".img"}
+ON_READ = "on_read"
 
 
 class TruncationInputError(RuntimeError):
@@ -77,6 +78,17 @@ def plan(experiments, directory, fmt):
         plans.append(SweepPlan(len(plans) + 1, imageset, exps, keys, names, multi))
     all_names = [n for p in plans for n in p.outputs]
     per_sweep_dirs = len(set(all_names)) != len(all_names)
+    if fmt == ON_READ:
+        from dials_truncfix.format_wrapper import _supported
+
+        for p in plans:
+            if not _supported(p.imageset.get_format_class()):
+                raise TruncationInputError(
+                    f"{p.imageset.get_path(0)}: {p.imageset.get_format_class().__name__} "
+                    "images cannot be corrected on read (SMV, CBF and MRC can)"
+                )
+            p.outputs = [None] * len(p.outputs)
+        return plans
     ext = EXTENSIONS[fmt]
     for p in plans:
         base = os.path.join(directory, f"sweep_{p.number:02d}") if per_sweep_dirs else directory
@@ -90,7 +102,7 @@ def check_outputs(plans, other_outputs, overwrite):
     inputs = {
         os.path.realpath(p.imageset.get_path(i)) for p in plans for i in range(len(p.imageset))
     }
-    outputs = [o for p in plans for o in p.outputs]
+    outputs = [o for p in plans for o in p.outputs if o]
     for path in outputs + [o for o in other_outputs if o]:
         if os.path.realpath(path) in inputs:
             raise TruncationInputError(f"{path}: output would overwrite an input image")
@@ -103,7 +115,7 @@ def check_outputs(plans, other_outputs, overwrite):
             )
 
 
-def imageset_masks(imageset):
+def imageset_masks(imageset, user_mask=True):
     """The format's static mask and the external (user) mask, as tuples of
     flex.bool; not the trusted-range mask."""
     masks = []
@@ -117,19 +129,19 @@ def imageset_masks(imageset):
     except Exception as e:  # pragma: no cover - formats without instances
         logger.debug("no static mask: %s", e)
     lookup = imageset.external_lookup.mask
-    if lookup.data is not None and not lookup.data.empty():
+    if user_mask and lookup.data is not None and not lookup.data.empty():
         masks.append(tuple(lookup.data.tile(i).data() for i in range(len(lookup.data))))
     return masks
 
 
 def low_count_histograms(panels, shell_map, imax):
     """Raw H(0..imax) per shell (for the report)."""
-    from dials_truncfix.correct import shell_histograms
-
     flat = np.concatenate([np.asarray(p).ravel() for p in panels])
-    if flat.dtype.kind == "f":
-        flat = np.clip(np.rint(flat), 0, None).astype(np.int64)
-    return shell_histograms(np.clip(flat, 0, None), shell_map)[:, : imax + 1]
+    flat = np.clip(np.rint(flat), 0, imax + 1).astype(np.int64)
+    labels = np.asarray(shell_map.labels)
+    return np.stack(
+        [np.bincount(flat[labels == s], minlength=imax + 2)[: imax + 1] for s in range(shell_map.n_shells)]
+    )
 
 
 _correctors = {}
@@ -155,7 +167,8 @@ class CorrectTask:
             imageset = self.items[number][0]
             _correctors[key] = ImageCorrector(
                 imageset.get_detector(), imageset.get_beam(), self.params,
-                masks=imageset_masks(imageset), mask_file=self.mask_file,
+                masks=imageset_masks(imageset, user_mask=self.fmt != ON_READ),
+                mask_file=self.mask_file,
             )
         return _correctors[key]
 
@@ -200,7 +213,7 @@ class CorrectTask:
             ints.append(p.astype(np.int32))
         if self.fmt == "cbf":
             write_full_cbf(outputs[index], imageset, index, ints, trusted)
-        else:
+        elif self.fmt == "smv":
             np.save(_staged(self.staging, number, index), np.stack(ints) if len(ints) > 1 else ints[0])
         return summary
 
@@ -261,10 +274,14 @@ def report_image_indices(n_images, n_chosen):
 def correct_sweeps(experiments, plans, params, mask_file, fmt, mp, n_report_images=3, progress=None):
     """Correct every image; write the images; return the plans (with
     per-image summaries and offsets)."""
-    directories = {os.path.dirname(o) for p in plans for o in p.outputs}
+    directories = {os.path.dirname(o) for p in plans for o in p.outputs if o}
     for d in sorted(directories):
         os.makedirs(d, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".truncfix-staging-", dir=sorted(directories)[0]) if fmt == "smv" else None
+    if fmt == ON_READ and any(
+        imageset_masks(p.imageset) != imageset_masks(p.imageset, user_mask=False) for p in plans
+    ):
+        logger.warning("The imageset's user mask is not used on read: give it as truncfix.mask")
     try:
         report_images = {p.number: report_image_indices(len(p.imageset), n_report_images) for p in plans}
         task = CorrectTask(plans, params, mask_file, fmt, staging, report_images)
@@ -289,7 +306,7 @@ def correct_sweeps(experiments, plans, params, mask_file, fmt, mp, n_report_imag
     return plans
 
 
-def corrected_experiments(experiments, plans, fmt):
+def corrected_experiments(experiments, plans, fmt, settings=None):
     """A copy of the experiment list whose imagesets read the corrected files
     with stock dxtbx, keeping every model; trusted ranges admit the corrected
     values, and for SMV the offset is the panels' pedestal."""
@@ -297,6 +314,8 @@ def corrected_experiments(experiments, plans, fmt):
     from dxtbx.imageset import ImageSetFactory
     from dxtbx.model.experiment_list import ExperimentList
 
+    if fmt == ON_READ:
+        return on_read_experiments(experiments, plans, settings)
     result = ExperimentList()
     replaced = {}
     for p in plans:
@@ -346,3 +365,53 @@ def _template_for(outputs, numbers):
     width = template.count("#")
     expected = [template.replace("#" * width, f"{n:0{width}d}") for n in numbers]
     return template if expected == list(outputs) else None
+
+
+def on_read_experiments(experiments, plans, settings):
+    """A copy of the experiment list whose imagesets read the original images
+    through the correction on read, with the settings recorded."""
+    from dxtbx.imageset import ImageSequence, ImageSetFactory
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_truncfix.format_wrapper import FORMAT_KWARG, TRUSTED_MINIMUM, wrapped_class
+
+    replaced = {}
+    for p in plans:
+        old = p.imageset
+        wrapped = wrapped_class(old.get_format_class().__name__)
+        kwargs = dict(old.params())
+        kwargs[FORMAT_KWARG] = settings
+        detector = copy.deepcopy(old.get_detector())
+        for panel in detector:
+            low, high = panel.get_trusted_range()
+            panel.set_trusted_range((min(low, TRUSTED_MINIMUM), high))
+        if isinstance(old, ImageSequence) and p.multi_image:
+            new = wrapped.get_imageset(
+                [old.get_path(0)], beam=old.get_beam(), detector=detector,
+                goniometer=old.get_goniometer(), scan=old.get_scan(), as_sequence=True,
+                single_file_indices=list(old.indices()), format_kwargs=kwargs,
+            )
+        elif isinstance(old, ImageSequence):
+            new = ImageSetFactory.make_sequence(
+                old.get_template(), _image_numbers(old), format_class=wrapped,
+                beam=old.get_beam(), detector=detector, goniometer=old.get_goniometer(),
+                scan=old.get_scan(), format_kwargs=kwargs,
+            )
+        else:
+            new = wrapped.get_imageset(
+                [old.get_path(i) for i in range(len(old))], as_imageset=True, format_kwargs=kwargs,
+                single_file_indices=list(old.indices()) if p.multi_image else None,
+            )
+            for i in range(len(new)):
+                new.set_beam(old.get_beam(i), i)
+                new.set_detector(detector, i)
+        new.external_lookup.mask.data = old.external_lookup.mask.data
+        replaced[id(old)] = (new, detector)
+    result = ExperimentList()
+    for expt in experiments:
+        new, detector = replaced[id(expt.imageset)]
+        expt = copy.copy(expt)
+        expt.imageset = new
+        expt.detector = detector
+        result.append(expt)
+    return result

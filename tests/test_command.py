@@ -230,3 +230,40 @@ def test_no_zeros_and_too_few_pixels(tmp_path):
     text = result.stdout + (tmp_path / "dials.correct_truncation.log").read_text()
     assert "Nothing to correct" in text and "instead of 10" in text
     assert len(os.listdir(tmp_path / "corrected")) == 2
+
+
+def _pixels(expt):
+    iset = load(expt)[0].imageset
+    return iset, [iset.get_raw_data(i)[0].as_numpy_array() for i in range(len(iset))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["smv", "mrc"])
+def test_on_read_experiments_equal_the_written_images(tmp_path, kind):
+    """output.format=on_read copies no image, yet every program reads the
+    same pixels as from the CBF images written by a normal run."""
+    if kind == "smv":
+        inputs = make_smv_sweep(tmp_path / "data", n=3)
+    else:
+        mrcfile = pytest.importorskip("mrcfile")
+        with mrcfile.new(str(tmp_path / "stack.mrc")) as mrc:
+            mrc.set_data(np.stack(_images(3, seed=5)).astype(np.uint16))
+        inputs = [str(tmp_path / "stack.mrc")]
+    result = run_cmd([*inputs, *ARGS, "output.format=on_read", "output.experiments=on_read.expt",
+                      "output.json=on_read.json", "output.report=None"], tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert not (tmp_path / "corrected").exists()
+    result = run_cmd([*inputs, *ARGS], tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    on_read, on_read_pixels = _pixels(tmp_path / "on_read.expt")
+    assert on_read.get_format_class().__name__.startswith("Truncfix_")
+    assert json.loads((tmp_path / "on_read.expt").read_text())["imageset"][0]["params"]["truncfix"]["n_shells"] == 4
+    written, written_pixels = _pixels(tmp_path / "corrected.expt")
+    assert len(on_read_pixels) == len(written_pixels) == 3
+    for a, b in zip(on_read_pixels, written_pixels):
+        assert np.array_equal(a, b) and (a < 0).any()
+    for i in range(3):
+        assert on_read.get_mask(i)[0].as_numpy_array()[on_read_pixels[i] < 0].all()
+    # the JSON of the on_read run describes exactly what is read
+    record = json.loads((tmp_path / "on_read.json").read_text())
+    assert record["sweeps"][0]["images"][0]["n_changed"] == int(np.count_nonzero(on_read_pixels[0] < 0))

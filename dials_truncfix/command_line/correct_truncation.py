@@ -32,6 +32,9 @@ Outputs:
       smv: unsigned 16-bit ADSC SMV with the sweep's offset (minus the most
            negative corrected value) added and recorded as IMAGE_PEDESTAL;
            values above 65535-offset are clipped to 65535 (overloaded).
+      on_read: no images; corrected.expt names the original images as
+           truncfix:// URLs with the parameters recorded, so every DIALS
+           program with the plugin installed reads them corrected.
   output.experiments (corrected.expt): the input models pointing at the new
       images, readable by stock DIALS (no plugin needed); written last, so a
       run that stops early leaves no corrected.expt.
@@ -69,10 +72,13 @@ output {
   directory = corrected
     .type = path
     .help = "Directory for the corrected images (created if needed)."
-  format = *cbf smv
+  format = *cbf smv on_read
     .type = choice
     .help = "cbf: signed 32-bit full CBF. smv: unsigned 16-bit SMV with the"
-            "sweep-wide offset recorded as IMAGE_PEDESTAL."
+            "sweep-wide offset recorded as IMAGE_PEDESTAL. on_read: write no"
+            "images; output.experiments reads the original images through the"
+            "plugin's correction on read (the plugin must be installed wherever"
+            "it is used; a user mask must be given as truncfix.mask)."
   experiments = corrected.expt
     .type = path
     .help = "Experiment list pointing at the corrected images."
@@ -144,7 +150,7 @@ def _check_arguments(args):
                 if not isinstance(data, dict) or data.get("__id__") != "ExperimentList":
                     raise ValueError
             except (ValueError, UnicodeDecodeError):
-                raise Sorry(f"{arg}: not an experiment list")
+                raise Sorry(f"{arg}: not an experiment list") from None
 
 
 @show_mail_handle_errors()
@@ -187,7 +193,7 @@ def run(args=None, phil=phil_scope):
     except Sorry:
         raise
     except (ValueError, RuntimeError, OSError) as e:
-        raise Sorry(str(e))
+        raise Sorry(str(e)) from None
 
 
 def correct(experiments, params):
@@ -203,7 +209,7 @@ def correct(experiments, params):
     try:
         sweep.check_outputs(plans, others, params.output.overwrite)
     except sweep.TruncationInputError as e:
-        raise Sorry(str(e))
+        raise Sorry(str(e)) from None
     n_images = sum(len(p.imageset) for p in plans)
     logger.info(
         "Correcting %d image(s) in %d sweep(s) into %s (%s)",
@@ -216,7 +222,7 @@ def correct(experiments, params):
             n_report_images=params.output.report_images, progress=progress,
         )
     except (sweep.TruncationInputError, ShellError, OutputFormatError) as e:
-        raise Sorry(str(e))
+        raise Sorry(str(e)) from None
     finally:
         progress.close()
 
@@ -262,7 +268,10 @@ def correct(experiments, params):
         _atomic_text(params.output.report, html_report(plans, record))
         logger.info("Wrote %s", params.output.report)
 
-    corrected = sweep.corrected_experiments(experiments, plans, fmt)
+    from dials_truncfix.format_wrapper import settings_to_kwarg
+
+    settings = settings_to_kwarg(cparams, params.truncfix.mask)
+    corrected = sweep.corrected_experiments(experiments, plans, fmt, settings)
     _atomic_text(params.output.experiments, corrected.as_json())
     logger.info("Wrote %s", params.output.experiments)
 
