@@ -27,9 +27,10 @@ Outputs (in ``output.directory``)::
     truth/sim_#####.cbf       full imgCIF with goniometer and scan, signed
                               32 bit, byte-offset (FormatCBFFullByteOffset),
                               trusted range wide enough for negative values
-    truth_intensities.mtz     unique reflections, I = scale * |F|^2 (ADU)
+    truth_intensities.mtz     unique reflections, I = scale * |F|^2
+                              (electrons, Lorentz corrected)
     truth_reflections.refl    every simulated observation (positions, LP,
-                              recorded fraction, expected ADU)
+                              recorded fraction, expected electrons)
     truth.expt                the exact models used (no imageset)
     simulation.json           parameters and derived constants
 
@@ -98,12 +99,13 @@ exposure_time = 4.0
 d_min = 1.3
   .type = float(value_min=0.5)
   .help = "High resolution limit (A) of the predicted reflections."
-intensity_scale = 150
+intensity_scale = 5000
   .type = float(value_min=0)
-  .help = "Flux: expected number of electrons in a fully recorded reflection"
-          "of average |F|^2 (average over all unique reflections to d_min),"
-          "before the Lorentz factor. The truth intensities are"
-          "I = scale * |F|^2 with scale = intensity_scale / <|F|^2>."
+  .help = "Flux: mean number of electrons recorded on the detector per"
+          "reflection (whole rocking curve), averaged over the reflections of"
+          "the sweep. The truth intensities are I = scale * |F|^2 (electrons,"
+          "Lorentz corrected) with scale = intensity_scale / <|F|^2 / LP>,"
+          "LP being the correction factor DIALS applies."
 beam {
   wavelength = 0.0251
     .type = float(value_min=0)
@@ -224,8 +226,8 @@ class SimulationResult:
     params: object
     experiments: object  # dxtbx ExperimentList with one experiment
     reflections: object  # dials reflection table of simulated observations
-    miller_array: object  # cctbx intensities (unique asu), I = scale |F|^2 (ADU)
-    scale: float  # electrons per unit |F|^2
+    miller_array: object  # unique intensities I = scale |F|^2 (electrons)
+    scale: float  # electrons per unit |F|^2 (LP corrected)
     background: np.ndarray  # expected background (electrons/pixel/image)
     calibration: CameraCalibration
     # rendering arrays, one entry per (reflection, image) pair, sorted by image
@@ -519,28 +521,30 @@ def simulate_sweep(params):
     refl.compute_zeta(expt)
     refl = refl.select(flex.abs(refl["zeta"]) >= ZETA_MIN)
 
-    # intensities
-    intensities = random_intensities(params)
-    mean_f2 = flex.mean(intensities.data())
-    scale = params.intensity_scale / mean_f2 if mean_f2 > 0 else 0.0
-    lookup = intensities.customized_copy(data=intensities.data() * scale)
+    # intensities |F|^2 of the unique reflections, for every observation
     from cctbx import miller
+
+    intensities = random_intensities(params)
+    lookup = intensities.map_to_asu()
 
     obs_set = miller.set(
         lookup.crystal_symmetry(), refl["miller_index"], anomalous_flag=False
     ).map_to_asu()
     # observations hold symmetry equivalents and repeats: match each of them
     # to the unique asu reflection (systematic absences keep intensity 0)
-    lookup = lookup.map_to_asu()
     pairs = miller.match_multi_indices(
         miller_indices_unique=lookup.indices(), miller_indices=obs_set.indices()
     ).pairs()
-    true_e = flex.double(len(refl), 0.0)
-    true_e.set_selected(pairs.column(1), lookup.data().select(pairs.column(0)))
+    f2 = flex.double(len(refl), 0.0)
+    f2.set_selected(pairs.column(1), lookup.data().select(pairs.column(0)))
 
+    # the rotation-integrated (recorded) intensity is |F|^2 / LP: DIALS
+    # multiplies summed intensities by the same LP factor
     lp = flex.double(lp_correction(expt, np.array(refl["s1"])))
     refl["lp"] = lp
-    refl["intensity.true.electrons"] = true_e  # fully recorded, LP corrected
+    mean_recorded = flex.mean(f2 / lp) if len(refl) else 0.0
+    scale = params.intensity_scale / mean_recorded if mean_recorded > 0 else 0.0
+    true_e = f2 * scale  # electrons, fully recorded, LP corrected
     observed_e = true_e / lp  # electrons in the full rocking curve
 
     # split each reflection over the images of the sweep
@@ -563,9 +567,11 @@ def simulate_sweep(params):
     obs_np = np.array(observed_e)
     recorded = np.bincount(ridx, weights=frac, minlength=len(refl))
     refl["fraction_recorded"] = flex.double(recorded)
-    gain = params.camera.gain
-    refl["intensity.true.value"] = flex.double(obs_np * recorded * gain)
-    refl["intensity.true.corrected"] = true_e * gain
+    # electrons recorded within the sweep (before LP), and the LP-corrected
+    # full intensity: what dials.integrate reports (intensity.sum.value and
+    # intensity.sum.value * lp) given the detector gain of the headers
+    refl["intensity.true.value"] = flex.double(obs_np * recorded)
+    refl["intensity.true.corrected"] = true_e
     # reflections that contribute to the sweep
     contributes = recorded > 1e-6
     new_index = np.cumsum(contributes) - 1
@@ -582,12 +588,12 @@ def simulate_sweep(params):
     pair_y = py[pair_refl]
     pair_e = (frac * obs_np[ridx])[keep][order]
 
-    gain_adu = intensities.customized_copy(data=intensities.data() * scale * gain)
+    truth_i = intensities.customized_copy(data=intensities.data() * scale)
     result = SimulationResult(
         params=params,
         experiments=experiments,
         reflections=refl,
-        miller_array=gain_adu.set_observation_type_xray_intensity(),
+        miller_array=truth_i.set_observation_type_xray_intensity(),
         scale=scale,
         background=expected_background(params, expt),
         calibration=camera_calibration(params),
@@ -969,9 +975,10 @@ def write_truth_cbf(
 
 
 def write_truth_intensities(result, path):
-    """MTZ with the unique true intensities I = scale * |F|^2 in ADU
-    (columns I and SIGI = 0), i.e. the Lorentz-corrected intensity of a fully
-    recorded reflection in the units of the images."""
+    """MTZ with the unique true intensities I = scale * |F|^2 in electrons
+    (columns I and SIGI = 0): the Lorentz-corrected intensity of a fully
+    recorded reflection, in the units dials.integrate reports for these
+    images (dxtbx divides pixel values by the header's gain)."""
     import iotbx.mtz
 
     ma = result.miller_array
@@ -979,7 +986,7 @@ def write_truth_intensities(result, path):
     mtz = ma.as_mtz_dataset(
         column_root_label="I", wavelength=result.params.beam.wavelength
     ).mtz_object()
-    mtz.set_title("dials_truncfix simulated truth intensities (ADU)")
+    mtz.set_title("dials_truncfix simulated truth intensities (electrons)")
     with _atomic_path(path) as tmp:
         mtz.write(tmp)
         # replace the creation time stamps of the column sources (written by
@@ -1078,9 +1085,11 @@ def write_sweep(result, directory=None, nproc=None):
         "n_reflections": len(result.reflections),
         "truth_trusted_range": list(TRUTH_TRUSTED_RANGE),
         "crystal_A_matrix": list(result.experiments[0].crystal.get_A()),
-        "intensity_units": "ADU (= gain * electrons); truth_intensities.mtz I is "
-        "the Lorentz-corrected full intensity, truth_reflections.refl "
-        "intensity.true.value the expected recorded sum before correction",
+        "intensity_units": "electrons (image pixel values are ADU = gain * "
+        "electrons; dxtbx divides by the header gain). truth_intensities.mtz I "
+        "and truth_reflections.refl intensity.true.corrected: Lorentz-corrected "
+        "full intensity scale*|F|^2; intensity.true.value: expected electrons "
+        "recorded within the sweep, before the LP correction",
     }
     _atomic_write_bytes(
         os.path.join(directory, "simulation.json"),
