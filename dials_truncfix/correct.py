@@ -160,19 +160,23 @@ def _fit_shell(histogram, n_valid, params):
     return imax, fit
 
 
-def _integer_panels(panels):
-    """Flatten the panels; return (flat, status) where status says why an
-    image cannot be truncated data, or None."""
+def _flatten(panels):
     arrays = [np.asarray(p) for p in panels]
     flat = arrays[0].ravel() if len(arrays) == 1 else np.concatenate([a.ravel() for a in arrays])
-    if flat.dtype.kind == "f":
-        if not np.all(np.isfinite(flat)) or not np.array_equal(flat, np.floor(flat)):
-            return flat, NOT_TRUNCATED_FLOAT
-    elif flat.dtype.kind not in "iu":
+    if flat.dtype.kind not in "iuf":
         raise TypeError(f"unsupported pixel type {flat.dtype}")
-    if flat.dtype.kind != "u" and flat.size and flat.min() < 0:
-        return flat, NOT_TRUNCATED_NEGATIVE
-    return flat, None
+    return flat
+
+
+def _not_truncated(valid_values):
+    """Why the valid pixels cannot be truncated data, or None.  Masked pixels
+    (detector gaps flagged with negative values, say) do not count."""
+    if valid_values.dtype.kind == "f":
+        if not np.all(np.isfinite(valid_values)) or not np.array_equal(valid_values, np.floor(valid_values)):
+            return NOT_TRUNCATED_FLOAT
+    if valid_values.dtype.kind != "u" and valid_values.size and valid_values.min() < 0:
+        return NOT_TRUNCATED_NEGATIVE
+    return None
 
 
 def shell_histograms(by_shell, shell_starts):
@@ -195,14 +199,15 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     shapes = [np.shape(p) for p in panels]
     if shapes != list(shell_map.panel_shapes):
         raise ValueError(f"image shape {shapes} does not match the shell map {shell_map.panel_shapes}")
-    flat, reason = _integer_panels(panels)
+    flat = _flatten(panels)
+    # valid pixels sorted by shell, raster order within a shell
+    order, shell_starts = shell_map.pixel_order()
+    by_shell = flat[order]
+    reason = _not_truncated(by_shell)
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
         return ImageCorrection(data=list(panels), status=reason)
 
-    # zero pixels of each shell, in raster order within the shell
-    order, shell_starts = shell_map.pixel_order()
-    by_shell = flat[order]
     zero_rank = np.flatnonzero(by_shell == 0)
     if zero_rank.size == 0 and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS)

@@ -501,14 +501,42 @@ def lp_correction(experiment, s1):
     return L / (P2 + P4)
 
 
+def rocking_fractions(phi, zeta, mosaicity, params):
+    """Fraction of each reflection recorded on each image of the sweep.
+
+    ``phi``: predicted rotation angle of the centroid (radians), ``zeta``:
+    DIALS' zeta factor, ``mosaicity``: sigma_m (radians).  The rocking curve
+    is a Gaussian in phi of width mosaicity / |zeta| (DIALS' profile model),
+    integrated over each image's oscillation range (continuous rotation).
+    Returns (reflection index, 0-based image index, fraction) arrays for the
+    (reflection, image) pairs within +-5 sigma, all images of the sweep."""
+    osc = math.radians(params.osc_width)
+    start = math.radians(params.osc_start)
+    sigma_phi = np.maximum(mosaicity / np.abs(zeta), 1e-9)
+    j0 = np.floor((phi - 5 * sigma_phi - start) / osc).astype(np.int64)
+    j1 = np.floor((phi + 5 * sigma_phi - start) / osc).astype(np.int64)
+    j0 = np.clip(j0, 0, params.n_images)
+    j1 = np.clip(j1, -1, params.n_images - 1)
+    span = np.maximum(j1 - j0 + 1, 0)
+    ridx = np.repeat(np.arange(len(phi)), span)
+    offs = np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
+    image = j0[ridx] + offs
+    a = start + image * osc
+    frac = ndtr((a + osc - phi[ridx]) / sigma_phi[ridx]) - ndtr(
+        (a - phi[ridx]) / sigma_phi[ridx]
+    )
+    return ridx, image, frac
+
+
 def simulate_sweep(params):
-    """Predict and scale the reflections of the sweep; returns a
-    :class:`SimulationResult` from which the images are rendered."""
+    """Predict the reflections of the sweep with DIALS, give them intensities
+    and split them over the images; returns a :class:`SimulationResult` from
+    which the images are rendered (:func:`render_truth`) or written
+    (:func:`write_sweep`)."""
+    from cctbx import miller
     from dials.array_family import flex
 
     t0 = time.time()
-    mosaicity = math.radians(params.crystal.mosaicity)
-    osc = math.radians(params.osc_width)
     experiments = build_experiment(params)
     expt = experiments[0]
 
@@ -517,76 +545,59 @@ def simulate_sweep(params):
     refl = predict_reflections(expt, params.d_min, padding=padding)
     logger.info("%d reflections predicted (%.1f s)", len(refl), time.time() - t0)
     refl["id"] = flex.int(len(refl), 0)
-    refl["d"] = expt.crystal.get_unit_cell().d(refl["miller_index"])
     refl.compute_zeta(expt)
     refl = refl.select(flex.abs(refl["zeta"]) >= ZETA_MIN)
 
-    # intensities |F|^2 of the unique reflections, for every observation
-    from cctbx import miller
-
-    intensities = random_intensities(params)
-    lookup = intensities.map_to_asu()
-
-    obs_set = miller.set(
-        lookup.crystal_symmetry(), refl["miller_index"], anomalous_flag=False
-    ).map_to_asu()
-    # observations hold symmetry equivalents and repeats: match each of them
-    # to the unique asu reflection (systematic absences keep intensity 0)
-    pairs = miller.match_multi_indices(
-        miller_indices_unique=lookup.indices(), miller_indices=obs_set.indices()
-    ).pairs()
-    f2 = flex.double(len(refl), 0.0)
-    f2.set_selected(pairs.column(1), lookup.data().select(pairs.column(0)))
-
-    # the rotation-integrated (recorded) intensity is |F|^2 / LP: DIALS
-    # multiplies summed intensities by the same LP factor
-    lp = flex.double(lp_correction(expt, np.array(refl["s1"])))
-    refl["lp"] = lp
-    mean_recorded = flex.mean(f2 / lp) if len(refl) else 0.0
-    scale = params.intensity_scale / mean_recorded if mean_recorded > 0 else 0.0
-    true_e = f2 * scale  # electrons, fully recorded, LP corrected
-    observed_e = true_e / lp  # electrons in the full rocking curve
-
-    # split each reflection over the images of the sweep
-    phi = np.array(refl["xyzcal.mm"].parts()[2])  # radians
-    zeta = np.abs(np.array(refl["zeta"]))
-    sigma_phi = np.maximum(mosaicity / zeta, 1e-6)
-    start = math.radians(params.osc_start)
-    j0 = np.floor((phi - 5 * sigma_phi - start) / osc).astype(np.int64)
-    j1 = np.floor((phi + 5 * sigma_phi - start) / osc).astype(np.int64)
-    j0 = np.clip(j0, 0, params.n_images)
-    j1 = np.clip(j1, -1, params.n_images - 1)
-    span = np.maximum(j1 - j0 + 1, 0)
-    ridx = np.repeat(np.arange(len(refl)), span)
-    offs = np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
-    img = j0[ridx] + offs
-    a = start + img * osc
-    frac = ndtr((a + osc - phi[ridx]) / sigma_phi[ridx]) - ndtr(
-        (a - phi[ridx]) / sigma_phi[ridx]
+    # split each reflection over the images of the sweep; keep those recorded
+    phi = np.array(refl["xyzcal.mm"].parts()[2])
+    zeta = np.array(refl["zeta"])
+    ridx, image, frac = rocking_fractions(
+        phi, zeta, math.radians(params.crystal.mosaicity), params
     )
-    obs_np = np.array(observed_e)
     recorded = np.bincount(ridx, weights=frac, minlength=len(refl))
-    refl["fraction_recorded"] = flex.double(recorded)
-    # electrons recorded within the sweep (before LP), and the LP-corrected
-    # full intensity: what dials.integrate reports (intensity.sum.value and
-    # intensity.sum.value * lp) given the detector gain of the headers
-    refl["intensity.true.value"] = flex.double(obs_np * recorded)
-    refl["intensity.true.corrected"] = true_e
-    # reflections that contribute to the sweep
     contributes = recorded > 1e-6
     new_index = np.cumsum(contributes) - 1
     refl = refl.select(flex.bool(contributes))
+    refl["fraction_recorded"] = flex.double(recorded[contributes])
+    keep = contributes[ridx]
+    ridx, image, frac = new_index[ridx[keep]], image[keep], frac[keep]
+    refl["d"] = expt.crystal.get_unit_cell().d(refl["miller_index"])
     refl.set_flags(flex.bool(len(refl), True), refl.flags.predicted)
 
-    keep = (frac * obs_np[ridx] > 1e-3) & contributes[ridx]
-    px = np.array(refl["xyzcal.px"].parts()[0])
-    py = np.array(refl["xyzcal.px"].parts()[1])
-    order = np.argsort(img[keep], kind="stable")
-    pair_image = img[keep][order]
-    pair_refl = new_index[ridx[keep]][order]
-    pair_x = px[pair_refl]
-    pair_y = py[pair_refl]
-    pair_e = (frac * obs_np[ridx])[keep][order]
+    # |F|^2 of the unique reflections for every observation (symmetry
+    # equivalents and repeats; systematic absences are not predicted)
+    intensities = random_intensities(params).map_to_asu()
+    obs_set = miller.set(
+        intensities.crystal_symmetry(), refl["miller_index"], anomalous_flag=False
+    ).map_to_asu()
+    pairs = miller.match_multi_indices(
+        miller_indices_unique=intensities.indices(),
+        miller_indices=obs_set.indices(),
+    ).pairs()
+    f2 = np.zeros(len(refl))
+    f2[np.array(pairs.column(1))] = np.array(
+        intensities.data().select(pairs.column(0))
+    )
+
+    # the rotation-integrated (recorded) intensity is |F|^2 / LP; DIALS
+    # multiplies summed intensities by the same LP factor
+    lp = lp_correction(expt, np.array(refl["s1"]))
+    refl["lp"] = flex.double(lp)
+    mean_recorded = np.mean(f2 / lp) if len(refl) else 0.0
+    scale = params.intensity_scale / mean_recorded if mean_recorded > 0 else 0.0
+    true_e = f2 * scale  # electrons, fully recorded, LP corrected
+    observed_e = true_e / lp  # electrons in the whole rocking curve
+    # LP-corrected full intensity and the electrons recorded in the sweep:
+    # what dials.integrate reports as intensity.sum.value * lp and
+    # intensity.sum.value, given the gain in the image headers
+    refl["intensity.true.corrected"] = flex.double(true_e)
+    refl["intensity.true.value"] = flex.double(observed_e * refl["fraction_recorded"])
+
+    electrons = frac * observed_e[ridx]
+    keep = electrons > 1e-3
+    order = np.argsort(image[keep], kind="stable")
+    pair_refl = ridx[keep][order]
+    x, y, _ = (np.array(c) for c in refl["xyzcal.px"].parts())
 
     truth_i = intensities.customized_copy(data=intensities.data() * scale)
     result = SimulationResult(
@@ -597,16 +608,16 @@ def simulate_sweep(params):
         scale=scale,
         background=expected_background(params, expt),
         calibration=camera_calibration(params),
-        pair_image=pair_image,
+        pair_image=image[keep][order],
         pair_refl=pair_refl,
-        pair_x=pair_x,
-        pair_y=pair_y,
-        pair_electrons=pair_e,
+        pair_x=x[pair_refl],
+        pair_y=y[pair_refl],
+        pair_electrons=electrons[keep][order],
     )
     logger.info(
         "%d reflections in the sweep, %d spot renderings, %.1f s",
         len(refl),
-        len(pair_image),
+        len(result.pair_image),
         time.time() - t0,
     )
     return result

@@ -329,3 +329,13 @@ def test_multi_panel_images(scene):
         assert np.array_equal(after[before > 0], before[before > 0])
         assert np.all(after[before == 0] <= 0)
     assert result.n_changed > 0
+
+
+def test_negative_values_in_masked_pixels_do_not_stop_the_correction(scene):
+    """Detector gaps flagged with -1 (as in Pilatus CBFs) are masked: the
+    image is still truncated data and the flags stay as they are."""
+    image = scene["image"].astype(np.int32)
+    image[~scene["valid"]] = -1
+    result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "gaps")
+    assert result.status == core.CORRECTED
+    assert np.all(result.data[0][~scene["valid"]] == -1)
