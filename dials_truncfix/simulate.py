@@ -1082,12 +1082,12 @@ def write_sweep(result, directory=None, nproc=None):
     write_truth_reflections(result, os.path.join(directory, "truth_reflections.refl"))
     write_truth_experiments(result, os.path.join(directory, "truth.expt"))
     meta = {
-        # without output.directory, so that the file is identical wherever
-        # the sweep is written
+        # without output.directory and output.nproc, so that the file is
+        # identical wherever and however the sweep is written
         "parameters": "\n".join(
             line
             for line in phil_scope.format(python_object=params).as_str().splitlines()
-            if not line.strip().startswith("directory =")
+            if not line.strip().startswith(("directory =", "nproc ="))
         ),
         "scale_electrons_per_F2": result.scale,
         "gain_adu_per_electron": params.camera.gain,

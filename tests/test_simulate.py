@@ -287,7 +287,7 @@ def test_predicted_spots_on_bright_pixels(sweep):
         img = read_raw(smv).astype(float)
         sel = (
             (np.floor(z) == i)
-            & (recorded > 2000 * params.camera.gain)
+            & (recorded > 2000)  # electrons
             & (x > 5) & (x < n - 5) & (y > 5) & (y < n - 5)
         )
         ix, iy = x[sel].astype(int), y[sel].astype(int)
@@ -302,22 +302,45 @@ def test_predicted_spots_on_bright_pixels(sweep):
 
 def test_truth_intensities(sweep):
     params, result, directory = sweep
+    from cctbx import miller
+    from dials.array_family import flex
     from iotbx import mtz
 
     m = mtz.object(os.path.join(directory, "truth_intensities.mtz"))
     arrays = {a.info().labels[0]: a for a in m.as_miller_arrays()}
-    i_obs = arrays["I"]
-    assert i_obs.is_xray_intensity_array()
-    assert str(i_obs.space_group_info()) == "P 43 21 2"
-    assert i_obs.d_min() < params.d_min
-    # I = scale * |F|^2 * gain (ADU); mean over all = intensity_scale * gain
-    assert np.mean(np.array(i_obs.data())) == pytest.approx(
-        params.intensity_scale * params.camera.gain, rel=1e-6
-    )
+    i_true = arrays["I"]
+    assert i_true.is_xray_intensity_array()
+    assert str(i_true.space_group_info()) == "P 43 21 2"
+    assert i_true.d_min() < params.d_min
     # strong at low resolution, weak at high resolution
-    low = i_obs.resolution_filter(d_min=4.0)
-    high = i_obs.resolution_filter(d_max=1.6)
+    low = i_true.resolution_filter(d_min=4.0)
+    high = i_true.resolution_filter(d_max=1.6)
     assert np.mean(np.array(low.data())) > 10 * np.mean(np.array(high.data()))
+
+    refl = flex.reflection_table.from_file(
+        os.path.join(directory, "truth_reflections.refl")
+    )
+    corrected = np.array(refl["intensity.true.corrected"])
+    lp = np.array(refl["lp"])
+    # intensity_scale: mean electrons recorded per reflection (before LP)
+    assert np.mean(corrected / lp) == pytest.approx(params.intensity_scale, rel=1e-9)
+    assert (corrected > 0).all()
+    recorded = np.array(refl["intensity.true.value"])
+    fraction = np.array(refl["fraction_recorded"])
+    np.testing.assert_allclose(recorded, corrected / lp * fraction, rtol=1e-9)
+    # the observations carry the intensities of the MTZ
+    obs = miller.set(
+        i_true.crystal_symmetry(), refl["miller_index"], anomalous_flag=False
+    ).map_to_asu()
+    lookup = dict(zip(i_true.indices(), i_true.data()))
+    expected = np.array([lookup[h] for h in obs.indices()])
+    np.testing.assert_allclose(corrected, expected, rtol=1e-5)
+    # and the rendered spots carry the recorded electrons
+    total = np.bincount(
+        result.pair_refl, weights=result.pair_electrons, minlength=len(refl)
+    )
+    strong = recorded > 1
+    np.testing.assert_allclose(total[strong], recorded[strong], rtol=1e-3)
 
 
 def test_cli(tmp_path):
