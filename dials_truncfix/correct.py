@@ -15,7 +15,7 @@ import numpy as np
 from scipy import special
 
 from dials_truncfix.lognormal import LIKELIHOODS, LognormalFit, cdf, fit_lognormal
-from dials_truncfix.shells import INVALID, ShellMap
+from dials_truncfix.shells import ShellMap
 
 logger = logging.getLogger(f"dials.{__name__}")
 
@@ -290,8 +290,9 @@ def _warn_once(image_key, shell, message):
         logger.warning(message)
 
 
-def sweep_offset(corrections):
+def sweep_offset(min_values):
     """The offset for unsigned output: minus the smallest corrected value over
-    all shells of all images (0 when nothing went below zero)."""
-    lowest = [c.min_value for c in corrections if c.min_value is not None]
+    all shells of all images (0 when nothing went below zero), from each
+    image's ``ImageCorrection.min_value`` (None for an unchanged image)."""
+    lowest = [v for v in min_values if v is not None]
     return max(0, -min(lowest)) if lowest else 0

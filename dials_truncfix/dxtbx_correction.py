@@ -59,6 +59,4 @@ class ImageCorrector:
 def image_identity(path, index=0):
     """What seeds an image's correction: its file name and its index within a
     multi-image file, not the directory, so that moved data correct alike."""
-    import os
-
     return f"{os.path.basename(os.fspath(path))}#{index}"

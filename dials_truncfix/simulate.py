@@ -41,14 +41,12 @@ Everything is deterministic given ``seed``.
 from __future__ import annotations
 
 import calendar
-import contextlib
 import json
 import logging
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +55,9 @@ from scipy.special import ndtr
 
 import iotbx.phil
 import libtbx.phil
+
+from dials_truncfix.files import atomic_path, atomic_write_bytes
+from dials_truncfix.smv import smv_header
 
 logger = logging.getLogger("dials_truncfix.simulate")
 
@@ -690,33 +691,6 @@ def truncate(truth):
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_path(path):
-    """Yield a temporary file name in the directory of ``path``; on success
-    the temporary file is renamed to ``path`` (os.replace), on failure
-    removed, so that readers never see a partially written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    # keep the extension: some writers (dxtbx, DIALS) dispatch on it
-    fd, tmp = tempfile.mkstemp(
-        prefix=".%s." % os.path.basename(path),
-        suffix=".tmp" + os.path.splitext(path)[1],
-        dir=directory,
-    )
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_bytes(path, data):
-    with _atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-
 def image_epoch(params, index):
     return EPOCH0 + index * params.exposure_time
 
@@ -732,42 +706,28 @@ def smv_bytes(data, params, index):
     date = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(image_epoch(params, index)))
     # dxtbx's FormatSMVADSC: BEAM_CENTER_Y is along fast, BEAM_CENTER_X along
     # slow (mm, Mosflm convention)
-    items = [
-        ("DIM", "2"),
-        ("BYTE_ORDER", "little_endian"),
-        ("TYPE", "unsigned_short"),
-        ("SIZE1", "%d" % nf),
-        ("SIZE2", "%d" % ns),
-        ("PIXEL_SIZE", "%.8g" % px),
-        ("BIN", "none"),
-        ("DISTANCE", "%.6f" % params.detector.distance),
-        ("OSC_START", "%.6f" % phi),
-        ("OSC_RANGE", "%.6f" % params.osc_width),
-        ("PHI", "%.6f" % phi),
-        ("WAVELENGTH", "%.6f" % params.beam.wavelength),
-        ("BEAM_CENTER_X", "%.6f" % (by * px)),
-        ("BEAM_CENTER_Y", "%.6f" % (bx * px)),
-        ("TIME", "%.6f" % params.exposure_time),
-        ("DATE", date),
+    items = {
+        "PIXEL_SIZE": "%.8g" % px,
+        "BIN": "none",
+        "DISTANCE": "%.6f" % params.detector.distance,
+        "OSC_START": "%.6f" % phi,
+        "OSC_RANGE": "%.6f" % params.osc_width,
+        "PHI": "%.6f" % phi,
+        "WAVELENGTH": "%.6f" % params.beam.wavelength,
+        "BEAM_CENTER_X": "%.6f" % (by * px),
+        "BEAM_CENTER_Y": "%.6f" % (bx * px),
+        "TIME": "%.6f" % params.exposure_time,
+        "DATE": date,
         # read by FormatSMVADSC as the detector gain (ADU per electron)
-        ("GAIN", "%.6g" % params.camera.gain),
-    ]
-    body = "".join("%s=%s;\n" % kv for kv in items) + "}\n"
-
-    def header_for(nbytes):
-        return "{\nHEADER_BYTES=%5d;\n" % nbytes + body
-
-    nbytes = 512
-    while len(header_for(nbytes)) > nbytes:
-        nbytes += 512
-    header = header_for(nbytes).encode("ascii")
-    header += b" " * (nbytes - len(header))
+        "GAIN": "%.6g" % params.camera.gain,
+    }
+    header = smv_header(nf, ns, **items)
     return header + data.tobytes()
 
 
 def write_smv(path, data, params, index):
     """Write an ADSC SMV image atomically."""
-    _atomic_write_bytes(path, smv_bytes(data, params, index))
+    atomic_write_bytes(path, [smv_bytes(data, params, index)])
 
 
 def write_truth_cbf(
@@ -976,7 +936,7 @@ def write_truth_cbf(
         1,
         0,
     )
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         cbf.write_widefile(
             tmp.encode(),
             pycbf.CBF,
@@ -998,7 +958,7 @@ def write_truth_intensities(result, path):
         column_root_label="I", wavelength=result.params.beam.wavelength
     ).mtz_object()
     mtz.set_title("dials_truncfix simulated truth intensities (electrons)")
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         mtz.write(tmp)
         # replace the creation time stamps of the column sources (written by
         # the first write of a new object) so that identical parameters give
@@ -1011,13 +971,13 @@ def write_truth_intensities(result, path):
 
 def write_truth_reflections(result, path):
     """The simulated observations as a DIALS reflection table."""
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         result.reflections.as_file(tmp)
 
 
 def write_truth_experiments(result, path):
     """The exact models (beam, detector, goniometer, scan, crystal)."""
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         result.experiments.as_file(tmp)
 
 
@@ -1102,9 +1062,9 @@ def write_sweep(result, directory=None, nproc=None):
         "full intensity scale*|F|^2; intensity.true.value: expected electrons "
         "recorded within the sweep, before the LP correction",
     }
-    _atomic_write_bytes(
+    atomic_write_bytes(
         os.path.join(directory, "simulation.json"),
-        (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
+        [(json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()],
     )
     return directory
 

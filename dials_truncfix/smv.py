@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
+
+from dials_truncfix.files import atomic_write_bytes
 
 HEADER_BYTES = 512
 
@@ -28,22 +27,6 @@ def smv_header(size_fast, size_slow, **items):
         if len(text) < header_bytes:
             return text.encode("ascii").ljust(header_bytes, b" ")
         header_bytes += HEADER_BYTES
-
-
-def atomic_write_bytes(path, chunks):
-    """Write to a temporary file next to ``path`` and rename it into place,
-    so that an interrupted run never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_smv(path, data, **header_items):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dials_truncfix.correct import CORRECTED, LOWEST_VALUE, NO_ZEROS, sweep_offset
+from dials_truncfix.correct import LOWEST_VALUE, sweep_offset
 from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
 from dials_truncfix.writers import OutputFormatError, write_full_cbf, write_smv_image
 
@@ -291,8 +291,7 @@ def correct_sweeps(experiments, plans, params, mask_file, fmt, mp, n_report_imag
         for (number, _), summary in zip(items, summaries):
             by_number[number].corrections.append(summary)
         for p in plans:
-            lowest = [s["min_value"] for s in p.corrections if s["min_value"] is not None]
-            p.offset = max(0, -min(lowest)) if lowest else 0
+            p.offset = sweep_offset(s["min_value"] for s in p.corrections)
         if fmt == "smv":
             clipped = parallel_map(SMVTask(plans, staging), items, mp)
             if sum(clipped):

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from dials_truncfix.files import atomic_write_bytes
 from dials_truncfix.smv import write_smv
 
 SMV_MAX = 65535
@@ -141,22 +142,8 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
         os.unlink(tmp)
 
 
-def _umask_permissions(path):
-    """mkstemp makes 0600 files: give the usual permissions instead."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def atomic_write(path, chunks):
-    from dials_truncfix.smv import atomic_write_bytes
-
-    atomic_write_bytes(path, chunks)
-    _umask_permissions(path)
-
-
 def write_full_cbf(path, imageset, index, panels, trusted_ranges, rotation=True):
-    atomic_write(path, [full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation)])
+    atomic_write_bytes(path, [full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation)])
 
 
 def smv_header_items(imageset, index, offset):
@@ -208,5 +195,4 @@ def write_smv_image(path, imageset, index, panels, offset):
         raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
     data, n_clipped = smv_data(panels[0], offset)
     write_smv(path, data, **smv_header_items(imageset, index, offset))
-    _umask_permissions(path)
     return n_clipped

@@ -238,9 +238,9 @@ def test_sweep_offset(scene):
     results = [correct_image([scene["image"]], scene["shell_map"], params, f"img{i}") for i in range(2)]
     lowest = min(int(r.data[0].min()) for r in results)
     assert lowest < 0
-    assert sweep_offset(results) == -lowest
+    assert sweep_offset(r.min_value for r in results) == -lowest
     unchanged = correct_image([np.ones(scene["shape"], np.uint16)], scene["shell_map"], params, "x")
-    assert sweep_offset([unchanged]) == 0
+    assert unchanged.min_value is None and sweep_offset([unchanged.min_value]) == 0
 
 
 # --- bad and unusual input ----------------------------------------------------

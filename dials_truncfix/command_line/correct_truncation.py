@@ -106,9 +106,9 @@ output {
 
 
 def _atomic_text(path, text):
-    from dials_truncfix.writers import atomic_write
+    from dials_truncfix.files import atomic_write_bytes
 
-    atomic_write(path, [text.encode("utf-8")])
+    atomic_write_bytes(path, [text.encode("utf-8")])
 
 
 class _Progress:
