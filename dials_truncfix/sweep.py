@@ -311,11 +311,9 @@ def corrected_experiments(experiments, plans, fmt, settings=None):
     values, and for SMV the offset is the panels' pedestal."""
     from dxtbx.format.Registry import get_format_class_for_file
     from dxtbx.imageset import ImageSetFactory
-    from dxtbx.model.experiment_list import ExperimentList
 
     if fmt == ON_READ:
         return on_read_experiments(experiments, plans, settings)
-    result = ExperimentList()
     replaced = {}
     for p in plans:
         format_class = get_format_class_for_file(p.outputs[0])
@@ -346,13 +344,7 @@ def corrected_experiments(experiments, plans, fmt, settings=None):
                 new.set_beam(old.get_beam(i), i)
                 new.set_detector(detector, i)
         replaced[id(old)] = (new, detector)
-    for expt in experiments:
-        new, detector = replaced[id(expt.imageset)]
-        expt = copy.copy(expt)
-        expt.imageset = new
-        expt.detector = detector
-        result.append(expt)
-    return result
+    return _with_new_imagesets(experiments, replaced)
 
 
 def _template_for(outputs, numbers):
@@ -370,7 +362,6 @@ def on_read_experiments(experiments, plans, settings):
     """A copy of the experiment list whose imagesets read the original images
     through the correction on read, with the settings recorded."""
     from dxtbx.imageset import ImageSequence, ImageSetFactory
-    from dxtbx.model.experiment_list import ExperimentList
 
     from dials_truncfix.format_wrapper import FORMAT_KWARG, TRUSTED_MINIMUM, wrapped_class
 
@@ -406,6 +397,14 @@ def on_read_experiments(experiments, plans, settings):
                 new.set_detector(detector, i)
         new.external_lookup.mask.data = old.external_lookup.mask.data
         replaced[id(old)] = (new, detector)
+    return _with_new_imagesets(experiments, replaced)
+
+
+def _with_new_imagesets(experiments, replaced):
+    """Copies of the experiments with imageset and detector swapped, from
+    {id(old imageset): (new imageset, new detector)}."""
+    from dxtbx.model.experiment_list import ExperimentList
+
     result = ExperimentList()
     for expt in experiments:
         new, detector = replaced[id(expt.imageset)]
