@@ -39,7 +39,7 @@ class CorrectionParameters:
     n_shells: int = 10
     likelihood: str = "exact"
     histogram_max: int | None = None
-    histogram_quantile: float = 0.99
+    histogram_quantile: float | None = None
     min_pixels_per_shell: int = 1000
     seed: int = 0
     fit_all_shells: bool = False
@@ -47,7 +47,7 @@ class CorrectionParameters:
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
-        if not 0 < self.histogram_quantile <= 1:
+        if self.histogram_quantile is not None and not 0 < self.histogram_quantile <= 1:
             raise ValueError("histogram_quantile must be in (0, 1]")
         if self.histogram_max is not None and self.histogram_max < 3:
             raise ValueError("histogram_max must be at least 3")
@@ -139,11 +139,27 @@ def zero_value_counts(n_zero, theta, mu, sigma):
     return values, counts
 
 
+#: automatic histogram quantile per likelihood: the exact likelihood accounts
+#: for the censored counts and is best kept to the low counts near zero (spots,
+#: Poisson tails and the spread of resolution within a shell distort the upper
+#: part); equation (4) ignores the counts above Imax, so needs nearly all
+AUTO_QUANTILE = {"exact": 0.5, "paper": 0.99}
+
+
+def effective_quantile(params):
+    if params.histogram_quantile is not None:
+        return params.histogram_quantile
+    return AUTO_QUANTILE[params.likelihood]
+
+
 def _imax(histogram, n_valid, params):
+    """Imax: set by the user, or the count below which the chosen quantile of
+    the shell's positive counts lies (at least 3)."""
     if params.histogram_max is not None:
         return int(min(params.histogram_max, len(histogram) - 1))
-    target = params.histogram_quantile * n_valid
-    imax = int(np.searchsorted(np.cumsum(histogram), target))
+    n_positive = n_valid - histogram[0]
+    target = effective_quantile(params) * n_positive
+    imax = int(np.searchsorted(np.cumsum(histogram[1:]), target)) + 1
     return max(3, min(imax, len(histogram) - 1))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import iotbx.phil
+from libtbx import Auto
 
 from dials_truncfix.correct import CorrectionParameters
 
@@ -38,10 +39,14 @@ truncfix
     max = None
       .type = int(value_min=3)
       .help = "Largest count Imax in the fitted histogram. None: per shell, the"
-              "count below which 'quantile' of the shell's pixels lie."
-    quantile = 0.99
+              "count below which 'quantile' of the shell's positive counts lie."
+    quantile = Auto
       .type = float(value_min=0, value_max=1)
-      .help = "Fraction of a shell's pixels at or below the automatic Imax."
+      .help = "Fraction of a shell's positive counts at or below the automatic"
+              "Imax. Auto: 0.5 for the exact likelihood, which treats the"
+              "counts above Imax as censored and is best kept to the low"
+              "counts (spots and Poisson tails distort the upper part); 0.99"
+              "for the paper's, which ignores the counts above Imax."
   }
   min_pixels_per_shell = 1000
     .type = int(value_min=1)
@@ -68,7 +73,7 @@ def correction_parameters(truncfix):
         n_shells=truncfix.n_shells,
         likelihood=truncfix.likelihood,
         histogram_max=truncfix.histogram.max,
-        histogram_quantile=truncfix.histogram.quantile,
+        histogram_quantile=None if truncfix.histogram.quantile in (None, Auto) else truncfix.histogram.quantile,
         min_pixels_per_shell=truncfix.min_pixels_per_shell,
         seed=truncfix.seed,
         fit_all_shells=truncfix.fit_all_shells,
