@@ -35,6 +35,7 @@ import dxtbx.format.FormatMultiImage as multi_image
 from dxtbx.format.Format import Format
 from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.util import get_url_scheme
+from libtbx.utils import Sorry
 
 from dials_truncfix.correct import CORRECTED, LOWEST_VALUE, NO_ZEROS, CorrectionParameters
 from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
@@ -54,8 +55,9 @@ _MANGLED = re.compile(r"^.*/" + SCHEME + r":(/.*)$")
 _resolving = threading.local()
 
 
-class TruncfixError(RuntimeError):
-    """Bad settings for the correction on read."""
+class TruncfixError(Sorry):
+    """Bad settings for the correction on read: DIALS programs report a
+    Sorry as a one-line error."""
 
 
 def is_truncfix_name(name):

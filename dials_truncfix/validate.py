@@ -201,6 +201,7 @@ def _truth_array(truth_mtz):
 
     for array in iotbx.mtz.object(truth_mtz).as_miller_arrays():
         if array.is_xray_intensity_array() or array.info().label_string().startswith("I"):
+            array = array.customized_copy(sigmas=None).set_observation_type_xray_intensity()
             return array.map_to_asu().merge_equivalents().array()
     raise ValueError("no intensity array in %s" % truth_mtz)
 
@@ -311,7 +312,8 @@ def statistics(scaled_expt, scaled_refl, truth_mtz, d_min, d_max=None, scaled_mt
     truth.setup_binner(n_bins=TRUTH_SHELLS, d_max=d_max, d_min=d_min)
     binner = truth.binner()
     true_bins = np.array(binner.bin_indices())
-    obs_bins = np.array(obs.use_binning(binner).binner().bin_indices())
+    obs.use_binning(binner)
+    obs_bins = np.array(obs.binner().bin_indices())
     truth_data = np.array(truth.data())
     shells = []
     weak_all = np.zeros(len(i_obs), dtype=bool)

@@ -228,8 +228,21 @@ def test_unknown_parameter_in_phil_file_is_a_clear_error(tmp_path, smv_sweep):
         cwd=tmp_path, env=_env(DIALS_TRUNCFIX=str(phil)), capture_output=True, text=True,
     )
     assert result.returncode != 0
-    assert "unknown parameter(s): truncfix.nshells" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"{phil}: unknown parameter(s): truncfix.nshells" in output
+    assert "Traceback" not in output
     assert not (tmp_path / "x.expt").exists()
+
+
+def test_missing_phil_file_is_a_clear_error(tmp_path, smv_sweep):
+    directory, paths = smv_sweep
+    result = subprocess.run(
+        ["dials.import", paths[0], "output.experiments=x.expt"],
+        cwd=tmp_path, env=_env(DIALS_TRUNCFIX=str(tmp_path / "nowhere.phil")), capture_output=True, text=True,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert f"DIALS_TRUNCFIX: {tmp_path / 'nowhere.phil'}: no such PHIL file" in output
 
 
 def test_phil_file_parameters_are_used_and_recorded(tmp_path, smv_sweep, monkeypatch):
