@@ -11,12 +11,14 @@ setup:
 	@$(PYTHON) -c "import dials, dxtbx, scipy" 2>/dev/null || { \
 		echo "Installing DIALS from the distribution (apt-get install dials)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dials; }
-	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pytest python3-hypothesis; }
-	@$(PYTHON) -c "import importlib.metadata as m, sys; \
-		sys.exit(0 if any(e.name == 'dials.correct_truncation' for e in m.entry_points(group='console_scripts')) else 1)" 2>/dev/null \
-		&& $(PYTHON) -c "import dials_truncfix, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(dials_truncfix.__file__), 'dials_truncfix') else 1)" 2>/dev/null \
-		|| $(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --break-system-packages -e .
+	@$(PYTHON) -c "import pytest, hypothesis, pip, setuptools" 2>/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			python3-pytest python3-hypothesis python3-pip python3-setuptools; }
+	@installed=$$(cd / && $(PYTHON) -c "import dials_truncfix, os; print(os.path.dirname(os.path.dirname(os.path.realpath(dials_truncfix.__file__))))" 2>/dev/null); \
+	if [ "$$installed" != "$(realpath $(CURDIR))" ] || ! command -v dials.correct_truncation >/dev/null; then \
+		echo "Installing dials-truncfix (editable) from $(CURDIR) into $(PYTHON)"; \
+		$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --break-system-packages -e . ; \
+	fi
 
 demo: setup
 	$(PYTHON) -m dials_truncfix.demo demo
