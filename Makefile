@@ -11,7 +11,7 @@ setup:
 	@$(PYTHON) -c "import dials, dxtbx, scipy" 2>/dev/null || { \
 		echo "Installing DIALS from the distribution (apt-get install dials)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dials; }
-	@$(PYTHON) -c "import pytest, hypothesis, pip, setuptools" 2>/dev/null || { \
+	@{ $(PYTHON) -c "import setuptools, pytest, hypothesis" && $(PYTHON) -m pip --version; } >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			python3-pytest python3-hypothesis python3-pip python3-setuptools; }
 	@installed=$$(cd / && $(PYTHON) -c "import dials_truncfix, os; print(os.path.dirname(os.path.dirname(os.path.realpath(dials_truncfix.__file__))))" 2>/dev/null); \
