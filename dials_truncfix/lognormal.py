@@ -99,77 +99,72 @@ def _log_phi(z):
 
 
 class _Objective:
-    """Negative mean log-likelihood and its gradient in (a, mu, s)."""
+    """Negative mean log-likelihood and its gradient in (a, mu, s), with
+    theta = 0.5 - exp(a) and sigma = exp(s)."""
 
     def __init__(self, histogram, n_above, likelihood):
         self.h = np.asarray(histogram, dtype=float)
-        self.n_above = float(n_above)
         self.likelihood = likelihood
-        self.n_total = self.h.sum() + (self.n_above if likelihood == "exact" else 0)
         imax = len(self.h) - 1
-        self.counts = np.arange(1, imax + 1, dtype=float)
-        # edges of bins 1..imax, then the censoring edge
-        self.lo = self.counts - 0.5
-        self.hi = self.counts + 0.5
+        if likelihood == "exact":
+            # bins (-inf, 0.5), [0.5, 1.5), ..., [Imax - 0.5, Imax + 0.5), [Imax + 0.5, inf)
+            self.bin_counts = np.append(self.h, float(n_above))
+            # edges 0.5 .. Imax + 0.5 minus 0.5: x - theta = offset + exp(a)
+            self.offsets = np.arange(imax + 1, dtype=float)
+        else:
+            self.bin_counts = self.h
+            # integer counts 1 .. Imax minus 0.5
+            self.offsets = np.arange(imax, dtype=float) + 0.5
+        self.n_total = self.bin_counts.sum()
 
     def __call__(self, p):
         with np.errstate(all="ignore"):
             try:
-                return self._evaluate(p)
+                value, grad = (self._exact if self.likelihood == "exact" else self._paper)(*p)
             except (ValueError, OverflowError, ZeroDivisionError):
                 return 1e300, np.zeros(3)
-
-    def _evaluate(self, p):
-        a, mu, s = p
-        theta = 0.5 - math.exp(a)
-        sigma = math.exp(s)
-        dtheta_da = -math.exp(a)
-        h0 = self.h[0]
-        hpos = self.h[1:]
-
-        # Zero bin: log F(0.5)
-        y0 = math.exp(a)  # = 0.5 - theta, without cancellation
-        z0 = (a - mu) / sigma
-        ll = h0 * special.log_ndtr(z0)
-        # d z / d(theta, mu, sigma) at an edge x: (-1/(sigma y), -1/sigma, -z/sigma)
-        r0 = math.exp(_log_phi(z0) - special.log_ndtr(z0)) if h0 else 0.0
-        g = h0 * r0 * np.array([-1 / (sigma * y0), -1 / sigma, -z0 / sigma])
-
-        if self.likelihood == "exact":
-            y_lo = self.lo - theta
-            y_hi = self.hi - theta
-            z_lo = (np.log(y_lo) - mu) / sigma
-            z_hi = (np.log(y_hi) - mu) / sigma
-            log_p = _log_diff_ndtr(z_hi, z_lo)
-            nz = hpos > 0
-            ll += np.dot(hpos[nz], log_p[nz])
-            w_hi = hpos[nz] * np.exp(_log_phi(z_hi[nz]) - log_p[nz])
-            w_lo = hpos[nz] * np.exp(_log_phi(z_lo[nz]) - log_p[nz])
-            g[0] += np.dot(w_hi, -1 / (sigma * y_hi[nz])) - np.dot(
-                w_lo, -1 / (sigma * y_lo[nz])
-            )
-            g[1] += (w_hi.sum() - w_lo.sum()) * (-1 / sigma)
-            g[2] += np.dot(w_hi, -z_hi[nz] / sigma) - np.dot(w_lo, -z_lo[nz] / sigma)
-            if self.n_above:
-                yc = self.hi[-1] - theta if len(self.hi) else 0.5 - theta
-                zc = (math.log(yc) - mu) / sigma
-                log_sf = special.log_ndtr(-zc)
-                ll += self.n_above * log_sf
-                rc = self.n_above * math.exp(_log_phi(zc) - log_sf)
-                # d log(1 - Phi(zc)) = -phi(zc)/sf * dzc
-                g -= rc * np.array([-1 / (sigma * yc), -1 / sigma, -zc / sigma])
-        else:
-            y = self.counts - theta
-            z = (np.log(y) - mu) / sigma
-            ll += np.dot(hpos, -np.log(y) - math.log(sigma) + _log_phi(z))
-            g[0] += np.dot(hpos, 1 / y + z / (sigma * y))
-            g[1] += np.dot(hpos, z) / sigma
-            g[2] += np.dot(hpos, (z * z - 1) / sigma)
-
-        grad = np.array([g[0] * dtheta_da, g[1], g[2] * sigma])
-        if not np.isfinite(ll) or not np.all(np.isfinite(grad)):
+        if not np.isfinite(value) or not np.all(np.isfinite(grad)):
             return 1e300, np.zeros(3)
-        return -ll / self.n_total, -grad / self.n_total
+        return -value / self.n_total, -grad / self.n_total
+
+    def _exact(self, a, mu, s):
+        sigma = math.exp(s)
+        y = self.offsets + math.exp(a)  # edge - theta, without cancellation
+        z = (np.log(y) - mu) / sigma
+        z_hi = np.append(z, np.inf)
+        z_lo = np.insert(z, 0, -np.inf)
+        log_p = _log_diff_ndtr(z_hi, z_lo)
+        c = self.bin_counts
+        occupied = c > 0
+        value = np.dot(c[occupied], log_p[occupied])
+        # d log-likelihood / d z_e: edge e is the top of bin e and the bottom of bin e + 1
+        per_bin = np.where(occupied, c * np.exp(-log_p), 0.0)
+        w = np.exp(_log_phi(z)) * (per_bin[:-1] - per_bin[1:])
+        # dz/dtheta = -1/(sigma y), dz/dmu = -1/sigma, dz/dsigma = -z/sigma
+        g_theta = -np.dot(w, 1 / y) / sigma
+        g_mu = -w.sum() / sigma
+        g_sigma = -np.dot(w, z) / sigma
+        return value, np.array([-g_theta * math.exp(a), g_mu, g_sigma * sigma])
+
+    def _paper(self, a, mu, s):
+        sigma = math.exp(s)
+        h0, hpos = self.h[0], self.h[1:]
+        # H(0) log F(0.5)
+        z0 = (a - mu) / sigma
+        log_f0 = special.log_ndtr(z0)
+        r0 = h0 * math.exp(_log_phi(z0) - log_f0) if h0 else 0.0
+        g = r0 * np.array([-1 / (sigma * math.exp(a)), -1 / sigma, -z0 / sigma])
+        value = h0 * log_f0
+        # sum H(I) log f(I)
+        y = self.offsets + math.exp(a)
+        z = (np.log(y) - mu) / sigma
+        value += np.dot(hpos, -np.log(y) - s + _log_phi(z))
+        g += [
+            np.dot(hpos, (1 + z / sigma) / y),
+            np.dot(hpos, z) / sigma,
+            np.dot(hpos, (z * z - 1) / sigma),
+        ]
+        return value, np.array([-g[0] * math.exp(a), g[1], g[2] * sigma])
 
 
 def starting_values(histogram, n_above):

@@ -445,6 +445,85 @@ def table(results):
     return "\n".join(lines)
 
 
+def _metrics(results):
+    """(label, {dataset: value}) of the rows compared in the summary."""
+    rows = []
+    names = [n for n in DATASETS if n in results]
+    get = lambda f: {n: f(results[n]) for n in names}  # noqa: E731
+    rows.append(("integrated observations", get(lambda r: r.get("integrated", {}).get("integrated_sum", float("nan"))), "d"))
+    for part, tag in (("overall", "overall"), ("highest_shell", "outer shell")):
+        for key, label, spec in (
+            ("n_obs", "merged observations", "d"),
+            ("completeness", "completeness (%)", ".1f"),
+            ("multiplicity", "multiplicity", ".2f"),
+            ("r_merge", "Rmerge", ".3f"),
+            ("cc_one_half", "CC1/2", ".3f"),
+            ("i_over_sigma", "<I/sigI>", ".2f"),
+        ):
+            rows.append(("%s, %s" % (label, tag), get(lambda r, p=part, k=key: r[p][k]), spec))
+    rows.append(("CC(I, I_true), overall", get(lambda r: r["truth"]["cc_truth"]), ".4f"))
+    shells = results[names[0]]["truth"]["shells"]
+    for i, s in enumerate(shells):
+        d = "%.2f-%.2f A" % (s["d_max"], s["d_min"])
+        rows.append(("k_shell/k, %s" % d, get(lambda r, i=i: r["truth"]["shells"][i]["k_shell"] / r["truth"]["k"]), ".3f"))
+    for i, s in enumerate(shells):
+        d = "%.2f-%.2f A" % (s["d_max"], s["d_min"])
+        rows.append(("weak <z>, %s" % d, get(lambda r, i=i: r["truth"]["shells"][i]["weak_mean_z"]), "+.3f"))
+    for i, s in enumerate(shells):
+        d = "%.2f-%.2f A" % (s["d_max"], s["d_min"])
+        rows.append(("weak rms(z), %s" % d, get(lambda r, i=i: r["truth"]["shells"][i]["weak_rms_z"]), ".3f"))
+    for i, s in enumerate(shells):
+        d = "%.2f-%.2f A" % (s["d_max"], s["d_min"])
+        rows.append(("CC(I, I_true), %s" % d, get(lambda r, i=i: r["truth"]["shells"][i]["cc_truth"]), ".4f"))
+    return rows
+
+
+#: A difference truncated - truth smaller than this fraction of the truth
+#: value (or than ABS_TOLERANCE for values near 0) counts as "not harmed".
+REL_TOLERANCE = 0.02
+ABS_TOLERANCE = 0.02
+
+
+def compare(results):
+    """Rows of (label, truth, truncated, corrected, spec, gap_removed,
+    verdict): gap_removed = 1 - |corrected - truth| / |truncated - truth|."""
+    out = []
+    for label, values, spec in _metrics(results):
+        t, u, c = (values.get(n, float("nan")) for n in DATASETS)
+        harm = abs(u - t)
+        tol = max(REL_TOLERANCE * abs(t), ABS_TOLERANCE)
+        if not all(math.isfinite(v) for v in (t, u, c)):
+            gap, verdict = float("nan"), "n/a"
+        elif harm <= tol:
+            gap = float("nan")
+            verdict = "not harmed by truncation" + (" (corrected also within tolerance)" if abs(c - t) <= tol else " (corrected moves away)")
+        else:
+            gap = 1 - abs(c - t) / harm
+            verdict = "closer to truth" if gap > 0 else "further from truth"
+        out.append((label, t, u, c, spec, gap, verdict))
+    return out
+
+
+def comparison_table(results):
+    lines = [
+        "### Is the corrected data closer to the truth processing than the truncated data?",
+        "",
+        "`gap removed` = 1 - |corrected - truth| / |truncated - truth| (100%% = truncation effect fully "
+        "undone, < 0 = corrected further from the truth than truncated). Rows where |truncated - truth| "
+        "is at most %d%% of the truth value (or %.2f) are marked as not harmed." % (100 * REL_TOLERANCE, ABS_TOLERANCE),
+        "",
+        "| metric | truth | truncated | corrected | gap removed | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, t, u, c, spec, gap, verdict in compare(results):
+        lines.append(
+            "| %s | %s | %s | %s | %s | %s |"
+            % (label, _fmt(t, spec), _fmt(u, spec), _fmt(c, spec), _fmt(100 * gap, ".0f") + ("%" if math.isfinite(gap) else ""), verdict)
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------
 # command line
 
@@ -558,6 +637,8 @@ def report(results, info, command, discussion=None):
         "",
         table(results),
     ]
+    if all(n in results for n in DATASETS):
+        lines += [comparison_table(results)]
     if discussion:
         lines += ["## What improves and what does not", "", discussion.strip(), ""]
     return "\n".join(lines)
