@@ -152,6 +152,56 @@ def effective_quantile(params):
     return AUTO_QUANTILE[params.likelihood]
 
 
+#: random draws are resolved in steps of 1/65536 through a lookup table
+_TABLE_SIZE = 65536
+#: categories drawn directly are held this many standard deviations below
+#: their exact count, so that the direct draws (almost) never overshoot
+DIRECT_DRAW_MARGIN = 5.0
+
+
+def _sequence(values, counts):
+    out = np.empty(int(counts.sum()), dtype=values.dtype)
+    ends = np.cumsum(counts)
+    for value, start, end in zip(values, ends - counts, ends):
+        out[start:end] = value
+    return out
+
+
+def random_arrangement(values, counts, rng):
+    """``values`` repeated ``counts`` times, in uniformly random order.
+
+    Faster than shuffling all n: each position first draws a value
+    independently from a lookup table whose probabilities are held a few
+    standard deviations below the exact counts, the rest of the table meaning
+    "undecided"; the undecided positions then receive a shuffle of what is
+    left.  Every step treats the positions alike, so the result is
+    exchangeable, hence uniform over the arrangements with exactly these
+    counts.  Should a direct draw overshoot (p < 1e-6), the whole multiset is
+    shuffled instead, which is uniform too."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    direct = np.maximum(counts - DIRECT_DRAW_MARGIN * np.sqrt(counts) - 1, 0)
+    slots = np.floor(direct / max(n, 1) * _TABLE_SIZE).astype(np.int64)
+    if n == 0 or slots.sum() == 0:
+        out = _sequence(values, counts)
+        rng.shuffle(out)
+        return out
+    undecided = len(values)
+    table = np.full(_TABLE_SIZE, undecided, dtype=np.int16 if undecided < 2**15 else np.int32)
+    table[: slots.sum()] = np.repeat(np.arange(len(values)), slots)
+    category = table[rng.integers(0, _TABLE_SIZE, size=n, dtype=np.uint16)]
+    drawn = np.bincount(category, minlength=undecided + 1)[:undecided]
+    if np.any(drawn > counts):
+        out = _sequence(values, counts)
+        rng.shuffle(out)
+        return out
+    out = np.append(values, values[:1])[category]
+    rest = _sequence(values, counts - drawn)
+    rng.shuffle(rest)
+    out[category == undecided] = rest
+    return out
+
+
 def _imax(histogram, n_valid, params):
     """Imax: set by the user, or the count below which the chosen quantile of
     the shell's positive counts lies (at least 3)."""
@@ -278,11 +328,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     for s, fit in fits.items():
         result = results[s]
         values, counts = zero_value_counts(result.n_zero, fit.theta, fit.mu, fit.sigma)
-        assigned = np.empty(result.n_zero, dtype=out_dtype)
-        ends = np.cumsum(counts)
-        for value, start, end in zip(values, ends - counts, ends):
-            assigned[start:end] = value
-        rng.shuffle(assigned)
+        assigned = random_arrangement(values.astype(out_dtype), counts, rng)
         out[zero_positions[starts[s] : starts[s + 1]]] = assigned
         result.n_changed = int(np.count_nonzero(assigned))
         result.min_value = int(values[np.flatnonzero(counts)[-1]])

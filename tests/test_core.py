@@ -340,3 +340,29 @@ def test_negative_values_in_masked_pixels_do_not_stop_the_correction(scene):
     result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "gaps")
     assert result.status == core.CORRECTED
     assert np.all(result.data[0][~scene["valid"]] == -1)
+
+
+@pytest.mark.parametrize(
+    "margin, shuffled", [(core.DIRECT_DRAW_MARGIN, "part"), (1e6, "all"), (0.0, "all")]
+)
+def test_random_arrangement_exact_counts_and_no_positional_pattern(monkeypatch, margin, shuffled):
+    """Exact counts, and the value does not depend on the position: a
+    chi-square test of independence between position block and value.  The
+    margins cover the fast path, nothing drawn directly, and the fallback
+    after a direct draw overshoots (margin 0)."""
+    monkeypatch.setattr(core, "DIRECT_DRAW_MARGIN", margin)
+    sizes = []
+    real_sequence = core._sequence
+    monkeypatch.setattr(core, "_sequence", lambda v, c: sizes.append(int(np.sum(c))) or real_sequence(v, c))
+    values = np.array([0, -1, -2, -3, -4, -5, -6], dtype=np.int32)
+    counts = np.array([30000, 52000, 61000, 40000, 15000, 1800, 7])
+    out = core.random_arrangement(values, counts, core.image_rng(0, "arrangement"))
+    assert np.array_equal([np.count_nonzero(out == v) for v in values], counts)
+    assert (sizes[0] == counts.sum()) == (shuffled == "all")
+    if shuffled == "part":
+        assert sizes[0] < 0.1 * counts.sum()
+    table = np.array([[np.count_nonzero(block == v) for v in values[:-1]] for block in np.array_split(out, 20)])
+    _, p, _, _ = stats.chi2_contingency(table)
+    assert p > 0.001
+    again = core.random_arrangement(values, counts, core.image_rng(0, "arrangement"))
+    assert np.array_equal(out, again)
