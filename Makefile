@@ -30,7 +30,7 @@ test-fast: setup
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/run.py --json benchmarks/results/bench.json
 
 validate: setup
 	$(PYTHON) -m dials_truncfix.validate --output benchmarks/results/validation.md

@@ -52,8 +52,7 @@ class ShellMap:
         """(indices of the valid pixels sorted by shell, raster order within
         a shell; start of each shell in it): cached, the same for every image."""
         if self._order is None:
-            index_type = np.int32 if self.labels.size < 2**31 else np.intp
-            order = np.argsort(self.labels, kind="stable").astype(index_type)
+            order = np.argsort(self.labels, kind="stable").astype(np.intp)
             n_invalid = int(np.count_nonzero(self.labels == INVALID))
             order = order[n_invalid:]
             starts = np.concatenate(([0], np.cumsum(self.n_valid)))
