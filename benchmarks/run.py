@@ -76,14 +76,14 @@ def measure(paths):
     first = stock_class(paths[0])
     corrector = ImageCorrector(first.get_detector(), first.get_beam(), CorrectionParameters())
     raws = [stock_class(p).get_raw_data() for p in paths]
-    results = []
+    zeros = []  # (zero pixels, valid pixels) per image; not the images themselves
 
     def correct(k):
-        results.append(corrector.correct(raws[k % n], image_identity(paths[k % n]))[1])
+        result = corrector.correct(raws[k % n], image_identity(paths[k % n]))[1]
+        zeros.append((sum(s.n_zero for s in result.shells), sum(s.n_valid for s in result.shells)))
 
     correction = _median_time(correct, 3 * n)
-    shells = [s for r in results[:n] for s in r.shells]
-    zero_fraction = sum(s.n_zero for s in shells) / max(1, sum(s.n_valid for s in shells))
+    zero_fraction = sum(z for z, _ in zeros[:n]) / max(1, sum(v for _, v in zeros[:n]))
 
     stock_iset = ExperimentListFactory.from_filenames(paths)[0].imageset
     os.environ["DIALS_TRUNCFIX"] = "1"

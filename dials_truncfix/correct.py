@@ -209,7 +209,10 @@ def _imax(histogram, n_valid, params):
         return int(min(params.histogram_max, len(histogram) - 1))
     n_positive = n_valid - histogram[0]
     target = effective_quantile(params) * n_positive
-    imax = int(np.searchsorted(np.cumsum(histogram[1:]), target)) + 1
+    head = np.cumsum(histogram[1:4097])  # Imax is almost always small
+    if head[-1] < target:
+        head = np.cumsum(histogram[1:])
+    imax = int(np.searchsorted(head, target)) + 1
     return max(3, min(imax, len(histogram) - 1))
 
 
@@ -260,8 +263,13 @@ def shell_histograms(by_shell, shell_starts):
     return histograms
 
 
-def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, image_key):
-    """Correct one image given as a list of per-panel integer arrays."""
+def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, image_key,
+                  overwrite_input=False):
+    """Correct one image given as a list of per-panel integer arrays.
+
+    With ``overwrite_input`` (for callers that own a private int32 or float64
+    copy of a single panel) the corrected values are written into the input
+    instead of a new array."""
     shapes = [np.shape(p) for p in panels]
     if shapes != list(shell_map.panel_shapes):
         raise ValueError(f"image shape {shapes} does not match the shell map {shell_map.panel_shapes}")
@@ -322,7 +330,8 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
             _warn_once(image_key, s, "Image %s shell %d (%.2f-%.2f A): %s" % (image_key, s, result.d_max, result.d_min, result.status))
 
     out_dtype = np.float64 if flat.dtype.kind == "f" else np.int32
-    out = flat.astype(out_dtype, copy=True)
+    in_place = overwrite_input and len(panels) == 1 and flat.dtype == out_dtype and np.shares_memory(flat, panels[0])
+    out = flat if in_place else flat.astype(out_dtype, copy=True)
 
     rng = image_rng(params.seed, image_key)
     for s, fit in fits.items():

@@ -49,7 +49,8 @@ class ImageCorrector:
         if not isinstance(raw_data, tuple):
             raw_data = (raw_data,)
         panels = [_to_numpy(p) for p in raw_data]
-        result = correct_image(panels, self.shell_map, self.params, image_key)
+        # the numpy arrays are private copies of the flex data: correct them in place
+        result = correct_image(panels, self.shell_map, self.params, image_key, overwrite_input=True)
         if result.data is not None and all(a is b for a, b in zip(result.data, panels)):
             return raw_data, result
         corrected = tuple(_to_flex(a, like) for a, like in zip(result.data, raw_data))

@@ -146,10 +146,11 @@ class _Objective:
         g_sigma = -np.dot(w, z) / sigma
         return value, np.array([-g_theta * math.exp(a), g_mu, g_sigma * sigma])
 
-    def hessian(self, p):
-        """Hessian of the returned objective (exact likelihood only), for
-        Newton steps: the edges' second derivatives form a tridiagonal matrix
-        in z, chained through z(theta, mu, sigma) and the reparametrisation."""
+    def with_hessian(self, p):
+        """(value, gradient, Hessian) of the objective (exact likelihood only),
+        for Newton steps: the edges' second derivatives form a tridiagonal
+        matrix in z, chained through z(theta, mu, sigma) and the
+        reparametrisation."""
         a, mu, s = p
         sigma, t = math.exp(s), math.exp(a)
         with np.errstate(all="ignore"):
@@ -184,7 +185,12 @@ class _Objective:
             h = h * np.outer(jac, jac)
             h[0, 0] += g[0] * -t
             h[2, 2] += g[2] * sigma
-        return -h / self.n_total
+            occupied = c > 0
+            value = np.dot(c[occupied], log_p[occupied])
+        grad = g * jac
+        if not (np.isfinite(value) and np.all(np.isfinite(grad)) and np.all(np.isfinite(h))):
+            return 1e300, np.zeros(3), np.eye(3)
+        return -value / self.n_total, -grad / self.n_total, -h / self.n_total
 
     def _paper(self, a, mu, s):
         sigma = math.exp(s)
@@ -287,15 +293,16 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
 def _newton(objective, x, max_iterations, gtol=1e-9):
     """Damped Newton with backtracking for the exact likelihood: a handful of
     iterations instead of BFGS's dozens of evaluations."""
-    value, grad = objective(x)
+    value, grad, hessian = objective.with_hessian(x)
     damping = 0.0
     message = "maximum number of iterations reached"
     success = False
-    for iteration in range(1, max_iterations + 1):
+    iteration = 0
+    while iteration < max_iterations:
         if np.max(np.abs(grad)) < gtol:
             success, message = True, "converged"
             break
-        hessian = objective.hessian(x)
+        iteration += 1
         while True:
             try:
                 step = -np.linalg.solve(hessian + damping * np.eye(3), grad)
@@ -305,24 +312,29 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
                 pass
             damping = max(2 * damping, 1e-6 * (1 + np.abs(np.diag(hessian)).max()))
             if damping > 1e12:
-                return optimize.OptimizeResult(x=x, fun=value, jac=grad, nit=iteration, success=False,
-                                               status=3, message="no descent direction")
+                return optimize.OptimizeResult(
+                    x=x, fun=value, jac=grad, nit=iteration, success=False, status=3,
+                    message="no descent direction",
+                )
+        slope = np.dot(grad, step)
+        new_value, new_grad, new_hessian = objective.with_hessian(x + step)
         t = 1.0
-        while t > 1e-10:
-            new_value, new_grad = objective(x + t * step)
-            if new_value <= value + 1e-4 * t * np.dot(grad, step):
-                break
+        while new_value > value + 1e-4 * t * slope and t > 1e-10:
             t *= 0.5
-        else:
+            new_value, new_grad = objective(x + t * step)
+            new_hessian = None
+        if new_value > value + 1e-4 * t * slope:
             message = "line search failed"
-            success = np.max(np.abs(grad)) < 1e-6
+            success = bool(np.max(np.abs(grad)) < 1e-6)
             break
-        x, value, grad = x + t * step, new_value, new_grad
+        x = x + t * step
+        value, grad = new_value, new_grad
+        hessian = new_hessian if new_hessian is not None else objective.with_hessian(x)[2]
         damping = damping / 10 if t == 1.0 else damping
-    else:
-        iteration = max_iterations
-    return optimize.OptimizeResult(x=x, fun=value, jac=grad, nit=iteration, success=success,
-                                   status=0 if success else 2, message=message)
+    return optimize.OptimizeResult(
+        x=x, fun=value, jac=grad, nit=iteration, success=success,
+        status=0 if success else 2, message=message,
+    )
 
 
 def _failed(message):

@@ -60,3 +60,22 @@ def test_shell_map_equal_area_on_two_tilted_panels_and_cached():
     assert shell_map_for(detector, beam, valid, 5, 100) is shell_map
     other = shell_map_for(detector, beam, valid, 4, 100)
     assert other is not shell_map and other.n_shells == 4
+
+
+def test_image_corrector_leaves_the_raw_flex_data_alone():
+    from scitbx.array_family import flex
+
+    from dials_truncfix.correct import CorrectionParameters
+    from dials_truncfix.dxtbx_correction import ImageCorrector
+    from dials_truncfix.synthetic import draw_true_values, falling_parameters, truncate
+
+    detector, beam = _simple(size=(300, 200)), _beam()
+    corrector = ImageCorrector(detector, beam, CorrectionParameters(n_shells=4, min_pixels_per_shell=100))
+    labels = corrector.shell_map.labels.reshape(200, 300)
+    image = truncate(draw_true_values(labels, falling_parameters(4), np.random.default_rng(1))).astype(np.int32)
+    raw = (flex.int(image),)
+    corrected, result = corrector.correct(raw, "img#0")
+    assert np.array_equal(raw[0].as_numpy_array(), image)
+    got = corrected[0].as_numpy_array()
+    assert result.n_changed > 0 and np.array_equal(got[image > 0], image[image > 0])
+    assert np.count_nonzero(got != image) == result.n_changed
