@@ -186,6 +186,33 @@ def test_cbf_import_then_find_spots(smv_sweep, tmp_path):
         assert info[f"negative_{i}"] > 1000 and info[f"negative_masked_{i}"] == 0
 
 
+@pytest.mark.slow
+def test_full_cbf_import_then_find_spots(smv_sweep, tmp_path):
+    """Full CBF (byte offset, with goniometer and scan) holding truncated data."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_truncfix.files import atomic_write_bytes
+    from dials_truncfix.writers import full_cbf_bytes
+
+    directory, paths = smv_sweep
+    imageset = ExperimentListFactory.from_filenames(paths)[0].imageset
+    cbfs = []
+    for k in range(len(imageset)):
+        cbf = str(tmp_path / f"full_{k + 1:05d}.cbf")
+        data = [imageset.get_raw_data(k)[0].as_numpy_array().astype(np.int32)]
+        atomic_write_bytes(cbf, [full_cbf_bytes(imageset, k, data, [(-1.0, 65535.0)])])
+        cbfs.append(cbf)
+    assert format_wrapper.stock_format_class(cbfs[0]).__name__.startswith("FormatCBFFull")
+    _run(["dials.import", *cbfs, "output.experiments=imported.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    _run(["dials.find_spots", "imported.expt"], tmp_path)
+    info, pixels = _read_back(tmp_path / "imported.expt", tmp_path)
+    assert info["format"].startswith("Truncfix_FormatCBFFull")
+    for i, (cbf, data) in enumerate(zip(cbfs, pixels)):
+        expected, _ = _core_correction(cbf)
+        assert np.array_equal(data, expected)
+        assert info[f"negative_{i}"] > 1000 and info[f"negative_masked_{i}"] == 0
+
+
 def test_signed_and_float_data_pass_through_with_one_notice(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(format_wrapper.ENVIRONMENT_VARIABLE, "1")
     path = str(tmp_path / "signed.mrc")
