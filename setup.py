@@ -6,11 +6,16 @@ from the DIALS environment (conda-forge, a DIALS bundle, or Debian's package),
 and pip cannot install them on its own.
 """
 
+import re
+
 from setuptools import find_packages, setup
+
+with open("dials_truncfix/__init__.py", encoding="utf-8") as fh:
+    VERSION = re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
 
 setup(
     name="dials-truncfix",
-    version="0.1.0",
+    version=VERSION,
     description="Correct diffraction images whose negative pixel counts were truncated to zero",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -12,6 +12,8 @@ import iotbx.phil
 from dials.util import Sorry, show_mail_handle_errors
 from dials.util.options import ArgumentParser, flatten_experiments
 
+from dials_truncfix import __version__
+
 logger = logging.getLogger("dials.command_line.correct_truncation")
 
 help_message = """
@@ -174,7 +176,7 @@ def run(args=None, phil=phil_scope):
     )
     params, options = parser.parse_args(args=args, show_diff_phil=False)
     dials.util.log.config(options.verbose, logfile=params.output.log)
-    logger.info(dials_version())
+    logger.info("%s, dials-truncfix %s", dials_version(), __version__)
     if plugin_setting:
         logger.info("%s=%s ignored: the raw images are read", ENVIRONMENT_VARIABLE, plugin_setting)
     diff = parser.diff_phil.as_str()
