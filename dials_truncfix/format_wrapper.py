@@ -299,10 +299,6 @@ class _Dispatcher:
         stock = _claim(first, cls._multi)
         return wrapped_class(stock.__name__).get_imageset(input_filenames, *args, **kwargs)
 
-    @classmethod
-    def get_instance(cls, filename, **kwargs):
-        return wrapped_class(_claim(filename, cls._multi).__name__).get_instance(filename, **kwargs)
-
 
 class FormatATruncfix(_Dispatcher, Format):
     """Single-image files (SMV, CBF, MRC images), corrected on read."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dials_truncfix.correct import LOWEST_VALUE, sweep_offset
+from dials_truncfix.correct import LOWEST_VALUE, shell_histograms, sweep_offset
 from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
 from dials_truncfix.writers import OutputFormatError, write_full_cbf, write_smv_image
 
@@ -135,13 +135,11 @@ def imageset_masks(imageset, user_mask=True):
 
 
 def low_count_histograms(panels, shell_map, imax):
-    """Raw H(0..imax) per shell (for the report)."""
+    """Raw H(0..imax) per shell (for the report); negative values of images
+    passed through count as 0."""
     flat = np.concatenate([np.asarray(p).ravel() for p in panels])
-    flat = np.clip(np.rint(flat), 0, imax + 1).astype(np.int64)
-    labels = np.asarray(shell_map.labels)
-    return np.stack(
-        [np.bincount(flat[labels == s], minlength=imax + 2)[: imax + 1] for s in range(shell_map.n_shells)]
-    )
+    order, starts = shell_map.pixel_order()
+    return shell_histograms(np.clip(flat[order], 0, None), starts)[:, : imax + 1]
 
 
 _correctors = {}

@@ -73,6 +73,24 @@ def _core_correction(path, index=0, params=CorrectionParameters()):
     return np.concatenate([p.as_numpy_array().ravel() for p in corrected]), raw
 
 
+def _import_on_read_and_check(files, workdir, format_prefix, images=None):
+    """DIALS_TRUNCFIX=1 dials.import, then dials.find_spots and a read-back in
+    new processes without the variable: the pixels are the core's correction
+    of the raw files, with many negative values and none of them masked.
+    ``images``: (file, index in file) of each image, one per file by default."""
+    images = images or [(f, 0) for f in files]
+    _run(["dials.import", *files, "output.experiments=imported.expt"], workdir, DIALS_TRUNCFIX="1")
+    _run(["dials.find_spots", "imported.expt"], workdir)
+    info, pixels = _read_back(workdir / "imported.expt", workdir)
+    assert info["format"].startswith(format_prefix), info["format"]
+    assert len(pixels) == len(images)
+    for i, (data, (path, index)) in enumerate(zip(pixels, images)):
+        expected, _ = _core_correction(path, index)
+        assert np.array_equal(data, expected)
+        assert info[f"negative_{i}"] > 1000 and info[f"negative_masked_{i}"] == 0
+    return info, pixels
+
+
 @pytest.fixture(scope="module")
 def smv_sweep(tmp_path_factory):
     directory = tmp_path_factory.mktemp("smv")
@@ -154,14 +172,7 @@ def _write_mrc_stack(path, n_images=3, size=256, seed=2, dtype=np.uint16):
 def test_mrc_stack_import_then_find_spots(tmp_path):
     path = str(tmp_path / "stack.mrc")
     _write_mrc_stack(path)
-    _run(["dials.import", path, "output.experiments=imported.expt"], tmp_path, DIALS_TRUNCFIX="1")
-    _run(["dials.find_spots", "imported.expt"], tmp_path)
-    info, pixels = _read_back(tmp_path / "imported.expt", tmp_path)
-    assert info["format"] == "Truncfix_FormatMRCstack"
-    for i, data in enumerate(pixels):
-        expected, _ = _core_correction(path, i)
-        assert np.array_equal(data, expected)
-        assert info[f"negative_{i}"] > 1000 and info[f"negative_masked_{i}"] == 0
+    _import_on_read_and_check([path], tmp_path, "Truncfix_FormatMRCstack", images=[(path, i) for i in range(3)])
 
 
 @pytest.mark.slow
@@ -176,14 +187,7 @@ def test_cbf_import_then_find_spots(smv_sweep, tmp_path):
         cbf = str(tmp_path / f"trunc_{k + 1:05d}.cbf")
         FormatCBFMini.as_file(image.get_detector(), image.get_beam(), image.get_goniometer(), image.get_scan(), image.get_raw_data(), cbf)
         cbfs.append(cbf)
-    _run(["dials.import", *cbfs, "output.experiments=imported.expt"], tmp_path, DIALS_TRUNCFIX="1")
-    _run(["dials.find_spots", "imported.expt"], tmp_path)
-    info, pixels = _read_back(tmp_path / "imported.expt", tmp_path)
-    assert info["format"].startswith("Truncfix_FormatCBFMini")
-    for i, (cbf, data) in enumerate(zip(cbfs, pixels)):
-        expected, _ = _core_correction(cbf)
-        assert np.array_equal(data, expected)
-        assert info[f"negative_{i}"] > 1000 and info[f"negative_masked_{i}"] == 0
+    _import_on_read_and_check(cbfs, tmp_path, "Truncfix_FormatCBFMini")
 
 
 @pytest.mark.slow
@@ -203,14 +207,7 @@ def test_full_cbf_import_then_find_spots(smv_sweep, tmp_path):
         atomic_write_bytes(cbf, [full_cbf_bytes(imageset, k, data, [(-1.0, 65535.0)])])
         cbfs.append(cbf)
     assert format_wrapper.stock_format_class(cbfs[0]).__name__.startswith("FormatCBFFull")
-    _run(["dials.import", *cbfs, "output.experiments=imported.expt"], tmp_path, DIALS_TRUNCFIX="1")
-    _run(["dials.find_spots", "imported.expt"], tmp_path)
-    info, pixels = _read_back(tmp_path / "imported.expt", tmp_path)
-    assert info["format"].startswith("Truncfix_FormatCBFFull")
-    for i, (cbf, data) in enumerate(zip(cbfs, pixels)):
-        expected, _ = _core_correction(cbf)
-        assert np.array_equal(data, expected)
-        assert info[f"negative_{i}"] > 1000 and info[f"negative_masked_{i}"] == 0
+    _import_on_read_and_check(cbfs, tmp_path, "Truncfix_FormatCBFFull")
 
 
 def test_signed_and_float_data_pass_through_with_one_notice(tmp_path, monkeypatch, caplog):
