@@ -14,11 +14,12 @@ setup:
 	@{ $(PYTHON) -c "import setuptools, pytest, hypothesis" && $(PYTHON) -m pip --version; } >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			python3-pytest python3-hypothesis python3-pip python3-setuptools; }
-	@installed=$$(cd / && $(PYTHON) -c "import dials_truncfix, os; print(os.path.dirname(os.path.dirname(os.path.realpath(dials_truncfix.__file__))))" 2>/dev/null); \
-	if [ "$$installed" != "$(realpath $(CURDIR))" ] || ! command -v dials.correct_truncation >/dev/null; then \
+	@cd / && $(PYTHON) -c "import importlib.metadata as m, os, sys, dials_truncfix; \
+		m.distribution('dials-truncfix'); \
+		sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(dials_truncfix.__file__))) != sys.argv[1])" \
+		"$(realpath $(CURDIR))" 2>/dev/null || { \
 		echo "Installing dials-truncfix (editable) from $(CURDIR) into $(PYTHON)"; \
-		$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --break-system-packages -e . ; \
-	fi
+		$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --break-system-packages -e $(CURDIR); }
 
 demo: setup
 	$(PYTHON) -m dials_truncfix.demo demo
