@@ -151,7 +151,12 @@ class _Objective:
         for Newton steps: the edges' second derivatives form a tridiagonal
         matrix in z, chained through z(theta, mu, sigma) and the
         reparametrisation."""
-        a, mu, s = p
+        try:
+            return self._with_hessian(*p)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            return 1e300, np.zeros(3), np.eye(3)
+
+    def _with_hessian(self, a, mu, s):
         sigma, t = math.exp(s), math.exp(a)
         with np.errstate(all="ignore"):
             y = self.offsets + t

@@ -366,3 +366,16 @@ def test_random_arrangement_exact_counts_and_no_positional_pattern(monkeypatch, 
     assert p > 0.001
     again = core.random_arrangement(values, counts, core.image_rng(0, "arrangement"))
     assert np.array_equal(out, again)
+
+
+def test_newton_steps_out_of_range_fail_gracefully():
+    """Found by hypothesis: a huge Newton step overflowed exp(); the fit must
+    back-track (or report failure), never raise."""
+    from dials_truncfix.lognormal import _Objective
+
+    hist = np.array([1, 3, 1, 0, 0, 0, 0, 0, 0, 700])
+    objective = _Objective(hist[:-1], hist[-1], "exact")
+    value, grad, hessian = objective.with_hessian(np.array([800.0, 1.0, 0.0]))
+    assert value == 1e300 and not grad.any()
+    fit = fit_lognormal(hist[:-1], hist[-1], "exact")
+    assert isinstance(fit.converged, bool)
