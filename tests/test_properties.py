@@ -30,7 +30,8 @@ def scenes(draw):
     return image, valid, inv_d2, n_shells, seed
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same 300 examples every run (explore more by hand)
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(scenes())
 def test_correction_invariants(scene):
     image, valid, inv_d2, n_shells, seed = scene
