@@ -22,7 +22,7 @@ setup:
 		$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --break-system-packages -e $(CURDIR); }
 
 demo: setup
-	$(PYTHON) -m dials_truncfix.demo demo
+	$(PYTHON) -m devtools.demo demo
 
 test: setup
 	$(PYTHON) -m pytest --junitxml=test-results.xml $(PYTEST_ARGS)
@@ -34,7 +34,7 @@ bench: setup
 	$(PYTHON) benchmarks/run.py --json benchmarks/results/bench.json
 
 validate: setup
-	$(PYTHON) -m dials_truncfix.validate --output benchmarks/results/validation.md
+	$(PYTHON) -m devtools.validate --output benchmarks/results/validation.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis demo benchmarks/work test-results.xml

@@ -2,7 +2,7 @@
 time measured in the same run (run by hand or with `make bench`).
 
 Two sweeps of 2048x2048 unsigned 16-bit SMV images:
-  * "microed": simulated by dials_truncfix.simulate (proteinase-K-like
+  * "microed": simulated by devtools.simulate (proteinase-K-like
     crystal, truncating camera; 0-40% zeros per shell, as in real data);
   * "heavy": a lognormal background truncated much harder (16-73% zeros per
     shell, about 60% overall), a stress case.
@@ -28,6 +28,9 @@ import subprocess
 import sys
 import time
 
+# the development tools (devtools/) live in the checkout, not in the package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _median_time(function, repeats):
     times = []
@@ -39,7 +42,7 @@ def _median_time(function, repeats):
 
 
 def _sweep(kind, workdir, n_images, size):
-    from dials_truncfix.synthetic import write_truncated_smv_sweep
+    from devtools.synthetic import write_truncated_smv_sweep
 
     directory = os.path.join(workdir, f"{kind}{size}")
     if kind == "microed":
@@ -47,7 +50,7 @@ def _sweep(kind, workdir, n_images, size):
         if not all(os.path.exists(p) for p in paths):
             print(f"Simulating {n_images} {size}x{size} MicroED images in {directory}", flush=True)
             subprocess.run(
-                [sys.executable, "-m", "dials_truncfix.simulate", f"output.directory={directory}",
+                [sys.executable, "-m", "devtools.simulate", f"output.directory={directory}",
                  f"image_size={size}", f"n_images={n_images}", "seed=7", "output.nproc=2",
                  "output.truth_images=False"],
                 check=True, capture_output=True,
@@ -64,8 +67,8 @@ def measure(paths):
     import dxtbx
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from dials_truncfix.correct import CorrectionParameters
-    from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
+    from dials_truncfix.core.parameters import CorrectionParameters
+    from dials_truncfix.corrector import ImageCorrector, image_identity
 
     stock_class = type(dxtbx.load(paths[0]))
     n = len(paths)

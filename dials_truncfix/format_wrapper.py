@@ -35,17 +35,21 @@ import dxtbx.format.FormatMultiImage as multi_image
 from dxtbx.format.Format import Format
 from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.util import get_url_scheme
-from libtbx.utils import Sorry
 
-from dials_truncfix.correct import CORRECTED, LOWEST_VALUE, NO_ZEROS, CorrectionParameters
-from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
-from dials_truncfix.phil import correction_parameters, correction_phil_scope, read_phil_file
+from dials_truncfix.core.assignment import LOWEST_VALUE
+from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
+from dials_truncfix.corrector import ImageCorrector, image_identity
+from dials_truncfix.settings import (
+    ENVIRONMENT_VARIABLE,
+    FORMAT_KWARG,
+    Settings,
+    TruncfixError,
+    settings_from_environment,
+)
 
 logger = logging.getLogger(f"dials.{__name__}")
 
 SCHEME = "truncfix"
-ENVIRONMENT_VARIABLE = "DIALS_TRUNCFIX"
-FORMAT_KWARG = "truncfix"
 #: trusted-range minimum of wrapped detectors: below anything the correction gives
 TRUSTED_MINIMUM = LOWEST_VALUE - 1
 #: stock format families that the wrappers handle
@@ -53,11 +57,6 @@ SUPPORTED_FAMILIES = ("FormatSMV", "FormatCBF", "FormatMRC")
 
 _MANGLED = re.compile(r"^.*/" + SCHEME + r":(/.*)$")
 _resolving = threading.local()
-
-
-class TruncfixError(Sorry):
-    """Bad settings for the correction on read: DIALS programs report a
-    Sorry as a one-line error."""
 
 
 def is_truncfix_name(name):
@@ -78,50 +77,15 @@ def to_url(name):
     return f"{SCHEME}://{os.path.abspath(to_path(name))}"
 
 
-# --- settings -----------------------------------------------------------------
-
-
-def settings_to_kwarg(params: CorrectionParameters, mask=None):
-    """The JSON-able record of the effective parameters kept in the .expt."""
-    return {
-        "n_shells": params.n_shells,
-        "likelihood": params.likelihood,
-        "seed": params.seed,
-        "histogram_max": params.histogram_max,
-        "histogram_quantile": params.histogram_quantile,
-        "min_pixels_per_shell": params.min_pixels_per_shell,
-        "mask": os.path.abspath(mask) if mask else None,
-    }
-
-
-def settings_from_kwarg(record):
-    record = dict(record)
-    mask = record.pop("mask", None)
-    return CorrectionParameters(**record), mask
-
-
-def settings_from_environment(environ=os.environ):
-    """The settings asked for by DIALS_TRUNCFIX, or None when it is off."""
-    value = environ.get(ENVIRONMENT_VARIABLE, "").strip()
-    if value in ("", "0"):
-        return None
-    if value == "1":
-        truncfix = correction_phil_scope.extract().truncfix
-    else:
-        try:
-            truncfix = read_phil_file(value)[1].truncfix
-        except ValueError as e:
-            raise TruncfixError(f"{ENVIRONMENT_VARIABLE}: {e}") from None
-    return settings_to_kwarg(correction_parameters(truncfix), truncfix.mask)
-
-
 @functools.lru_cache(maxsize=None)
-def _environment_settings_cached(value):
-    return settings_from_environment({ENVIRONMENT_VARIABLE: value})
+def _environment_record(value):
+    settings = settings_from_environment({ENVIRONMENT_VARIABLE: value})
+    return None if settings is None else settings.to_record()
 
 
-def active_settings():
-    return _environment_settings_cached(os.environ.get(ENVIRONMENT_VARIABLE, ""))
+def active_record():
+    """The settings record DIALS_TRUNCFIX asks for, or None."""
+    return _environment_record(os.environ.get(ENVIRONMENT_VARIABLE, ""))
 
 
 # --- the stock class behind a file ----------------------------------------------
@@ -138,7 +102,7 @@ def stock_format_class(path):
         _resolving.active = False
 
 
-def _supported(stock):
+def can_wrap(stock):
     """An SMV, CBF or MRC class that reads images (not a family root)."""
     if stock is None or stock.is_abstract() or stock.__name__ in SUPPORTED_FAMILIES:
         return False
@@ -168,12 +132,13 @@ class _CorrectOnRead:
 
     def __init__(self, image_file, **kwargs):
         self._truncfix_name = os.fspath(image_file)
-        record = kwargs.get(FORMAT_KWARG) or active_settings()
+        record = kwargs.get(FORMAT_KWARG) or active_record()
         if record is None:
             raise TruncfixError(
                 f"{image_file}: correction on read needs {ENVIRONMENT_VARIABLE} or recorded settings"
             )
-        self._truncfix_params, self._truncfix_mask_file = settings_from_kwarg(record)
+        settings = Settings.from_record(record)
+        self._truncfix_params, self._truncfix_mask_file = settings.parameters, settings.mask
         super().__init__(to_path(image_file), **kwargs)
 
     def get_image_file(self, *args):
@@ -222,7 +187,7 @@ class _CorrectOnRead:
     def get_imageset(cls, input_filenames, *args, format_kwargs=None, template=None, **kwargs):
         format_kwargs = dict(format_kwargs or {})
         if FORMAT_KWARG not in format_kwargs:
-            format_kwargs[FORMAT_KWARG] = active_settings()
+            format_kwargs[FORMAT_KWARG] = active_record()
         if isinstance(input_filenames, (str, bytes, os.PathLike)):
             input_filenames = [input_filenames]
         filenames = [to_url(f) for f in input_filenames]
@@ -231,6 +196,11 @@ class _CorrectOnRead:
         return super().get_imageset(
             filenames, *args, format_kwargs=format_kwargs, template=template, **kwargs
         )
+
+
+def is_corrected_on_read(format_class):
+    """Whether imagesets of this format class are corrected on read."""
+    return issubclass(format_class, _CorrectOnRead)
 
 
 _noticed = set()
@@ -272,10 +242,10 @@ def _claim(name, multi):
         return None
     name = os.fspath(name)
     if not is_truncfix_name(name):
-        if get_url_scheme(name) or active_settings() is None:
+        if get_url_scheme(name) or active_record() is None:
             return None
     stock = stock_format_class(to_path(name))
-    if not _supported(stock) or issubclass(stock, FormatMultiImage) != multi:
+    if not can_wrap(stock) or issubclass(stock, FormatMultiImage) != multi:
         return None
     return stock
 

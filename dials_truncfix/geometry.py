@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 from collections import OrderedDict
 
 import numpy as np
 
-from dials_truncfix.shells import build_shell_map
+from dials_truncfix.core.shells import build_shell_map
+
+logger = logging.getLogger(f"dials.{__name__}")
 
 _CACHE_SIZE = 8
 _shell_map_cache: OrderedDict = OrderedDict()
@@ -89,3 +92,22 @@ def shell_map_for(detector, beam, valid, n_shells, min_pixels_per_shell):
     while len(_shell_map_cache) > _CACHE_SIZE:
         _shell_map_cache.popitem(last=False)
     return shell_map
+
+
+def imageset_masks(imageset, user_mask=True):
+    """The format's static mask and the external (user) mask, as tuples of
+    flex.bool; not the trusted-range mask."""
+    masks = []
+    try:
+        fmt = imageset.get_format_class().get_instance(
+            imageset.get_path(0), **imageset.data().get_format_kwargs()
+        )
+        static = fmt.get_static_mask()
+        if static is not None:
+            masks.append(tuple(static))
+    except Exception as e:  # pragma: no cover - formats without instances
+        logger.debug("no static mask: %s", e)
+    lookup = imageset.external_lookup.mask
+    if user_mask and lookup.data is not None and not lookup.data.empty():
+        masks.append(tuple(lookup.data.tile(i).data() for i in range(len(lookup.data))))
+    return masks

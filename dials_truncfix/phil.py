@@ -10,7 +10,7 @@ import os
 import iotbx.phil
 from libtbx import Auto
 
-from dials_truncfix.correct import CorrectionParameters
+from dials_truncfix.core.parameters import CorrectionParameters
 
 correction_phil_str = """
 truncfix

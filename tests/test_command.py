@@ -9,8 +9,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from dials_truncfix.smv import write_smv
-from dials_truncfix.synthetic import add_spots, draw_true_values, falling_parameters, radial_inv_d2, truncate
+from dials_truncfix.io.smv import write_smv
+from devtools.synthetic import add_spots, draw_true_values, falling_parameters, radial_inv_d2, truncate
 
 SHAPE = (256, 256)
 ARGS = ["n_shells=4", "min_pixels_per_shell=100"]
@@ -54,9 +54,9 @@ def load(path):
 
 
 def expected_correction(imageset, index, path):
-    from dials_truncfix.correct import CorrectionParameters
-    from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
-    from dials_truncfix.sweep import imageset_masks
+    from dials_truncfix.core.parameters import CorrectionParameters
+    from dials_truncfix.corrector import ImageCorrector, image_identity
+    from dials_truncfix.geometry import imageset_masks
 
     corrector = ImageCorrector(imageset.get_detector(), imageset.get_beam(),
                                CorrectionParameters(n_shells=4, min_pixels_per_shell=100),
@@ -256,7 +256,7 @@ def test_on_read_experiments_equal_the_written_images(tmp_path, kind):
     assert result.returncode == 0, result.stderr + result.stdout
     on_read, on_read_pixels = _pixels(tmp_path / "on_read.expt")
     assert on_read.get_format_class().__name__.startswith("Truncfix_")
-    assert json.loads((tmp_path / "on_read.expt").read_text())["imageset"][0]["params"]["truncfix"]["n_shells"] == 4
+    assert json.loads((tmp_path / "on_read.expt").read_text())["imageset"][0]["params"]["truncfix"]["parameters"]["n_shells"] == 4
     written, written_pixels = _pixels(tmp_path / "corrected.expt")
     assert len(on_read_pixels) == len(written_pixels) == 3
     for a, b in zip(on_read_pixels, written_pixels):

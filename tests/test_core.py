@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dials_truncfix import correct as core
-from dials_truncfix.correct import CorrectionParameters, correct_image, sweep_offset, zero_value_counts
-from dials_truncfix.lognormal import bin_probabilities, fit_lognormal, parameter_covariance, standard_errors
-from dials_truncfix.shells import INVALID, ShellError, build_shell_map
-from dials_truncfix.synthetic import draw_true_values, falling_parameters, radial_inv_d2, truncate
+from dials_truncfix.core import assignment, correction
+from dials_truncfix.core.assignment import zero_value_counts
+from dials_truncfix.core.correction import correct_image, sweep_offset
+from dials_truncfix.core.lognormal import cdf
+from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.core.lognormal import bin_probabilities, fit_lognormal, parameter_covariance, standard_errors
+from dials_truncfix.core.shells import INVALID, ShellError, build_shell_map
+from devtools.synthetic import draw_true_values, falling_parameters, radial_inv_d2, truncate
 
 N_SHELLS = 6
 
@@ -97,7 +100,7 @@ def test_shell_parameters_recovered_on_an_image(scene):
     params = CorrectionParameters(n_shells=N_SHELLS)
     result = correct_image([scene["image"]], scene["shell_map"], params, "scene")
     truth = scene["truth"]
-    assert result.status == core.CORRECTED
+    assert result.status == correction.CORRECTED
     for shell in result.shells:
         fit = shell.fit
         assert fit.converged
@@ -136,17 +139,17 @@ def test_assigned_histogram_is_exactly_the_largest_remainder_counts(scene):
         assert counts.sum() == shell.n_zero
         # largest remainder: each count within 1 of n_zero * P(v) / F(0.5)
         fit = shell.fit
-        upper = core.cdf(values + 0.5, fit.theta, fit.mu, fit.sigma)
+        upper = cdf(values + 0.5, fit.theta, fit.mu, fit.sigma)
         lower = np.append(upper[1:], 0.0)
-        expected = shell.n_zero * (upper - lower) / core.cdf([0.5], fit.theta, fit.mu, fit.sigma)[0]
+        expected = shell.n_zero * (upper - lower) / cdf([0.5], fit.theta, fit.mu, fit.sigma)[0]
         assert np.all(np.abs(counts - expected) < 1)
 
 
 def _conditional_bin_probabilities(edges, theta, mu, sigma):
     """P(value in each bin | value < 0.5) for bins given by descending edges."""
-    upper = core.cdf(edges[:-1], theta, mu, sigma)
-    lower = core.cdf(edges[1:], theta, mu, sigma)
-    return (upper - lower) / core.cdf([0.5], theta, mu, sigma)[0]
+    upper = cdf(edges[:-1], theta, mu, sigma)
+    lower = cdf(edges[1:], theta, mu, sigma)
+    return (upper - lower) / cdf([0.5], theta, mu, sigma)[0]
 
 
 def test_assigned_values_follow_the_true_truncated_values(scene):
@@ -218,8 +221,9 @@ def test_same_result_in_another_process_and_any_order(scene, tmp_path):
     np.save(tmp_path / "valid.npy", scene["valid"])
     code = f"""
 import hashlib, numpy as np
-from dials_truncfix.shells import build_shell_map
-from dials_truncfix.correct import CorrectionParameters, correct_image
+from dials_truncfix.core.shells import build_shell_map
+from dials_truncfix.core.correction import correct_image
+from dials_truncfix.core.parameters import CorrectionParameters
 d = {str(tmp_path)!r}
 sm = build_shell_map([np.load(d + '/inv_d2.npy')], [np.load(d + '/valid.npy')], {N_SHELLS})
 out = correct_image([np.load(d + '/image.npy')], sm, CorrectionParameters(n_shells={N_SHELLS}, seed=42), 'img_0001')
@@ -231,7 +235,7 @@ print(hashlib.sha256(out.data[0].tobytes()).hexdigest())
     moved = correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, seed=43), "img_0001")
     assert not np.array_equal(moved.data[0], first.data[0])
     assert np.array_equal(np.sort(moved.data[0].ravel()), np.sort(first.data[0].ravel()))
-    assert other.status == core.CORRECTED
+    assert other.status == correction.CORRECTED
 
 
 def test_sweep_offset(scene):
@@ -250,7 +254,7 @@ def test_sweep_offset(scene):
 def test_no_zero_pixels_returns_the_input_untouched(scene):
     image = scene["image"] + 1
     result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "x")
-    assert result.status == core.NO_ZEROS
+    assert result.status == correction.NO_ZEROS
     assert result.data[0] is image
 
 
@@ -259,13 +263,13 @@ def test_float_and_signed_images_pass_through(scene):
     params = CorrectionParameters(n_shells=N_SHELLS)
     fractional = scene["image"].astype(float) + 0.25
     r = correct_image([fractional], shell_map, params, "f")
-    assert r.status == core.NOT_TRUNCATED_FLOAT and r.data[0] is fractional
+    assert r.status == correction.NOT_TRUNCATED_FLOAT and r.data[0] is fractional
     signed = scene["image"].astype(np.int32) - 3
     r = correct_image([signed], shell_map, params, "s")
-    assert r.status == core.NOT_TRUNCATED_NEGATIVE and r.data[0] is signed
+    assert r.status == correction.NOT_TRUNCATED_NEGATIVE and r.data[0] is signed
     # integer-valued floats (as MRC stacks are read) are corrected, staying float
     r = correct_image([scene["image"].astype(float)], shell_map, params, "i")
-    assert r.status == core.CORRECTED and r.data[0].dtype == np.float64
+    assert r.status == correction.CORRECTED and r.data[0].dtype == np.float64
     ints = correct_image([scene["image"]], shell_map, params, "i")
     assert np.array_equal(r.data[0], ints.data[0])
 
@@ -298,7 +302,7 @@ def test_ties_never_leave_an_empty_shell():
 
 def test_shell_fit_failure_merges_with_neighbour(scene, monkeypatch):
     calls = []
-    real = core.fit_lognormal
+    real = correction.fit_lognormal
 
     def flaky(hist, n_above, likelihood):
         calls.append(int(np.sum(hist) + n_above))
@@ -307,10 +311,10 @@ def test_shell_fit_failure_merges_with_neighbour(scene, monkeypatch):
             return fit.__class__(**{**fit.as_dict(), "converged": False, "message": "forced"})
         return fit
 
-    monkeypatch.setattr(core, "fit_lognormal", flaky)
+    monkeypatch.setattr(correction, "fit_lognormal", flaky)
     result = correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "m")
     assert result.shells[0].fitted_shells == (0, 1)
-    assert result.shells[0].status == core.CORRECTED
+    assert result.shells[0].status == correction.CORRECTED
     assert calls[1] > calls[0]
 
 
@@ -338,25 +342,25 @@ def test_negative_values_in_masked_pixels_do_not_stop_the_correction(scene):
     image = scene["image"].astype(np.int32)
     image[~scene["valid"]] = -1
     result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "gaps")
-    assert result.status == core.CORRECTED
+    assert result.status == correction.CORRECTED
     assert np.all(result.data[0][~scene["valid"]] == -1)
 
 
 @pytest.mark.parametrize(
-    "margin, shuffled", [(core.DIRECT_DRAW_MARGIN, "part"), (1e6, "all"), (0.0, "all")]
+    "margin, shuffled", [(assignment.DIRECT_DRAW_MARGIN, "part"), (1e6, "all"), (0.0, "all")]
 )
 def test_random_arrangement_exact_counts_and_no_positional_pattern(monkeypatch, margin, shuffled):
     """Exact counts, and the value does not depend on the position: a
     chi-square test of independence between position block and value.  The
     margins cover the fast path, nothing drawn directly, and the fallback
     after a direct draw overshoots (margin 0)."""
-    monkeypatch.setattr(core, "DIRECT_DRAW_MARGIN", margin)
+    monkeypatch.setattr(assignment, "DIRECT_DRAW_MARGIN", margin)
     sizes = []
-    real_sequence = core._sequence
-    monkeypatch.setattr(core, "_sequence", lambda v, c: sizes.append(int(np.sum(c))) or real_sequence(v, c))
+    real_sequence = assignment._sequence
+    monkeypatch.setattr(assignment, "_sequence", lambda v, c: sizes.append(int(np.sum(c))) or real_sequence(v, c))
     values = np.array([0, -1, -2, -3, -4, -5, -6], dtype=np.int32)
     counts = np.array([30000, 52000, 61000, 40000, 15000, 1800, 7])
-    out = core.random_arrangement(values, counts, core.image_rng(0, "arrangement"))
+    out = assignment.random_arrangement(values, counts, assignment.image_rng(0, "arrangement"))
     assert np.array_equal([np.count_nonzero(out == v) for v in values], counts)
     assert (sizes[0] == counts.sum()) == (shuffled == "all")
     if shuffled == "part":
@@ -364,14 +368,14 @@ def test_random_arrangement_exact_counts_and_no_positional_pattern(monkeypatch, 
     table = np.array([[np.count_nonzero(block == v) for v in values[:-1]] for block in np.array_split(out, 20)])
     _, p, _, _ = stats.chi2_contingency(table)
     assert p > 0.001
-    again = core.random_arrangement(values, counts, core.image_rng(0, "arrangement"))
+    again = assignment.random_arrangement(values, counts, assignment.image_rng(0, "arrangement"))
     assert np.array_equal(out, again)
 
 
 def test_newton_steps_out_of_range_fail_gracefully():
     """Found by hypothesis: a huge Newton step overflowed exp(); the fit must
     back-track (or report failure), never raise."""
-    from dials_truncfix.lognormal import _Objective
+    from dials_truncfix.core.lognormal import _Objective
 
     hist = np.array([1, 3, 1, 0, 0, 0, 0, 0, 0, 700])
     objective = _Objective(hist[:-1], hist[-1], "exact")

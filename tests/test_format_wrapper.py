@@ -16,9 +16,10 @@ import pytest
 from dxtbx.format.FormatMultiImage import FormatMultiImage
 
 from dials_truncfix import format_wrapper
-from dials_truncfix.correct import CorrectionParameters
-from dials_truncfix.dxtbx_correction import ImageCorrector, image_identity
-from dials_truncfix.synthetic import (
+from dials_truncfix.settings import ENVIRONMENT_VARIABLE
+from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.corrector import ImageCorrector, image_identity
+from devtools.synthetic import (
     draw_true_values,
     falling_parameters,
     smv_geometry,
@@ -28,7 +29,7 @@ from dials_truncfix.synthetic import (
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != format_wrapper.ENVIRONMENT_VARIABLE}
+    env = {k: v for k, v in os.environ.items() if k != ENVIRONMENT_VARIABLE}
     env.update(extra)
     return env
 
@@ -99,9 +100,8 @@ def smv_sweep(tmp_path_factory):
 
 
 def test_variable_unset_reads_exactly_as_stock(smv_sweep, monkeypatch):
-    monkeypatch.delenv(format_wrapper.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
     directory, paths = smv_sweep
-    format_wrapper._environment_settings_cached.cache_clear()
     image = dxtbx.load(paths[0])
     stock = format_wrapper.stock_format_class(paths[0])
     assert type(image) is stock and stock.__name__ == "FormatSMVADSC"
@@ -132,7 +132,7 @@ def test_smv_import_then_find_spots_in_new_processes(smv_sweep, tmp_path):
     _run(["dials.import", *paths, "output.experiments=imported.expt"], tmp_path, DIALS_TRUNCFIX="1")
     expt = json.loads((tmp_path / "imported.expt").read_text())
     assert expt["imageset"][0]["template"].startswith("truncfix://")
-    assert expt["imageset"][0]["params"]["truncfix"]["n_shells"] == 10
+    assert expt["imageset"][0]["params"]["truncfix"]["parameters"]["n_shells"] == 10
     # a later program, in a new process, without the variable
     _run(["dials.find_spots", "imported.expt", "nproc=2"], tmp_path)
     assert (tmp_path / "strong.refl").exists()
@@ -152,7 +152,7 @@ def _write_mrc_stack(path, n_images=3, size=256, seed=2, dtype=np.uint16):
     import mrcfile
 
     from dials_truncfix.geometry import inv_d2_per_panel
-    from dials_truncfix.shells import build_shell_map
+    from dials_truncfix.core.shells import build_shell_map
 
     with mrcfile.new(path, overwrite=True) as mrc:
         mrc.set_data(np.zeros((n_images, size, size), dtype=dtype))
@@ -195,8 +195,8 @@ def test_full_cbf_import_then_find_spots(smv_sweep, tmp_path):
     """Full CBF (byte offset, with goniometer and scan) holding truncated data."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from dials_truncfix.files import atomic_write_bytes
-    from dials_truncfix.writers import full_cbf_bytes
+    from dials_truncfix.io.atomic import atomic_write_bytes
+    from dials_truncfix.io.cbf import full_cbf_bytes
 
     directory, paths = smv_sweep
     imageset = ExperimentListFactory.from_filenames(paths)[0].imageset
@@ -211,7 +211,7 @@ def test_full_cbf_import_then_find_spots(smv_sweep, tmp_path):
 
 
 def test_signed_and_float_data_pass_through_with_one_notice(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(format_wrapper.ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
     path = str(tmp_path / "signed.mrc")
     data = _write_mrc_stack(path, dtype=np.int16).astype(np.int16)
     import mrcfile
@@ -229,7 +229,7 @@ def test_signed_and_float_data_pass_through_with_one_notice(tmp_path, monkeypatc
 
 
 def test_corrupt_file_gives_the_normal_dxtbx_error(smv_sweep, tmp_path, monkeypatch):
-    monkeypatch.setenv(format_wrapper.ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
     directory, paths = smv_sweep
     bad = tmp_path / "trunc_00001.img"
     bad.write_bytes(open(paths[0], "rb").read().replace(b"SIZE1=384", b"SIZE1=3x4"))
@@ -272,7 +272,7 @@ def test_missing_phil_file_is_a_clear_error(tmp_path, smv_sweep):
 def test_phil_file_parameters_are_used_and_recorded(tmp_path, smv_sweep, monkeypatch):
     phil = tmp_path / "good.phil"
     phil.write_text("truncfix { n_shells = 4\n seed = 9 }\n")
-    monkeypatch.setenv(format_wrapper.ENVIRONMENT_VARIABLE, str(phil))
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(phil))
     directory, paths = smv_sweep
     image = dxtbx.load(paths[0])
     assert type(image).__name__ == "Truncfix_FormatSMVADSC"
@@ -280,13 +280,13 @@ def test_phil_file_parameters_are_used_and_recorded(tmp_path, smv_sweep, monkeyp
     expected, _ = _core_correction(paths[0], params=params)
     assert np.array_equal(image.get_raw_data().as_numpy_array().ravel(), expected)
     iset = type(image).get_imageset(paths, as_sequence=True)
-    assert iset.params()["truncfix"]["seed"] == 9
+    assert iset.params()["truncfix"]["parameters"]["seed"] == 9
 
 
 def test_more_specific_stock_class_is_not_taken(tmp_path, monkeypatch):
     """A TimePix_SU SMV file is read by the wrapper of that very class."""
-    monkeypatch.setenv(format_wrapper.ENVIRONMENT_VARIABLE, "1")
-    from dials_truncfix.smv import write_smv
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
+    from dials_truncfix.io.smv import write_smv
 
     path = str(tmp_path / "timepix_00001.img")
     rng = np.random.default_rng(0)

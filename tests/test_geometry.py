@@ -65,9 +65,9 @@ def test_shell_map_equal_area_on_two_tilted_panels_and_cached():
 def test_image_corrector_leaves_the_raw_flex_data_alone():
     from scitbx.array_family import flex
 
-    from dials_truncfix.correct import CorrectionParameters
-    from dials_truncfix.dxtbx_correction import ImageCorrector
-    from dials_truncfix.synthetic import draw_true_values, falling_parameters, truncate
+    from dials_truncfix.core.parameters import CorrectionParameters
+    from dials_truncfix.corrector import ImageCorrector
+    from devtools.synthetic import draw_true_values, falling_parameters, truncate
 
     detector, beam = _simple(size=(300, 200)), _beam()
     corrector = ImageCorrector(detector, beam, CorrectionParameters(n_shells=4, min_pixels_per_shell=100))

@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dials_truncfix.correct import CorrectionParameters, correct_image
-from dials_truncfix.shells import ShellError, build_shell_map
+from dials_truncfix.core.correction import correct_image
+from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.core.shells import ShellError, build_shell_map
 
 SHAPE = (24, 30)
 

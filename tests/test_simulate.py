@@ -1,4 +1,4 @@
-"""Tests of the MicroED sweep simulator (dials_truncfix.simulate)."""
+"""Tests of the MicroED sweep simulator (devtools.simulate)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 dxtbx = pytest.importorskip("dxtbx")
 pytest.importorskip("dials")
 
-from dials_truncfix import simulate  # noqa: E402
+from devtools import simulate  # noqa: E402
 
 # A small sweep: the detector covers the angles of the real one, so the
 # resolution range (and hence the truncation statistics) is the same.
@@ -349,7 +349,7 @@ def test_cli(tmp_path):
         [
             sys.executable,
             "-m",
-            "dials_truncfix.simulate",
+            "devtools.simulate",
             "image_size=64",
             "n_images=2",
             "d_min=3",

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("dials")
 
-from dials_truncfix import validate  # noqa: E402
+from devtools import validate  # noqa: E402
 
 #: Small enough to run in about 3 minutes on 2 cores, large enough to index
 #: reliably (512 x 512 is too crowded for dials.index) and to have ~100

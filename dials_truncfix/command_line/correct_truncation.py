@@ -108,7 +108,7 @@ output {
 
 
 def _atomic_text(path, text):
-    from dials_truncfix.files import atomic_write_bytes
+    from dials_truncfix.io.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, [text.encode("utf-8")])
 
@@ -160,7 +160,7 @@ def run(args=None, phil=phil_scope):
     import dials.util.log
     from dials.util.version import dials_version
 
-    from dials_truncfix.format_wrapper import ENVIRONMENT_VARIABLE
+    from dials_truncfix.settings import ENVIRONMENT_VARIABLE
 
     # images are read raw: the correction on read must not claim them
     plugin_setting = os.environ.pop(ENVIRONMENT_VARIABLE, None)
@@ -199,18 +199,20 @@ def run(args=None, phil=phil_scope):
 
 
 def correct(experiments, params):
-    from dials_truncfix import sweep
-    from dials_truncfix.phil import correction_parameters
-    from dials_truncfix.shells import ShellError
-    from dials_truncfix.writers import OutputFormatError
+    from dials_truncfix.core.shells import ShellError
+    from dials_truncfix.io import OutputFormatError
+    from dials_truncfix.program import experiments as corrected
+    from dials_truncfix.program import planning, tasks
+    from dials_truncfix.settings import Settings
 
-    cparams = correction_parameters(params.truncfix)
+    settings = Settings.from_phil(params.truncfix)
+    cparams = settings.parameters
     fmt = params.output.format
-    plans = sweep.plan(experiments, params.output.directory, fmt)
+    plans = planning.plan(experiments, params.output.directory, fmt)
     others = [params.output.experiments, params.output.json, params.output.report]
     try:
-        sweep.check_outputs(plans, others, params.output.overwrite)
-    except sweep.TruncationInputError as e:
+        planning.check_outputs(plans, others, params.output.overwrite)
+    except planning.TruncationInputError as e:
         raise Sorry(str(e)) from None
     n_images = sum(len(p.imageset) for p in plans)
     logger.info(
@@ -219,11 +221,11 @@ def correct(experiments, params):
     )
     progress = _Progress(n_images)
     try:
-        sweep.correct_sweeps(
+        tasks.correct_sweeps(
             experiments, plans, cparams, params.truncfix.mask, fmt, params.mp,
             n_report_images=params.output.report_images, progress=progress,
         )
-    except (sweep.TruncationInputError, ShellError, OutputFormatError) as e:
+    except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
         raise Sorry(str(e)) from None
     finally:
         progress.close()
@@ -265,16 +267,13 @@ def correct(experiments, params):
         _atomic_text(params.output.json, json.dumps(record, indent=1, sort_keys=True))
         logger.info("Wrote %s", params.output.json)
     if params.output.report:
-        from dials_truncfix.report import html_report
+        from dials_truncfix.program.report import html_report
 
         _atomic_text(params.output.report, html_report(plans, record))
         logger.info("Wrote %s", params.output.report)
 
-    from dials_truncfix.format_wrapper import settings_to_kwarg
-
-    settings = settings_to_kwarg(cparams, params.truncfix.mask)
-    corrected = sweep.corrected_experiments(experiments, plans, fmt, settings)
-    _atomic_text(params.output.experiments, corrected.as_json())
+    result = corrected.corrected_experiments(experiments, plans, fmt, settings.to_record())
+    _atomic_text(params.output.experiments, result.as_json())
     logger.info("Wrote %s", params.output.experiments)
 
 

@@ -89,8 +89,8 @@ def write_truncated_smv_sweep(directory, n_images=4, size=512, seed=0, n_shells=
     import dxtbx
 
     from dials_truncfix.geometry import inv_d2_per_panel
-    from dials_truncfix.shells import build_shell_map
-    from dials_truncfix.smv import write_smv
+    from dials_truncfix.core.shells import build_shell_map
+    from dials_truncfix.io.smv import write_smv
 
     os.makedirs(directory, exist_ok=True)
     header = smv_geometry(size)

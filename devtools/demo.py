@@ -2,7 +2,7 @@
 the camera, corrected by dials.correct_truncation and on read, compared with
 the truth, and processed by DIALS.
 
-    /usr/bin/python3 -m dials_truncfix.demo [directory]
+    /usr/bin/python3 -m devtools.demo [directory]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from dials_truncfix.format_wrapper import ENVIRONMENT_VARIABLE
+from devtools import simulate
+from dials_truncfix.settings import ENVIRONMENT_VARIABLE
 
 MARKER = ".dials-truncfix-demo"
 SIMULATION = ["image_size=1024", "n_images=12", "seed=2016", "output.nproc=2"]
@@ -56,7 +57,7 @@ def compare_with_truth(directory, image_index=0):
         record = json.load(fh)
     shells = record["sweeps"][0]["images"][image_index]["shells"]
     imported = ExperimentList.from_file(os.path.join(directory, "imported.expt"))[0].imageset
-    from dials_truncfix.dxtbx_correction import ImageCorrector
+    from dials_truncfix.corrector import ImageCorrector
     from dials_truncfix.phil import correction_parameters, correction_phil_scope
 
     params = correction_parameters(correction_phil_scope.extract().truncfix)
@@ -96,7 +97,8 @@ def main(argv=None):
     open(os.path.join(directory, MARKER), "w").close()
 
     print("Simulating a 12-image MicroED sweep (1024x1024, proteinase-K-like crystal, truncating camera)")
-    _run([sys.executable, "-m", "dials_truncfix.simulate", "output.directory=simulated", *SIMULATION], directory)
+    print(f"$ python -m devtools.simulate output.directory=simulated {' '.join(SIMULATION)}", flush=True)
+    simulate.run([f"output.directory={os.path.join(directory, 'simulated')}", *SIMULATION])
     images = sorted(glob.glob(os.path.join(directory, "simulated", "truncated", "*.img")))
     truth_images = sorted(glob.glob(os.path.join(directory, "simulated", "truth", "*.cbf")))
 

@@ -34,7 +34,7 @@ Outputs (in ``output.directory``)::
     truth.expt                the exact models used (no imageset)
     simulation.json           parameters and derived constants
 
-Run as ``python -m dials_truncfix.simulate image_size=512 n_images=20``.
+Run as ``python -m devtools.simulate image_size=512 n_images=20``.
 Everything is deterministic given ``seed``.
 """
 
@@ -56,10 +56,10 @@ from scipy.special import ndtr
 import iotbx.phil
 import libtbx.phil
 
-from dials_truncfix.files import atomic_path, atomic_write_bytes
-from dials_truncfix.smv import smv_header
+from dials_truncfix.io.atomic import atomic_path, atomic_write_bytes
+from dials_truncfix.io.smv import smv_header
 
-logger = logging.getLogger("dials_truncfix.simulate")
+logger = logging.getLogger("devtools.simulate")
 
 #: Detector of the paper: 2048 pixels of 0.0312 mm (TVIPS F416, 2x binned)
 REFERENCE_IMAGE_SIZE = 2048
@@ -965,7 +965,7 @@ def write_truth_intensities(result, path):
         # identical files
         mtz = iotbx.mtz.object(tmp)
         for column in mtz.columns():
-            column.set_source("dials_truncfix.simulate")
+            column.set_source("devtools.simulate")
         mtz.write(tmp)
 
 
@@ -1070,7 +1070,7 @@ def write_sweep(result, directory=None, nproc=None):
 
 
 def run(args=None):
-    """Command-line entry: ``python -m dials_truncfix.simulate [phil]``."""
+    """Command-line entry: ``python -m devtools.simulate [phil]``."""
     if args is None:
         args = sys.argv[1:]
     if any(a in ("-h", "--help", "-c", "--show-config") for a in args):

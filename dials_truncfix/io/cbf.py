@@ -1,14 +1,7 @@
-"""Output writers for corrected images.
-
-* :func:`write_full_cbf`: signed 32-bit "full" CBF (imgCIF) with the detector,
-  beam and -- for a rotation sweep -- goniometer and scan of the image, and the
-  trusted range in ``_array_intensities.undefined_value`` / ``overload`` so
-  that a fresh ``dials.import`` of the corrected images admits negative values.
-* :func:`write_smv_image`: ADSC-style unsigned 16-bit SMV with the sweep-wide
-  offset added to every pixel and recorded as ``IMAGE_PEDESTAL``.
-
-Both write to a temporary file next to the target and rename it into place.
-"""
+"""Signed 32-bit "full" CBF (imgCIF) images: the detector, beam and -- for a
+rotation sweep -- goniometer and scan of the image, and the trusted range in
+``_array_intensities``, so that a fresh ``dials.import`` of the images admits
+negative values.  Written to a temporary file and renamed into place."""
 
 from __future__ import annotations
 
@@ -18,14 +11,7 @@ import time
 
 import numpy as np
 
-from dials_truncfix.files import atomic_write_bytes
-from dials_truncfix.smv import write_smv
-
-SMV_MAX = 65535
-
-
-class OutputFormatError(ValueError):
-    """The corrected data cannot be written in the requested format."""
+from dials_truncfix.io.atomic import atomic_write_bytes
 
 
 def _set_column(cbf, category, column, values):
@@ -144,55 +130,3 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
 
 def write_full_cbf(path, imageset, index, panels, trusted_ranges, rotation=True):
     atomic_write_bytes(path, [full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation)])
-
-
-def smv_header_items(imageset, index, offset):
-    """SMV header keys from the models of image ``index`` (single panel,
-    detector normal to the beam assumed for the beam centre)."""
-    detector = imageset.get_detector()
-    if len(detector) != 1:
-        raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
-    panel = detector[0]
-    beam = imageset.get_beam()
-    fast_mm, slow_mm = panel.get_beam_centre(beam.get_s0())
-    items = {
-        "PIXEL_SIZE": f"{panel.get_pixel_size()[0]:.6f}",
-        "DISTANCE": f"{panel.get_distance():.6f}",
-        "WAVELENGTH": f"{beam.get_wavelength():.8f}",
-        # FormatSMVADSC reads the beam centre as (fast, slow) = (Y, X)
-        "BEAM_CENTER_X": f"{slow_mm:.6f}",
-        "BEAM_CENTER_Y": f"{fast_mm:.6f}",
-        "IMAGE_PEDESTAL": int(offset),
-        "GAIN": f"{panel.get_gain():g}",
-    }
-    scan = imageset.get_scan()
-    if scan is not None and not scan.is_still():
-        start, width = scan.get_image_oscillation(scan.get_image_range()[0] + index)
-        times = scan.get_exposure_times()
-        items.update(
-            OSC_START=f"{start:.6f}",
-            OSC_RANGE=f"{width:.6f}",
-            PHI=f"{start:.6f}",
-            TIME=f"{times[index] if len(times) > index else 0.0:.6f}",
-        )
-    else:
-        items.update(OSC_START="0.000000", OSC_RANGE="0.000000", PHI="0.000000", TIME="0.000000")
-    return items
-
-
-def smv_data(panel_data, offset):
-    """uint16 pixels: corrected values plus the offset, values above the
-    16-bit range clipped to 65535 (which stock DIALS treats as overloaded)."""
-    shifted = np.asarray(panel_data, dtype=np.int64) + int(offset)
-    if shifted.size and shifted.min() < 0:
-        raise OutputFormatError("corrected values below the offset: cannot be stored as unsigned")
-    n_clipped = int(np.count_nonzero(shifted > SMV_MAX))
-    return np.minimum(shifted, SMV_MAX).astype(np.uint16), n_clipped
-
-
-def write_smv_image(path, imageset, index, panels, offset):
-    if len(panels) != 1:
-        raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
-    data, n_clipped = smv_data(panels[0], offset)
-    write_smv(path, data, **smv_header_items(imageset, index, offset))
-    return n_clipped

@@ -9,7 +9,8 @@ import os
 import numpy as np
 from scitbx.array_family import flex
 
-from dials_truncfix.correct import CorrectionParameters, correct_image
+from dials_truncfix.core.correction import correct_image
+from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import combine_masks, load_mask_file, shell_map_for
 
 logger = logging.getLogger(f"dials.{__name__}")

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from dials_truncfix.lognormal import cdf
+from dials_truncfix.core.lognormal import cdf
 
 
 def _plotly_js():

@@ -1,6 +1,6 @@
 """Validation against a simulated truth (issue 5; behind ``make validate``).
 
-One simulated MicroED sweep (:mod:`dials_truncfix.simulate`) is processed in
+One simulated MicroED sweep (:mod:`devtools.simulate`) is processed in
 three versions with identical DIALS parameters:
 
     truth       the signed images before truncation (CBF)
@@ -15,7 +15,7 @@ in the highest-resolution shell -- plus what only a simulation can show: the
 correlation of the merged intensities with the true intensities and the mean
 normalised error of the weak reflections, per resolution shell.
 
-    /usr/bin/python3 -m dials_truncfix.validate --output validation.md \\
+    /usr/bin/python3 -m devtools.validate --output validation.md \\
         [--workdir validation_work] [--image-size 2048] [--n-images 90] \\
         [--seed 1] [--nproc 2] [--d-min 1.3]
 
@@ -120,7 +120,7 @@ def simulation_arguments(directory, image_size=2048, n_images=50, seed=1, nproc=
 def simulate(directory, image_size=2048, n_images=50, seed=1, nproc=2, extra=()):
     """Write the simulated sweep to ``directory``; returns the simulate
     parameters (phil extract)."""
-    from dials_truncfix import simulate as sim
+    from devtools import simulate as sim
 
     params = sim.get_params(simulation_arguments(directory, image_size, n_images, seed, nproc, extra))
     start = time.time()
@@ -697,7 +697,7 @@ def run_validation(workdir, image_size=2048, n_images=50, seed=1, nproc=2, d_min
     os.makedirs(workdir, exist_ok=True)
     log = open(os.path.join(workdir, "commands.log"), "a")
     log.write("# %s\n" % datetime.datetime.now().isoformat(timespec="seconds"))
-    from dials_truncfix import simulate as sim
+    from devtools import simulate as sim
 
     sim_args = simulation_arguments(sim_dir, image_size, n_images, seed, nproc)
     if reuse and os.path.exists(os.path.join(sim_dir, "simulation.json")):
@@ -705,7 +705,7 @@ def run_validation(workdir, image_size=2048, n_images=50, seed=1, nproc=2, d_min
     else:
         if os.path.exists(sim_dir):
             shutil.rmtree(sim_dir)
-        log.write("%s -m dials_truncfix.simulate %s\n" % (sys.executable, " ".join(sim_args)))
+        log.write("%s -m devtools.simulate %s\n" % (sys.executable, " ".join(sim_args)))
         sim_params = simulate(sim_dir, image_size, n_images, seed, nproc)
     times = {"simulation": time.time() - start}
     times_file = os.path.join(workdir, "times.json")
@@ -775,7 +775,7 @@ def report(results, info, command, discussion=None):
             info["times"]["simulation"],
             ", ".join("%s %.0f s" % (n, info["times"][n]) for n in DATASETS if n in info["times"]),
         ),
-        "- Simulation: `python -m dials_truncfix.simulate %s` (%s x %s pixels, %d images of %.2f deg, "
+        "- Simulation: `python -m devtools.simulate %s` (%s x %s pixels, %d images of %.2f deg, "
         "other parameters at their defaults)"
         % (" ".join(info["simulation_parameters"]), info["image_size"], info["image_size"], info["n_images"], info["osc_width"]),
         "- Processing, identical for the three versions: `dials.import`; (corrected only: "
@@ -826,7 +826,7 @@ def main(argv=None):
         help="file whose text is appended as the 'What improves and what does not' section",
     )
     args = parser.parse_args(argv)
-    command = "%s -m dials_truncfix.validate %s" % (
+    command = "%s -m devtools.validate %s" % (
         os.path.basename(sys.executable) if sys.executable == "/usr/bin/python3" else sys.executable,
         " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
     )

@@ -1,0 +1,116 @@
+"""The values given to a shell's zero pixels, and which pixel gets which.
+
+The H(0) zero pixels of a fitted shell receive the values v <= 0 in the
+counts H(0) P(v) / F(0.5), with P(v) the fitted probability of
+[v - 0.5, v + 0.5), rounded by largest remainder so that they sum to H(0)
+exactly; the values are arranged over the pixels uniformly at random, from a
+generator seeded by the user's seed and the image's identity only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+from scipy import special
+
+from dials_truncfix.core.lognormal import cdf
+
+#: the lowest value the assignment may give (keeps int32 output safe)
+LOWEST_VALUE = -(2**30)
+#: the lowest value bin absorbs the tail whose expected pixel count is below this
+TAIL_PIXELS = 0.01
+
+
+def image_rng(seed, image_key):
+    """A generator that depends only on the user seed and the image's identity,
+    so that an image is corrected identically in any process and order."""
+    digest = hashlib.blake2b(str(image_key).encode("utf-8"), digest_size=16).digest()
+    words = [int(w) for w in np.frombuffer(digest, dtype="<u4")]
+    entropy = [seed & 0xFFFFFFFF, seed >> 32] + words
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def zero_value_counts(n_zero, theta, mu, sigma):
+    """How many of ``n_zero`` pixels get each value v = 0, -1, -2, ...
+
+    The expected counts are n_zero * P(v) / F(0.5) with P(v) the probability
+    of [v - 0.5, v + 0.5) (the lowest bin also takes the tail below it); they
+    are rounded by largest remainder so that they sum to n_zero exactly.
+    Returns (values, counts), values in descending order.
+    """
+    f_half = float(cdf([0.5], theta, mu, sigma)[0])
+    if not f_half > 0:
+        raise ValueError("the fitted distribution gives no probability below 0.5")
+    p_tail = f_half * TAIL_PIXELS / n_zero
+    x_tail = theta + math.exp(mu + sigma * float(special.ndtri(p_tail)))
+    v_lo = max(math.floor(x_tail + 0.5), math.floor(theta + 0.5), LOWEST_VALUE)
+    v_lo = min(v_lo, 0)
+    values = np.arange(0, v_lo - 1, -1, dtype=np.int64)
+    upper = cdf(values + 0.5, theta, mu, sigma)
+    lower = np.append(upper[1:], 0.0)
+    prob = np.clip(upper - lower, 0, None)
+    return values, largest_remainder(n_zero * prob / prob.sum(), n_zero)
+
+
+def largest_remainder(expected, total):
+    """Integer counts summing to ``total`` that round ``expected`` by largest
+    remainder (ties to the lower index)."""
+    counts = np.floor(expected).astype(np.int64)
+    deficit = int(total - counts.sum())
+    if deficit:
+        remainder = expected - counts
+        order = np.lexsort((np.arange(len(expected)), -remainder))
+        counts[order[:deficit]] += 1
+    return counts
+
+
+#: random draws are resolved in steps of 1/65536 through a lookup table
+_TABLE_SIZE = 65536
+#: categories drawn directly are held this many standard deviations below
+#: their exact count, so that the direct draws (almost) never overshoot
+DIRECT_DRAW_MARGIN = 5.0
+
+
+def _sequence(values, counts):
+    out = np.empty(int(counts.sum()), dtype=values.dtype)
+    ends = np.cumsum(counts)
+    for value, start, end in zip(values, ends - counts, ends):
+        out[start:end] = value
+    return out
+
+
+def random_arrangement(values, counts, rng):
+    """``values`` repeated ``counts`` times, in uniformly random order.
+
+    Faster than shuffling all n: each position first draws a value
+    independently from a lookup table whose probabilities are held a few
+    standard deviations below the exact counts, the rest of the table meaning
+    "undecided"; the undecided positions then receive a shuffle of what is
+    left.  Every step treats the positions alike, so the result is
+    exchangeable, hence uniform over the arrangements with exactly these
+    counts.  Should a direct draw overshoot (p < 1e-6), the whole multiset is
+    shuffled instead, which is uniform too."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    direct = np.maximum(counts - DIRECT_DRAW_MARGIN * np.sqrt(counts) - 1, 0)
+    slots = np.floor(direct / max(n, 1) * _TABLE_SIZE).astype(np.int64)
+    if n == 0 or slots.sum() == 0:
+        out = _sequence(values, counts)
+        rng.shuffle(out)
+        return out
+    undecided = len(values)
+    table = np.full(_TABLE_SIZE, undecided, dtype=np.int16 if undecided < 2**15 else np.int32)
+    table[: slots.sum()] = np.repeat(np.arange(len(values)), slots)
+    category = table[rng.integers(0, _TABLE_SIZE, size=n, dtype=np.uint16)]
+    drawn = np.bincount(category, minlength=undecided + 1)[:undecided]
+    if np.any(drawn > counts):
+        out = _sequence(values, counts)
+        rng.shuffle(out)
+        return out
+    out = np.append(values, values[:1])[category]
+    rest = _sequence(values, counts - drawn)
+    rng.shuffle(rest)
+    out[category == undecided] = rest
+    return out

@@ -1,0 +1,7 @@
+"""Image and file writers shared by dials.correct_truncation and the
+development tools: atomic writing (:mod:`.atomic`), full CBF (:mod:`.cbf`)
+and ADSC SMV (:mod:`.smv`)."""
+
+
+class OutputFormatError(ValueError):
+    """The corrected data cannot be written in the requested format."""

@@ -1,0 +1,79 @@
+"""The correction settings as recorded in an experiment list, and the
+``DIALS_TRUNCFIX`` environment variable that asks for them at import.
+
+An imageset corrected on read carries its settings in its format parameters
+(``imageset.params()["truncfix"]``), which dxtbx writes into every .expt.
+The record is versioned: version 1 (dials-truncfix 0.1) was the flat dict of
+parameters plus ``mask``; version 2 nests them.  Older records are migrated
+on read; a record from a newer release is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from libtbx.utils import Sorry
+
+from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.phil import correction_parameters, correction_phil_scope, read_phil_file
+
+ENVIRONMENT_VARIABLE = "DIALS_TRUNCFIX"
+#: the key of the record in an imageset's format parameters
+FORMAT_KWARG = "truncfix"
+RECORD_VERSION = 2
+
+
+class TruncfixError(Sorry):
+    """Bad settings for the correction on read: DIALS programs report a
+    Sorry as a one-line error."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the correction of an imageset needs besides its images."""
+
+    parameters: CorrectionParameters
+    mask: str | None = None  # truncfix.mask: a DIALS mask file, absolute path
+
+    def to_record(self):
+        """The JSON-able record kept in the experiment list."""
+        return {
+            "version": RECORD_VERSION,
+            "parameters": dataclasses.asdict(self.parameters),
+            "mask": os.path.abspath(self.mask) if self.mask else None,
+        }
+
+    @classmethod
+    def from_record(cls, record):
+        record = dict(record)
+        version = record.pop("version", 1)
+        if version == 1:
+            mask = record.pop("mask", None)
+            return cls(CorrectionParameters(**record), mask)
+        if version == RECORD_VERSION:
+            return cls(CorrectionParameters(**record["parameters"]), record.get("mask"))
+        raise TruncfixError(
+            f"the truncation-correction settings in this experiment list have format version "
+            f"{version}; this dials-truncfix understands versions 1-{RECORD_VERSION}: upgrade dials-truncfix"
+        )
+
+    @classmethod
+    def from_phil(cls, truncfix):
+        """From an extracted ``truncfix`` PHIL scope."""
+        return cls(correction_parameters(truncfix), truncfix.mask)
+
+
+def settings_from_environment(environ=os.environ):
+    """The settings DIALS_TRUNCFIX asks for (``1`` for the defaults or the
+    path of a PHIL file), or None when it is unset, empty or ``0``."""
+    value = environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    if value in ("", "0"):
+        return None
+    if value == "1":
+        return Settings.from_phil(correction_phil_scope.extract().truncfix)
+    try:
+        return Settings.from_phil(read_phil_file(value)[1].truncfix)
+    except ValueError as e:
+        raise TruncfixError(f"{ENVIRONMENT_VARIABLE}: {e}") from None
