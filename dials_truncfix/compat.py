@@ -1,0 +1,53 @@
+"""Where DIALS and dxtbx versions differ, in one place.
+
+Supported: Debian's DIALS 3.12 / dxtbx 3.11 and current DIALS 3.2x /
+dxtbx 3.2x.  Each difference is detected by what the installed library does
+or offers, not by its version string (Debian's dials reports 3.9.dev0).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+
+@functools.lru_cache(maxsize=None)
+def trusted_range_is_inclusive():
+    """dxtbx >= 3.12 counts a pixel v as valid when min <= v <= max; dxtbx
+    3.11 and earlier when min < v < max."""
+    from dxtbx.model import Panel
+    from scitbx.array_family import flex
+
+    panel = Panel()
+    panel.set_image_size((1, 1))
+    panel.set_trusted_range((0, 10))
+    return bool(panel.get_trusted_range_mask(flex.int(flex.grid(1, 1), 0))[0])
+
+
+def valid_integer_range(trusted_range):
+    """(lowest, highest) integer pixel value that a panel with this trusted
+    range counts as valid."""
+    low, high = trusted_range
+    if trusted_range_is_inclusive():
+        return math.ceil(low), math.floor(high)
+    return math.floor(low) + 1, math.ceil(high) - 1
+
+
+def trusted_range_for(lowest, highest):
+    """A trusted range under which exactly the integers lowest..highest are
+    valid pixel values."""
+    if trusted_range_is_inclusive():
+        return float(lowest), float(highest)
+    return float(lowest - 1), float(highest + 1)
+
+
+def available_cores():
+    """The number of processors DIALS would use for nproc=Auto: DIALS 3.19
+    moved it from dials.util.mp.available_cores to dials.util.system."""
+    try:
+        from dials.util.system import CPU_COUNT
+    except ImportError:
+        from dials.util.mp import available_cores as cores
+
+        return cores()
+    return CPU_COUNT
