@@ -57,11 +57,13 @@ def compare_with_truth(directory, image_index=0):
         record = json.load(fh)
     shells = record["sweeps"][0]["images"][image_index]["shells"]
     imported = ExperimentList.from_file(os.path.join(directory, "imported.expt"))[0].imageset
-    from dials_truncfix.corrector import ImageCorrector
+    from dials_truncfix.corrector import corrector_for
+    from dials_truncfix.geometry import shell_geometry
     from dials_truncfix.phil import correction_parameters, correction_phil_scope
 
     params = correction_parameters(correction_phil_scope.extract().truncfix)
-    labels = ImageCorrector(imported.get_detector(), imported.get_beam(), params).shell_map.labels
+    geometry = shell_geometry(imported.get_beam(), imported.get_detector())
+    labels = corrector_for(geometry, params).shell_map.labels
     truncated = imported.get_raw_data(image_index)[0].as_numpy_array().ravel()
     corrected = _pixels(os.path.join(directory, "corrected.expt"), image_index)
     truth_files = sorted(glob.glob(os.path.join(directory, "simulated", "truth", "*.cbf")))

@@ -57,7 +57,8 @@ import iotbx.phil
 import libtbx.phil
 
 from dials_truncfix.io.atomic import atomic_path, atomic_write_bytes
-from dials_truncfix.io.smv import smv_header
+from dials_truncfix.io.cbf import write_full_cbf
+from dials_truncfix.io.smv import smv_header_items, write_smv
 
 logger = logging.getLogger("devtools.simulate")
 
@@ -65,10 +66,8 @@ logger = logging.getLogger("devtools.simulate")
 REFERENCE_IMAGE_SIZE = 2048
 REFERENCE_PIXEL_SIZE = 0.0312
 
-#: Trusted range written into the truth CBF files (array_intensities
-#: undefined_value / overload).  dxtbx masks pixels unless
-#: underload < value < overload (strict), so negative values are valid.
-TRUTH_TRUSTED_RANGE = (-1000000.0, 10000000.0)
+#: Valid pixel values of the truth CBF files: negative values are valid.
+TRUTH_VALID_RANGE = (-1000000, 10000000)
 
 #: Reflections closer to the rotation axis than this |zeta| are not simulated
 #: (their rocking curves would extend over tens of degrees).
@@ -691,258 +690,17 @@ def truncate(truth):
 # ---------------------------------------------------------------------------
 
 
-def image_epoch(params, index):
-    return EPOCH0 + index * params.exposure_time
+def models_imageset(result, directory):
+    """An imageset of the simulated models alone (no file is read), whose
+    paths are the truncated images: what the shared image writers take."""
+    from dxtbx.imageset import ImageSetFactory
 
-
-def smv_bytes(data, params, index):
-    """ADSC SMV file contents (header + little-endian uint16 data) of image
-    ``index`` (0-based) for a (slow, fast) uint16 array."""
-    data = np.ascontiguousarray(data, dtype="<u2")
-    ns, nf = data.shape
-    px = pixel_size_for(params)
-    bx, by = beam_centre_px(params)
-    phi = params.osc_start + index * params.osc_width
-    date = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(image_epoch(params, index)))
-    # dxtbx's FormatSMVADSC: BEAM_CENTER_Y is along fast, BEAM_CENTER_X along
-    # slow (mm, Mosflm convention)
-    items = {
-        "PIXEL_SIZE": "%.8g" % px,
-        "BIN": "none",
-        "DISTANCE": "%.6f" % params.detector.distance,
-        "OSC_START": "%.6f" % phi,
-        "OSC_RANGE": "%.6f" % params.osc_width,
-        "PHI": "%.6f" % phi,
-        "WAVELENGTH": "%.6f" % params.beam.wavelength,
-        "BEAM_CENTER_X": "%.6f" % (by * px),
-        "BEAM_CENTER_Y": "%.6f" % (bx * px),
-        "TIME": "%.6f" % params.exposure_time,
-        "DATE": date,
-        # read by FormatSMVADSC as the detector gain (ADU per electron)
-        "GAIN": "%.6g" % params.camera.gain,
-    }
-    header = smv_header(nf, ns, **items)
-    return header + data.tobytes()
-
-
-def write_smv(path, data, params, index):
-    """Write an ADSC SMV image atomically."""
-    atomic_write_bytes(path, [smv_bytes(data, params, index)])
-
-
-def write_truth_cbf(
-    path, data, experiment, index, trusted_range=TRUTH_TRUSTED_RANGE, gain=1.0
-):
-    """Write a full imgCIF file (signed 32-bit, byte-offset compressed) with
-    beam, detector, goniometer and the scan of image ``index`` (0-based) of
-    ``experiment``, so that stock dxtbx imports the truth images as a sweep
-    with negative values inside the trusted range.  ``gain`` (ADU per
-    electron) becomes the detector gain.  Atomic."""
-    import pycbf
-    from dxtbx.format.FormatCBFMultiTile import cbf_wrapper
-
-    data = np.ascontiguousarray(data, dtype="<i4")
-    ns, nf = data.shape
-    beam = experiment.beam
-    panel = experiment.detector[0]
-    scan = experiment.scan
-    gonio = experiment.goniometer
-    phi0, dphi = scan.get_oscillation()
-    phi = phi0 + index * dphi
-    exposure = scan.get_exposure_times()[0]
-    epoch = scan.get_epochs()[0] + index * exposure
-    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
-    fast = panel.get_fast_axis()
-    slow = panel.get_slow_axis()
-    normal = panel.get_normal()
-    origin = panel.get_origin()
-    # distance along the normal; origin offset within the detector plane
-    dist = sum(o * n for o, n in zip(origin, normal))
-    in_plane = [o - dist * n for o, n in zip(origin, normal)]
-    pf_, ps_ = panel.get_pixel_size()
-    axis = gonio.get_rotation_axis()
-    pfrac = beam.get_polarization_fraction()
-    fmt = "%.10g"
-
-    cbf = cbf_wrapper()
-    name = os.path.splitext(os.path.basename(path))[0]
-    cbf.new_datablock(name.encode())
-    cbf.add_category("diffrn", ["id"])
-    cbf.add_row(["DS1"])
-    cbf.add_category("diffrn_source", ["diffrn_id", "source", "type"])
-    cbf.add_row(["DS1", "electron microscope", "simulated 200 kV TEM"])
-    cbf.add_category(
-        "diffrn_radiation",
-        [
-            "diffrn_id",
-            "wavelength_id",
-            "probe",
-            "polarizn_source_ratio",
-            "polarizn_source_norm",
-        ],
+    expt = result.experiments[0]
+    template = image_paths(result.params, 0, directory)[0].replace("00001", "#####")
+    return ImageSetFactory.make_sequence(
+        template, list(range(1, result.n_images + 1)), beam=expt.beam, detector=expt.detector,
+        goniometer=expt.goniometer, scan=expt.scan, check_format=False,
     )
-    # dxtbx's BeamFactory.imgCIF_H takes polarizn_source_ratio as the
-    # polarization fraction (0.5 = unpolarized, as for electrons)
-    cbf.add_row(["DS1", "WAVELENGTH1", "electron", fmt % pfrac, "0.0"])
-    cbf.add_category("diffrn_radiation_wavelength", ["id", "wavelength", "wt"])
-    cbf.add_row(["WAVELENGTH1", fmt % beam.get_wavelength(), "1.0"])
-    cbf.add_category(
-        "diffrn_detector", ["diffrn_id", "id", "type", "details", "number_of_axes"]
-    )
-    cbf.add_row(["DS1", "DETECTOR", "simulated CMOS", "dials_truncfix truth", "3"])
-    cbf.add_category("diffrn_detector_axis", ["detector_id", "axis_id"])
-    for a in ("DETECTOR_X", "DETECTOR_Y", "DETECTOR_Z"):
-        cbf.add_row(["DETECTOR", a])
-    cbf.add_category("diffrn_detector_element", ["id", "detector_id"])
-    cbf.add_row(["ELEMENT1", "DETECTOR"])
-    cbf.add_category(
-        "diffrn_data_frame", ["id", "detector_element_id", "array_id", "binary_id"]
-    )
-    cbf.add_row(["FRAME1", "ELEMENT1", "ARRAY1", "1"])
-    cbf.add_category(
-        "diffrn_measurement", ["diffrn_id", "id", "number_of_axes", "method"]
-    )
-    cbf.add_row(["DS1", "GONIOMETER", "1", "rotation"])
-    cbf.add_category("diffrn_measurement_axis", ["measurement_id", "axis_id"])
-    cbf.add_row(["GONIOMETER", "GONIOMETER_PHI"])
-    cbf.add_category("diffrn_scan", ["id", "frame_id_start", "frame_id_end", "frames"])
-    cbf.add_row(["SCAN1", "FRAME1", "FRAME1", "1"])
-    cbf.add_category(
-        "diffrn_scan_axis",
-        [
-            "axis_id",
-            "scan_id",
-            "angle_start",
-            "angle_range",
-            "angle_increment",
-            "displacement_start",
-            "displacement_range",
-            "displacement_increment",
-        ],
-    )
-    cbf.add_row(
-        ["GONIOMETER_PHI", "SCAN1", fmt % phi, fmt % dphi, fmt % dphi, "0", "0", "0"]
-    )
-    for a in ("DETECTOR_X", "DETECTOR_Y"):
-        cbf.add_row([a, "SCAN1", "0", "0", "0", "0", "0", "0"])
-    cbf.add_row(["DETECTOR_Z", "SCAN1", "0", "0", "0", fmt % dist, "0", "0"])
-    cbf.add_category(
-        "diffrn_scan_frame",
-        ["frame_id", "frame_number", "integration_time", "scan_id", "date"],
-    )
-    cbf.add_row(["FRAME1", "%d" % (index + 1), fmt % exposure, "SCAN1", date])
-    cbf.add_category(
-        "diffrn_scan_frame_axis", ["frame_id", "axis_id", "angle", "displacement"]
-    )
-    cbf.add_row(["FRAME1", "GONIOMETER_PHI", fmt % phi, "0"])
-    cbf.add_row(["FRAME1", "DETECTOR_X", "0", "0"])
-    cbf.add_row(["FRAME1", "DETECTOR_Y", "0", "0"])
-    cbf.add_row(["FRAME1", "DETECTOR_Z", "0", fmt % dist])
-    cbf.add_category(
-        "axis",
-        [
-            "id",
-            "type",
-            "equipment",
-            "depends_on",
-            "vector[1]",
-            "vector[2]",
-            "vector[3]",
-            "offset[1]",
-            "offset[2]",
-            "offset[3]",
-        ],
-    )
-    s0 = beam.get_sample_to_source_direction()
-    cbf.add_row(
-        ["GONIOMETER_PHI", "rotation", "goniometer", "."]
-        + [fmt % v for v in axis]
-        + [".", ".", "."]
-    )
-    cbf.add_row(["SOURCE", "general", "source", "."] + [fmt % v for v in s0] + [".", ".", "."])
-    cbf.add_row(["GRAVITY", "general", "gravity", ".", "0", "-1", "0", ".", ".", "."])
-    cbf.add_row(
-        ["DETECTOR_Z", "translation", "detector", "."]
-        + [fmt % v for v in normal]
-        + ["0", "0", "0"]
-    )
-    cbf.add_row(
-        ["DETECTOR_Y", "translation", "detector", "DETECTOR_Z", "0", "1", "0", "0", "0", "0"]
-    )
-    cbf.add_row(
-        ["DETECTOR_X", "translation", "detector", "DETECTOR_Y", "1", "0", "0", "0", "0", "0"]
-    )
-    cbf.add_row(
-        ["ELEMENT_X", "translation", "detector", "DETECTOR_X"]
-        + [fmt % v for v in fast]
-        + [fmt % v for v in in_plane]
-    )
-    cbf.add_row(
-        ["ELEMENT_Y", "translation", "detector", "ELEMENT_X"]
-        + [fmt % v for v in slow]
-        + ["0", "0", "0"]
-    )
-    cbf.add_category(
-        "array_structure_list",
-        ["array_id", "index", "dimension", "precedence", "direction", "axis_set_id"],
-    )
-    cbf.add_row(["ARRAY1", "1", "%d" % nf, "1", "increasing", "ELEMENT_X"])
-    cbf.add_row(["ARRAY1", "2", "%d" % ns, "2", "increasing", "ELEMENT_Y"])
-    cbf.add_category(
-        "array_structure_list_axis",
-        ["axis_set_id", "axis_id", "displacement", "displacement_increment"],
-    )
-    cbf.add_row(["ELEMENT_X", "ELEMENT_X", "0.0", fmt % pf_])
-    cbf.add_row(["ELEMENT_Y", "ELEMENT_Y", "0.0", fmt % ps_])
-    cbf.add_category(
-        "array_intensities",
-        [
-            "array_id",
-            "binary_id",
-            "linearity",
-            "gain",
-            "gain_esd",
-            "overload",
-            "undefined_value",
-        ],
-    )
-    cbf.add_row(
-        [
-            "ARRAY1",
-            "1",
-            "linear",
-            fmt % gain,
-            "0.0",
-            fmt % trusted_range[1],
-            fmt % trusted_range[0],
-        ]
-    )
-    cbf.add_category(
-        "array_structure", ["id", "encoding_type", "compression_type", "byte_order"]
-    )
-    cbf.add_row(["ARRAY1", "signed 32-bit integer", "byte_offset", "little_endian"])
-    cbf.add_category("array_data", ["array_id", "binary_id", "data"])
-    cbf.add_row(["ARRAY1", "1"])
-    cbf.set_integerarray_wdims_fs(
-        pycbf.CBF_BYTE_OFFSET,
-        1,
-        data.tobytes(),
-        4,
-        1,
-        data.size,
-        b"little_endian",
-        nf,
-        ns,
-        1,
-        0,
-    )
-    with atomic_path(path) as tmp:
-        cbf.write_widefile(
-            tmp.encode(),
-            pycbf.CBF,
-            pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K,
-            0,
-        )
 
 
 def write_truth_intensities(result, path):
@@ -993,15 +751,16 @@ def image_paths(params, index, directory=None):
 
 def write_image(result, index, directory=None):
     """Render image ``index`` (0-based) and write its truncated SMV and (if
-    output.truth_images) truth CBF files."""
+    output.truth_images) truth CBF files, with the shared writers of the
+    corrected images."""
     params = result.params
+    directory = directory or params.output.directory
     truth = render_truth(result, index)
     smv_path, cbf_path = image_paths(params, index, directory)
-    write_smv(smv_path, truncate(truth), params, index)
+    expt = result.experiments[0]
+    write_smv(smv_path, truncate(truth), **smv_header_items(expt.beam, expt.detector, expt.scan, index))
     if params.output.truth_images:
-        write_truth_cbf(
-            cbf_path, truth, result.experiments[0], index, gain=params.camera.gain
-        )
+        write_full_cbf(cbf_path, models_imageset(result, directory), index, [truth], [TRUTH_VALID_RANGE])
     return index
 
 
@@ -1054,7 +813,7 @@ def write_sweep(result, directory=None, nproc=None):
         "pixel_size_mm": pixel_size_for(params),
         "beam_centre_px": beam_centre_px(params),
         "n_reflections": len(result.reflections),
-        "truth_trusted_range": list(TRUTH_TRUSTED_RANGE),
+        "truth_valid_range": list(TRUTH_VALID_RANGE),
         "crystal_A_matrix": list(result.experiments[0].crystal.get_A()),
         "intensity_units": "electrons (image pixel values are ADU = gain * "
         "electrons; dxtbx divides by the header gain). truth_intensities.mtz I "

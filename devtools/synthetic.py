@@ -80,9 +80,13 @@ def smv_geometry(size=512, pixel_size=None, distance=2200.0, wavelength=0.0251):
 
 
 def write_truncated_smv_sweep(directory, n_images=4, size=512, seed=0, n_shells=10,
-                              osc_width=0.36, spots=50, prefix="trunc"):
+                              osc_width=0.36, spots=50, prefix="trunc", header_centre_shift=(0.0, 0.0),
+                              **extra_items):
     """Write a sweep of truncated SMV images whose background follows known
     per-shell shifted lognormals computed from the real dxtbx geometry.
+    ``header_centre_shift`` (fast, slow, pixels) writes a beam centre that
+    far from the true one into the headers (a MicroED camera whose header
+    centre is wrong); ``extra_items`` are further header keys.
     Returns (paths, truth) where truth holds the shell parameters."""
     import os
 
@@ -99,16 +103,21 @@ def write_truncated_smv_sweep(directory, n_images=4, size=512, seed=0, n_shells=
     paths, shell_map = [], None
     for i in range(n_images):
         path = os.path.join(directory, f"{prefix}_{i + 1:05d}.img")
-        items = dict(header, OSC_START=round(i * osc_width, 4), OSC_RANGE=osc_width, PHI=round(i * osc_width, 4))
-        if shell_map is None:  # the geometry dxtbx will see, from a throw-away file
+        items = dict(header, OSC_START=round(i * osc_width, 4), OSC_RANGE=osc_width, PHI=round(i * osc_width, 4),
+                     **extra_items)
+        if shell_map is None:  # the true geometry, as dxtbx sees it, from a throw-away file
             probe = os.path.join(directory, f".{prefix}_probe_00000.img")
             write_smv(probe, np.zeros((size, size), np.uint16), **items)
             image = dxtbx.load(probe)
             os.unlink(probe)
-            inv_d2 = inv_d2_per_panel(image.get_detector(), image.get_beam())
+            inv_d2 = inv_d2_per_panel(image.get_detector(), image.get_beam().get_s0())
             shell_map = build_shell_map(inv_d2, [np.ones((size, size), bool)], n_shells, 100)
         values = draw_true_values(shell_map.labels.reshape(size, size), truth, rng)
         add_spots(values, spots, rng)
+        pixel = header["PIXEL_SIZE"]
+        # BEAM_CENTER_X is along slow, BEAM_CENTER_Y along fast (ADSC convention)
+        items["BEAM_CENTER_X"] = round(header["BEAM_CENTER_X"] + header_centre_shift[1] * pixel, 4)
+        items["BEAM_CENTER_Y"] = round(header["BEAM_CENTER_Y"] + header_centre_shift[0] * pixel, 4)
         write_smv(path, truncate(values), **items)
         paths.append(path)
     return paths, truth

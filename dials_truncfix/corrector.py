@@ -1,23 +1,23 @@
 """Thin adapter between dxtbx raw data (tuples of flex arrays) and the
-numpy core, shared by the format wrappers and dials.correct_truncation."""
+numpy core, shared by the correction on read and dials.correct_truncation,
+so that both give the very same pixels for the same experiment."""
 
 from __future__ import annotations
 
-import logging
 import os
+from collections import OrderedDict
 
 import numpy as np
 from scitbx.array_family import flex
 
+from dials_truncfix import compat
+from dials_truncfix.core.assignment import LOWEST_VALUE
 from dials_truncfix.core.correction import correct_image
 from dials_truncfix.core.parameters import CorrectionParameters
-from dials_truncfix.geometry import combine_masks, load_mask_file, shell_map_for
+from dials_truncfix.geometry import ShellGeometry, load_mask_file, shell_map_for
 
-logger = logging.getLogger(f"dials.{__name__}")
-
-
-def _to_numpy(panel_data):
-    return panel_data.as_numpy_array()
+_CACHE_SIZE = 4
+_correctors: OrderedDict = OrderedDict()
 
 
 def _to_flex(array, like):
@@ -27,21 +27,11 @@ def _to_flex(array, like):
 
 
 class ImageCorrector:
-    """Corrects images of one detector geometry; the shell map is built once.
+    """Corrects images of one ShellGeometry; the shell map is built once."""
 
-    ``masks`` are per-panel masks (flex.bool or numpy, True = valid) such as a
-    format's static mask or a user mask; ``mask_file`` a DIALS mask pickle.
-    """
-
-    def __init__(self, detector, beam, params: CorrectionParameters, masks=(), mask_file=None):
+    def __init__(self, geometry: ShellGeometry, params: CorrectionParameters):
         self.params = params
-        masks = list(masks)
-        if mask_file:
-            masks.append(load_mask_file(mask_file, detector))
-        valid = combine_masks(detector, *masks)
-        self.shell_map = shell_map_for(
-            detector, beam, valid, params.n_shells, params.min_pixels_per_shell
-        )
+        self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell)
 
     def correct(self, raw_data, image_key):
         """(corrected raw data as a tuple of flex arrays, ImageCorrection).
@@ -49,16 +39,46 @@ class ImageCorrector:
         Images that need no correction come back as the very same objects."""
         if not isinstance(raw_data, tuple):
             raw_data = (raw_data,)
-        panels = [_to_numpy(p) for p in raw_data]
+        panels = [p.as_numpy_array() for p in raw_data]
         # the numpy arrays are private copies of the flex data: correct them in place
         result = correct_image(panels, self.shell_map, self.params, image_key, overwrite_input=True)
-        if result.data is not None and all(a is b for a, b in zip(result.data, panels)):
+        if all(a is b for a, b in zip(result.data, panels)):
             return raw_data, result
-        corrected = tuple(_to_flex(a, like) for a, like in zip(result.data, raw_data))
-        return corrected, result
+        return tuple(_to_flex(a, like) for a, like in zip(result.data, raw_data)), result
+
+
+def corrector_for(geometry: ShellGeometry, params: CorrectionParameters):
+    """The ImageCorrector of this geometry and these parameters, reused."""
+    key = (geometry.digest, params)
+    corrector = _correctors.get(key)
+    if corrector is None:
+        corrector = _correctors[key] = ImageCorrector(geometry, params)
+        while len(_correctors) > _CACHE_SIZE:
+            _correctors.popitem(last=False)
+    return corrector
+
+
+def user_mask(path, detector):
+    """The user's ``truncfix.mask`` as per-panel arrays (None without one);
+    MaskFileError naming the file if it cannot be used."""
+    return load_mask_file(path, detector) if path else None
 
 
 def image_identity(path, index=0):
     """What seeds an image's correction: its file name and its index within a
     multi-image file, not the directory, so that moved data correct alike."""
     return f"{os.path.basename(os.fspath(path))}#{index}"
+
+
+def corrected_value_range(panel):
+    """(lowest, highest) integer a corrected image of this panel may hold as a
+    valid pixel: any corrected value, up to the panel's highest valid count."""
+    return LOWEST_VALUE, compat.valid_integer_range(panel.get_trusted_range())[1]
+
+
+def set_corrected_trusted_ranges(detector):
+    """Widen each panel's trusted range (in place) to admit the corrected
+    values; the maximum stays."""
+    for panel in detector:
+        panel.set_trusted_range(compat.trusted_range_for(*corrected_value_range(panel)))
+    return detector

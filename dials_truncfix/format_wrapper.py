@@ -1,20 +1,48 @@
-"""Correction on read: dxtbx format classes that return corrected pixels.
+"""Correction on read: dxtbx format classes and readers that give DIALS the
+corrected pixels of an experiment's images.
 
-How it is switched on, and why it stays on
--------------------------------------------
-* ``DIALS_TRUNCFIX=1`` (default parameters) or ``DIALS_TRUNCFIX=params.phil``
-  makes the two dispatcher classes below claim plain image files during
-  ``dials.import``.  With the variable unset they claim no plain file, so every
-  file is read by exactly the stock class ("off means off").
-* A dispatcher claims a file only when the stock registry's own choice for it
-  (the most specific stock class) is an SMV, CBF or MRC class, and it wraps
-  that very class: nothing is taken from a more specific stock class.
+The switch, and why it stays on
+-------------------------------
+* Only ``dials.import`` reads ``DIALS_TRUNCFIX`` (``1`` for the default
+  parameters, or a PHIL file).  There the two dispatcher classes below claim
+  the image files, unless their most specific stock class is one that cannot
+  be wrapped or belongs to a counting detector (see detectors.py).  Every
+  other program ignores the variable: an experiment list imported without it
+  reads exactly as stock.
+* A dispatcher wraps the very class stock dxtbx would choose for the file,
+  so nothing is taken from a more specific stock class.  Any integer format
+  can be wrapped (SMV, CBF, MRC, Gatan DM4, SER, third-party plugin classes);
+  classes that build their own imagesets (NeXus/HDF5) cannot.
 * The imagesets it builds name their images ``truncfix:///abs/path`` and carry
-  the effective parameters in their format parameters, both of which the .expt
-  records.  Any later process with the plugin installed re-opens such images
-  through these classes, whatever the environment says, and so reads the
-  same corrected pixels.  Without the plugin the URL cannot be read at all:
-  the mismatch fails loudly instead of silently giving uncorrected data.
+  the settings record (settings.py) in their format parameters; dxtbx writes
+  both into the .expt.  Any later process with the plugin installed reads such
+  images through these classes, whatever its environment says.  Without the
+  plugin the URL cannot be read at all: the mismatch fails loudly instead of
+  silently giving uncorrected data.
+
+The experiment decides, once
+----------------------------
+The shells come from the experiment, not from the file header: its beam and
+detector models (import-time overrides such as ``fast_slow_beam_centre`` and
+``distance`` included) and every mask it carries (geometry.py says which).
+They are fixed in the settings record when the experiment list is written
+by ``dials.import`` (or ``dials.correct_truncation output.format=on_read``),
+so that refinement later changes no pixel: spot finding and integration
+read identical data.
+
+How: dxtbx keeps an imageset's format parameters pickled and unpickles them
+whenever it hands them out, also when dials.import writes the experiment
+list after applying overrides and masks.  The record made at import is a
+:class:`RecordAtImport`, whose unpickling completes it with the shell
+geometry of its imageset as it is at that moment.
+
+The pixels are corrected by the imageset's reader, not by the format class,
+because only the imageset knows the experiment.  A record without a geometry
+(dials-truncfix 0.1, or an imageset not yet written) takes it from the
+imageset the reader was made for, at the first read of each image, and
+carries it along when DIALS pickles the imageset for other processes.  A
+format instance on its own (``dxtbx.load``) has no experiment and reads
+uncorrected data.
 
 dxtbx turns a sequence template ``truncfix:///a/b_#####.img`` into the path
 ``<dir>/truncfix:/a/b_#####.img`` when it reads an .expt (it resolves
@@ -30,33 +58,43 @@ import logging
 import os
 import re
 import threading
+import uuid
+import weakref
 
+import dxtbx.format.Format as single_image
 import dxtbx.format.FormatMultiImage as multi_image
 from dxtbx.format.Format import Format
 from dxtbx.format.FormatMultiImage import FormatMultiImage
+from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
-from dials_truncfix.core.assignment import LOWEST_VALUE
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
-from dials_truncfix.corrector import ImageCorrector, image_identity
+from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, user_mask
+from dials_truncfix.detectors import correction_refused
+from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry, shell_geometry
 from dials_truncfix.settings import (
     ENVIRONMENT_VARIABLE,
     FORMAT_KWARG,
     Settings,
     TruncfixError,
+    is_import,
+    running_program,
     settings_from_environment,
 )
 
 logger = logging.getLogger(f"dials.{__name__}")
 
 SCHEME = "truncfix"
-#: trusted-range minimum of wrapped detectors: below anything the correction gives
-TRUSTED_MINIMUM = LOWEST_VALUE - 1
-#: stock format families that the wrappers handle
-SUPPORTED_FAMILIES = ("FormatSMV", "FormatCBF", "FormatMRC")
 
 _MANGLED = re.compile(r"^.*/" + SCHEME + r":(/.*)$")
 _resolving = threading.local()
+_noticed = set()
+
+
+def _notice_once(key, message, *args):
+    if key not in _noticed:
+        _noticed.add(key)
+        logger.info(message, *args)
 
 
 def is_truncfix_name(name):
@@ -78,14 +116,25 @@ def to_url(name):
 
 
 @functools.lru_cache(maxsize=None)
-def _environment_record(value):
-    settings = settings_from_environment({ENVIRONMENT_VARIABLE: value})
-    return None if settings is None else settings.to_record()
+def _environment_settings(value):
+    return settings_from_environment({ENVIRONMENT_VARIABLE: value})
 
 
-def active_record():
-    """The settings record DIALS_TRUNCFIX asks for, or None."""
-    return _environment_record(os.environ.get(ENVIRONMENT_VARIABLE, ""))
+def import_settings():
+    """The settings DIALS_TRUNCFIX asks for if this process imports images,
+    else None (once with a notice when the variable is set)."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "")
+    if not value.strip() or value.strip() == "0":
+        return None
+    if not is_import():
+        _notice_once(
+            "elsewhere",
+            "%s is only read by dials.import; %s reads its experiment lists as they were imported",
+            ENVIRONMENT_VARIABLE,
+            running_program(),
+        )
+        return None
+    return _environment_settings(value)
 
 
 # --- the stock class behind a file ----------------------------------------------
@@ -103,99 +152,14 @@ def stock_format_class(path):
 
 
 def can_wrap(stock):
-    """An SMV, CBF or MRC class that reads images (not a family root)."""
-    if stock is None or stock.is_abstract() or stock.__name__ in SUPPORTED_FAMILIES:
+    """A concrete class that builds its imagesets with dxtbx's standard
+    readers (which the correction on read replaces)."""
+    if stock is None or stock.is_abstract():
         return False
-    return any(
-        base.__name__ in SUPPORTED_FAMILIES for base in stock.__mro__
+    base = FormatMultiImage if issubclass(stock, FormatMultiImage) else Format
+    return stock.get_imageset.__func__ is base.get_imageset.__func__ and (
+        stock.get_reader.__func__ is base.get_reader.__func__
     )
-
-
-# --- wrapped classes ------------------------------------------------------------
-
-
-class _URLReader(multi_image.Reader):
-    """Multi-image reader whose file name, saved as the template, is the URL."""
-
-    def __init__(self, format_class, filenames, num_images=None, **kwargs):
-        super().__init__(format_class, [to_url(f) for f in filenames], num_images, **kwargs)
-
-    def copy(self, filenames, num_images=None):
-        return _URLReader(self.format_class, filenames, num_images, **self.kwargs)
-
-
-class _CorrectOnRead:
-    """Mixed in before a stock format class: corrected pixels, widened trusted
-    range, truncfix URLs and recorded settings in the imagesets it makes."""
-
-    _truncfix_wrapped = None
-
-    def __init__(self, image_file, **kwargs):
-        self._truncfix_name = os.fspath(image_file)
-        record = kwargs.get(FORMAT_KWARG) or active_record()
-        if record is None:
-            raise TruncfixError(
-                f"{image_file}: correction on read needs {ENVIRONMENT_VARIABLE} or recorded settings"
-            )
-        settings = Settings.from_record(record)
-        self._truncfix_params, self._truncfix_mask_file = settings.parameters, settings.mask
-        super().__init__(to_path(image_file), **kwargs)
-
-    def get_image_file(self, *args):
-        return self._truncfix_name
-
-    def _detector(self):
-        detector = super()._detector()
-        for panel in detector:
-            low, high = panel.get_trusted_range()
-            panel.set_trusted_range((min(low, TRUSTED_MINIMUM), high))
-        return detector
-
-    def get_raw_data(self, *index):
-        raw = super().get_raw_data(*index)
-        key = image_identity(to_path(self._truncfix_name), index[0] if index else 0)
-        corrected, result = self._corrector().correct(raw, key)
-        if result.status not in (CORRECTED, NO_ZEROS):
-            _notice_once(to_path(self._truncfix_name), result.status)
-        return corrected if isinstance(raw, tuple) else corrected[0]
-
-    def _corrector(self):
-        """One corrector per geometry, mask and settings, shared by all the
-        images of a sweep (each image is a new format instance)."""
-        static = self.get_static_mask()
-        key = (
-            self._truncfix_params,
-            self._truncfix_mask_file,
-            str(self.get_detector().to_dict()),
-            tuple(self.get_beam().get_s0()),
-            None if static is None else tuple(m.as_numpy_array().tobytes() for m in static),
-        )
-        corrector = _correctors.get(key)
-        if corrector is None:
-            corrector = ImageCorrector(
-                self.get_detector(),
-                self.get_beam(),
-                self._truncfix_params,
-                masks=[static] if static is not None else [],
-                mask_file=self._truncfix_mask_file,
-            )
-            _correctors.clear()  # one sweep geometry at a time is the common case
-            _correctors[key] = corrector
-        return corrector
-
-    @classmethod
-    def get_imageset(cls, input_filenames, *args, format_kwargs=None, template=None, **kwargs):
-        format_kwargs = dict(format_kwargs or {})
-        if FORMAT_KWARG not in format_kwargs:
-            format_kwargs[FORMAT_KWARG] = active_record()
-        if isinstance(input_filenames, (str, bytes, os.PathLike)):
-            input_filenames = [input_filenames]
-        filenames = [to_url(f) for f in input_filenames]
-        if template is not None:
-            template = to_url(template)
-        return super().get_imageset(
-            filenames, *args, format_kwargs=format_kwargs, template=template, **kwargs
-        )
 
 
 def is_corrected_on_read(format_class):
@@ -203,14 +167,221 @@ def is_corrected_on_read(format_class):
     return issubclass(format_class, _CorrectOnRead)
 
 
-_noticed = set()
-_correctors = {}
+# --- readers: where the pixels are corrected --------------------------------------
 
 
-def _notice_once(path, status):
-    if path not in _noticed:
-        _noticed.add(path)
-        logger.info("%s: passed through uncorrected (%s)", path, status)
+class _CorrectingReader:
+    """Mixed in before a dxtbx reader: reads the stock pixels and corrects them
+    with the shell geometry of the experiment (see the module docstring)."""
+
+    def _start(self, kwargs):
+        record = kwargs.get(FORMAT_KWARG)
+        if record is None:
+            raise TruncfixError(f"{self.paths()[0]}: correction on read needs recorded settings")
+        self._settings = Settings.from_record(record)
+        self._followed = None
+        self._geometries = {}
+
+    def follow(self, imageset):
+        """Take the shell geometry from this imageset (weakly referenced)."""
+        self._followed = weakref.ref(imageset)
+
+    def followed(self):
+        return self._followed() if self._followed else None
+
+    def _carry_over(self, copy):
+        copy._followed, copy._geometries = self._followed, self._geometries
+        return copy
+
+    def _format_instance(self, index):
+        raise NotImplementedError
+
+    def read(self, index):
+        raw = super().read(index)
+        path, in_file = self._image(index)
+        corrected, result = corrector_for(self._geometry(index), self._settings.parameters).correct(
+            raw if isinstance(raw, tuple) else (raw,), image_identity(path, in_file)
+        )
+        if result.status not in (CORRECTED, NO_ZEROS):
+            _notice_once(path, "%s: passed through uncorrected (%s)", path, result.status)
+        return corrected if isinstance(raw, tuple) else corrected[0]
+
+    def _geometry(self, index):
+        if self._settings.geometry is not None:
+            return self._settings.geometry
+        geometry = self._geometries.get(index)
+        if geometry is None:
+            geometry = self._geometries[index] = self._resolve(index)
+        return geometry
+
+    def geometry_now(self, imageset, index):
+        """The shell geometry image ``index`` has in ``imageset`` now."""
+        position = 0 if isinstance(imageset, ImageSequence) else list(imageset.indices()).index(index)
+        static = self._format_instance(index).get_static_mask()
+        mask = user_mask(self._settings.mask, imageset.get_detector(position))
+        return imageset_shell_geometry(imageset, position, static, mask)
+
+    def _resolve(self, index):
+        """The shell geometry of image ``index`` from the followed imageset,
+        else (a reader without an experiment) from the file header."""
+        imageset = self.followed()
+        try:
+            if imageset is not None:
+                geometry = self.geometry_now(imageset, index)
+                if isinstance(imageset, ImageSequence):
+                    self._geometries.update(dict.fromkeys(imageset.indices(), geometry))
+                return geometry
+            instance = self._format_instance(index)
+            beam, detector = self._header_models(instance, index)
+            return shell_geometry(beam, detector, [instance.get_static_mask(), user_mask(self._settings.mask, detector)])
+        except MaskFileError as e:
+            raise TruncfixError(str(e)) from None
+
+    def __getstate__(self):
+        """Pickled for another process: take the geometry of every image of
+        the followed imageset along, since that process has no experiment."""
+        imageset = self.followed()
+        if imageset is not None and self._settings.geometry is None:
+            for index in imageset.indices():
+                self._geometry(index)
+        state = dict(self.__dict__)
+        state["_followed"] = None
+        return state
+
+
+class CorrectingReader(_CorrectingReader, single_image.Reader):
+    def __init__(self, format_class, filenames, **kwargs):
+        super().__init__(format_class, [to_url(f) for f in filenames], **kwargs)
+        self._start(kwargs)
+
+    def copy(self, filenames):
+        return self._carry_over(CorrectingReader(self.format_class, filenames, **self._kwargs))
+
+    def _image(self, index):
+        return to_path(self._filenames[index]), 0
+
+    def _format_instance(self, index):
+        return self.format_class.get_instance(self._filenames[index], **self._kwargs)
+
+    @staticmethod
+    def _header_models(instance, index):
+        return instance.get_beam(), instance.get_detector()
+
+
+class CorrectingMultiImageReader(_CorrectingReader, multi_image.Reader):
+    def __init__(self, format_class, filenames, num_images=None, **kwargs):
+        super().__init__(format_class, [to_url(f) for f in filenames], num_images, **kwargs)
+        self._start(kwargs)
+
+    def copy(self, filenames, num_images=None):
+        return self._carry_over(
+            CorrectingMultiImageReader(self.format_class, filenames, num_images, **self.kwargs)
+        )
+
+    def _image(self, index):
+        return to_path(self._filename), index
+
+    def _format_instance(self, index):
+        return self.format_class.get_instance(self._filename, **self.kwargs)
+
+    @staticmethod
+    def _header_models(instance, index):
+        return instance.get_beam(index), instance.get_detector(index)
+
+
+# --- the record made at import ------------------------------------------------------
+
+#: readers of the imagesets being imported, by the token of their record
+_importing: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+class RecordAtImport(dict):
+    """A settings record that, when dxtbx unpickles it, comes back as a plain
+    record holding the shell geometry its imageset has at that moment."""
+
+    def __init__(self, record, token):
+        super().__init__(record)
+        self.token = token
+
+    def __reduce__(self):
+        return (complete_record, (dict(self), self.token))
+
+
+def complete_record(record, token):
+    """The record with the shell geometry of the imageset being imported,
+    if it is (still) known and all its images share one; else as it is."""
+    reader = _importing.get(token)
+    imageset = reader.followed() if reader is not None else None
+    if imageset is None or record.get("geometry") is not None:
+        return record
+    try:
+        geometries = {g.digest: g for g in (reader.geometry_now(imageset, i) for i in imageset.indices())}
+    except Exception as e:  # noqa: BLE001 - never break dxtbx's unpickling
+        logger.warning("%s: the shell geometry could not be fixed at import (%s)", reader.paths()[0], e)
+        return record
+    if len(geometries) != 1:
+        return record
+    return {**record, "geometry": next(iter(geometries.values())).to_record()}
+
+
+# --- wrapped classes ------------------------------------------------------------
+
+
+class _CorrectOnRead:
+    """Mixed in before a stock format class: truncfix URLs, trusted ranges
+    that admit the corrected values, the correcting reader, and the settings
+    record in the imagesets it makes."""
+
+    _truncfix_wrapped = None
+
+    def __init__(self, image_file, **kwargs):
+        self._truncfix_name = os.fspath(image_file)
+        super().__init__(to_path(image_file), **kwargs)
+
+    def get_image_file(self, *args):
+        return self._truncfix_name
+
+    def _detector(self):
+        return set_corrected_trusted_ranges(super()._detector())
+
+    @classmethod
+    def get_reader(cls):
+        reader = CorrectingMultiImageReader if issubclass(cls, FormatMultiImage) else CorrectingReader
+        return functools.partial(reader, cls)
+
+    @classmethod
+    def get_imageset(cls, input_filenames, *args, format_kwargs=None, template=None, **kwargs):
+        format_kwargs = dict(format_kwargs or {})
+        if isinstance(input_filenames, (str, bytes, os.PathLike)):
+            input_filenames = [input_filenames]
+        filenames = [to_url(f) for f in input_filenames]
+        token = None
+        if FORMAT_KWARG not in format_kwargs:  # images imported now: settings from the environment
+            settings = import_settings()
+            if settings is None:
+                raise TruncfixError(f"{to_path(filenames[0])}: correction on read needs recorded settings")
+            _check_user_mask(settings, filenames[0])
+            token = uuid.uuid4().hex
+            format_kwargs[FORMAT_KWARG] = RecordAtImport(settings.to_record(), token)
+        if template is not None:
+            template = to_url(template)
+        imageset = super().get_imageset(
+            filenames, *args, format_kwargs=format_kwargs, template=template, **kwargs
+        )
+        imageset.reader().follow(imageset)
+        if token is not None:
+            _importing[token] = imageset.reader()
+        return imageset
+
+
+def _check_user_mask(settings, url):
+    """A truncfix.mask that cannot be used stops the import (one line)."""
+    if settings.mask:
+        detector = stock_format_class(to_path(url))(to_path(url)).get_detector()
+        try:
+            user_mask(settings.mask, detector)
+        except MaskFileError as e:
+            raise TruncfixError(f"{ENVIRONMENT_VARIABLE}: truncfix.mask={e}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,8 +393,6 @@ def wrapped_class(stock_name):
     stock = get_format_class_for(stock_name)
     name = f"Truncfix_{stock_name}"
     namespace = {"__module__": __name__, "__qualname__": name, "_truncfix_wrapped": stock}
-    if issubclass(stock, FormatMultiImage):
-        namespace["get_reader"] = classmethod(lambda cls: functools.partial(_URLReader, cls))
     return type(name, (_CorrectOnRead, stock), namespace)
 
 
@@ -241,10 +410,23 @@ def _claim(name, multi):
     if getattr(_resolving, "active", False):
         return None
     name = os.fspath(name)
-    if not is_truncfix_name(name):
-        if get_url_scheme(name) or active_record() is None:
+    if is_truncfix_name(name):
+        stock = stock_format_class(to_path(name))
+    elif get_url_scheme(name):
+        return None
+    else:
+        settings = import_settings()
+        if settings is None:
             return None
-    stock = stock_format_class(to_path(name))
+        stock = stock_format_class(name)
+        if stock is None:
+            return None
+        why = correction_refused(stock, settings.detector) or (
+            None if can_wrap(stock) else f"{stock.__name__} builds its own imagesets"
+        )
+        if why:
+            _notice_once(stock, "%s: %s images are read uncorrected: %s", ENVIRONMENT_VARIABLE, stock.__name__, why)
+            return None
     if not can_wrap(stock) or issubclass(stock, FormatMultiImage) != multi:
         return None
     return stock
@@ -271,15 +453,13 @@ class _Dispatcher:
 
 
 class FormatATruncfix(_Dispatcher, Format):
-    """Single-image files (SMV, CBF, MRC images), corrected on read."""
+    """Single-image files, corrected on read."""
 
     schemes = [SCHEME, ""]
 
 
 class FormatATruncfixMultiImage(_Dispatcher, FormatMultiImage, Format):
-    """Multi-image files (MRC stacks), corrected on read."""
+    """Multi-image files (MRC stacks, DM4, SER), corrected on read."""
 
     schemes = [SCHEME, ""]
     _multi = True
-
-

@@ -1,28 +1,120 @@
-"""dxtbx adapter: per-pixel resolution and validity from the beam and
-detector models, turned into a (cached) shell map."""
+"""What the shells of an image are made from, taken from its experiment:
+the beam, the detector and the valid pixels (:class:`ShellGeometry`), and the
+shell map built from them, computed once and reused.
+
+The valid pixels are those that every mask of the experiment leaves valid:
+the format's static mask, the imageset's external mask (``dials.import
+mask=``, ``dials.apply_mask``), the panels' untrusted regions and the user's
+``truncfix.mask``.  The panels' trusted ranges are not used: zero pixels are
+what the correction is for, and pixels above the trusted maximum are never
+zero, so they only ever count as "above Imax".
+"""
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import json
-import logging
+import os
 import pickle
+import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
 from dials_truncfix.core.shells import build_shell_map
 
-logger = logging.getLogger(f"dials.{__name__}")
-
 _CACHE_SIZE = 8
 _shell_map_cache: OrderedDict = OrderedDict()
 
 
-def inv_d2_per_panel(detector, beam):
+class MaskFileError(ValueError):
+    """A mask file that cannot be used."""
+
+
+@dataclass(frozen=True, eq=False)
+class ShellGeometry:
+    """The beam direction (s0), the detector (as ``Detector.to_dict()``) and
+    the valid pixels (one boolean array per panel, or None for all)."""
+
+    s0: tuple
+    detector: dict
+    valid: tuple | None = None
+
+    def detector_model(self):
+        from dxtbx.model import DetectorFactory
+
+        return DetectorFactory.from_dict(self.detector)
+
+    @functools.cached_property
+    def digest(self):
+        """Identifies the geometry and mask (for caches)."""
+        h = hashlib.blake2b(digest_size=20)
+        h.update(json.dumps([self.s0, self.detector], sort_keys=True).encode())
+        for v in self.valid or ():
+            h.update(np.packbits(v).tobytes())
+        return h.hexdigest()
+
+    def to_record(self):
+        """JSON-able form, the valid pixels packed and compressed."""
+        return {
+            "s0": list(self.s0),
+            "detector": self.detector,
+            "valid": None if self.valid is None else [_pack(v) for v in self.valid],
+        }
+
+    @classmethod
+    def from_record(cls, record):
+        valid = record.get("valid")
+        shapes = [p["image_size"][::-1] for p in record["detector"]["panels"]]
+        return cls(
+            s0=tuple(record["s0"]),
+            detector=record["detector"],
+            valid=None if valid is None else tuple(_unpack(v, s) for v, s in zip(valid, shapes)),
+        )
+
+
+def _pack(mask):
+    return base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode("ascii")
+
+
+def _unpack(text, shape):
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
+
+
+def shell_geometry(beam, detector, masks=()):
+    """ShellGeometry of these models, valid where all ``masks`` (per-panel
+    flex.bool or numpy arrays, True = valid; None entries ignored) are."""
+    valid = combine_masks(detector, *masks)
+    return ShellGeometry(
+        s0=tuple(beam.get_s0()),
+        detector=detector.to_dict(),
+        valid=None if all(v.all() for v in valid) else tuple(valid),
+    )
+
+
+def imageset_shell_geometry(imageset, index, static_mask=None, user_mask=None):
+    """The ShellGeometry of image ``index`` of an imageset: its beam and
+    detector models and every mask it carries, plus the format's static mask
+    and the user's mask (per-panel arrays or None)."""
+    beam, detector = imageset.get_beam(index), imageset.get_detector(index)
+    external = imageset.external_lookup.mask.data
+    masks = [
+        static_mask,
+        None if external.empty() else [external.tile(i).data() for i in range(len(external))],
+        [panel.get_untrusted_rectangle_mask() for panel in detector],
+        user_mask,
+    ]
+    return shell_geometry(beam, detector, masks)
+
+
+def inv_d2_per_panel(detector, s0):
     """1/d^2 (A^-2) at every pixel centre, one (slow, fast) array per panel,
     from the panel frames (any number of panels, tilts, beam position)."""
-    s0 = np.array(beam.get_s0())
+    s0 = np.array(s0)
     k = np.linalg.norm(s0)
     out = []
     for panel in detector:
@@ -47,7 +139,7 @@ def mask_to_numpy(mask, detector):
         return [np.ones(s, dtype=bool) for s in shapes]
     arrays = [np.asarray(m.as_numpy_array() if hasattr(m, "as_numpy_array") else m, dtype=bool) for m in mask]
     if len(arrays) != len(shapes) or any(a.shape != tuple(s) for a, s in zip(arrays, shapes)):
-        raise ValueError("the mask does not match the detector's panels")
+        raise MaskFileError("the mask does not match the detector's panels")
     return arrays
 
 
@@ -61,53 +153,35 @@ def combine_masks(detector, *masks):
 
 
 def load_mask_file(path, detector):
-    """A DIALS mask pickle (tuple of flex.bool, True = valid) as numpy arrays."""
-    with open(path, "rb") as fh:
-        mask = pickle.load(fh)
+    """A DIALS mask pickle (tuple of flex.bool, True = valid) as numpy arrays;
+    MaskFileError naming the file if it cannot be used."""
+    if not os.path.isfile(path):
+        raise MaskFileError(f"{path}: no such mask file")
+    try:
+        with open(path, "rb") as fh:
+            mask = pickle.load(fh)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a mask"
+        raise MaskFileError(f"{path}: not a DIALS mask file ({type(e).__name__})") from None
     if not isinstance(mask, (tuple, list)):
         mask = (mask,)
-    return mask_to_numpy(mask, detector)
+    try:
+        return mask_to_numpy(mask, detector)
+    except (MaskFileError, TypeError, ValueError) as e:
+        raise MaskFileError(f"{path}: {e}") from None
 
 
-def _geometry_key(detector, beam, valid, n_shells, min_pixels):
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(json.dumps(detector.to_dict(), sort_keys=True).encode())
-    digest.update(json.dumps(list(beam.get_s0())).encode())
-    for v in valid:
-        digest.update(np.packbits(v).tobytes())
-    digest.update(f"{n_shells},{min_pixels}".encode())
-    return digest.hexdigest()
-
-
-def shell_map_for(detector, beam, valid, n_shells, min_pixels_per_shell):
-    """The shell map for this geometry and mask, computed once and reused."""
-    key = _geometry_key(detector, beam, valid, n_shells, min_pixels_per_shell)
+def shell_map_for(geometry: ShellGeometry, n_shells, min_pixels_per_shell):
+    """The shell map of this geometry and mask, computed once and reused."""
+    key = (geometry.digest, n_shells, min_pixels_per_shell)
     if key in _shell_map_cache:
         _shell_map_cache.move_to_end(key)
         return _shell_map_cache[key]
+    detector = geometry.detector_model()
+    valid = geometry.valid or mask_to_numpy(None, detector)
     shell_map = build_shell_map(
-        inv_d2_per_panel(detector, beam), valid, n_shells, min_pixels_per_shell
+        inv_d2_per_panel(detector, geometry.s0), valid, n_shells, min_pixels_per_shell
     )
     _shell_map_cache[key] = shell_map
     while len(_shell_map_cache) > _CACHE_SIZE:
         _shell_map_cache.popitem(last=False)
     return shell_map
-
-
-def imageset_masks(imageset, user_mask=True):
-    """The format's static mask and the external (user) mask, as tuples of
-    flex.bool; not the trusted-range mask."""
-    masks = []
-    try:
-        fmt = imageset.get_format_class().get_instance(
-            imageset.get_path(0), **imageset.data().get_format_kwargs()
-        )
-        static = fmt.get_static_mask()
-        if static is not None:
-            masks.append(tuple(static))
-    except Exception as e:  # pragma: no cover - formats without instances
-        logger.debug("no static mask: %s", e)
-    lookup = imageset.external_lookup.mask
-    if user_mask and lookup.data is not None and not lookup.data.empty():
-        masks.append(tuple(lookup.data.tile(i).data() for i in range(len(lookup.data))))
-    return masks

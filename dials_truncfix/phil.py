@@ -61,6 +61,15 @@ truncfix
     .type = path
     .help = "Optional DIALS mask file (as from dials.generate_mask) of pixels"
             "to exclude, for example a beam-stop shadow."
+  detector = *auto integrating counting
+    .type = choice
+    .help = "Whether the images come from a camera that truncates. auto: files"
+            "of photon/electron-counting detectors (Pilatus, Eiger, TimePix,"
+            "Medipix, Lambda; recognised by their dxtbx format class), whose"
+            "zeros are real counts, are left uncorrected; every other integer"
+            "format is treated as an integrating camera and corrected."
+            "integrating: correct whatever the format class. counting: correct"
+            "nothing (e.g. an MRC file from a camera in counting mode)."
 }
 """
 

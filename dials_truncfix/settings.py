@@ -2,27 +2,37 @@
 ``DIALS_TRUNCFIX`` environment variable that asks for them at import.
 
 An imageset corrected on read carries its settings in its format parameters
-(``imageset.params()["truncfix"]``), which dxtbx writes into every .expt.
-The record is versioned: version 1 (dials-truncfix 0.1) was the flat dict of
-parameters plus ``mask``; version 2 nests them.  Older records are migrated
-on read; a record from a newer release is refused with a clear message.
+(``imageset.params()["truncfix"]``), which dxtbx writes into every .expt and
+which every later program reads back, whatever its environment says.
+
+The record is versioned.  Version 1 (dials-truncfix 0.1) was the flat dict of
+the parameters plus ``mask``; version 2 nests the parameters and adds the
+detector choice and, optionally, the shell geometry fixed when the record was
+written (``dials.correct_truncation output.format=on_read`` fixes it; a record
+made at import leaves it to the experiment list).  Older records are migrated
+on read; a record of a newer release is refused with a clear message.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 
 from libtbx.utils import Sorry
 
 from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.geometry import ShellGeometry
 from dials_truncfix.phil import correction_parameters, correction_phil_scope, read_phil_file
 
 ENVIRONMENT_VARIABLE = "DIALS_TRUNCFIX"
 #: the key of the record in an imageset's format parameters
 FORMAT_KWARG = "truncfix"
 RECORD_VERSION = 2
+#: the programs that import images into a new experiment list, the only
+#: ones that read DIALS_TRUNCFIX
+IMPORTING_PROGRAMS = ("dials.import",)
 
 
 class TruncfixError(Sorry):
@@ -35,7 +45,9 @@ class Settings:
     """What the correction of an imageset needs besides its images."""
 
     parameters: CorrectionParameters
-    mask: str | None = None  # truncfix.mask: a DIALS mask file, absolute path
+    mask: str | None = None  # truncfix.mask: a DIALS mask file
+    detector: str = "auto"  # truncfix.detector
+    geometry: ShellGeometry | None = None  # fixed shell geometry, if any
 
     def to_record(self):
         """The JSON-able record kept in the experiment list."""
@@ -43,6 +55,8 @@ class Settings:
             "version": RECORD_VERSION,
             "parameters": dataclasses.asdict(self.parameters),
             "mask": os.path.abspath(self.mask) if self.mask else None,
+            "detector": self.detector,
+            "geometry": None if self.geometry is None else self.geometry.to_record(),
         }
 
     @classmethod
@@ -53,7 +67,13 @@ class Settings:
             mask = record.pop("mask", None)
             return cls(CorrectionParameters(**record), mask)
         if version == RECORD_VERSION:
-            return cls(CorrectionParameters(**record["parameters"]), record.get("mask"))
+            geometry = record.get("geometry")
+            return cls(
+                CorrectionParameters(**record["parameters"]),
+                record.get("mask"),
+                record.get("detector", "auto"),
+                None if geometry is None else ShellGeometry.from_record(geometry),
+            )
         raise TruncfixError(
             f"the truncation-correction settings in this experiment list have format version "
             f"{version}; this dials-truncfix understands versions 1-{RECORD_VERSION}: upgrade dials-truncfix"
@@ -62,7 +82,8 @@ class Settings:
     @classmethod
     def from_phil(cls, truncfix):
         """From an extracted ``truncfix`` PHIL scope."""
-        return cls(correction_parameters(truncfix), truncfix.mask)
+        mask = os.path.abspath(truncfix.mask) if truncfix.mask else None
+        return cls(correction_parameters(truncfix), mask, truncfix.detector)
 
 
 def settings_from_environment(environ=os.environ):
@@ -77,3 +98,19 @@ def settings_from_environment(environ=os.environ):
         return Settings.from_phil(read_phil_file(value)[1].truncfix)
     except ValueError as e:
         raise TruncfixError(f"{ENVIRONMENT_VARIABLE}: {e}") from None
+
+
+def running_program(argv=None, environ=os.environ):
+    """The DIALS program this process runs (``dials.import``), from its
+    console script, libtbx dispatcher or module name."""
+    if environ.get("LIBTBX_DISPATCHER_NAME"):
+        return environ["LIBTBX_DISPATCHER_NAME"]
+    name = os.path.basename((argv or sys.argv or [""])[0])
+    if name.endswith(".py"):  # python -m dials.command_line.dials_import
+        name = "dials." + name[: -len(".py")].replace("dials_", "", 1)
+    return name
+
+
+def is_import():
+    """Whether this process imports images into a new experiment list."""
+    return running_program() in IMPORTING_PROGRAMS

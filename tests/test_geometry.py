@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dxtbx.model import BeamFactory, Detector, DetectorFactory
 
-from dials_truncfix.geometry import inv_d2_per_panel, shell_map_for
+from dials_truncfix.geometry import inv_d2_per_panel, shell_geometry, shell_map_for
 
 
 def _beam():
@@ -37,7 +37,7 @@ def _two_tilted_panels():
 @pytest.mark.parametrize("detector", [_simple(), _simple(centre_mm=(-1.0, 9.0)), _two_tilted_panels()])
 def test_resolution_matches_dxtbx_per_pixel(detector):
     beam = _beam()
-    arrays = inv_d2_per_panel(detector, beam)
+    arrays = inv_d2_per_panel(detector, beam.get_s0())
     rng = np.random.default_rng(0)
     for panel, inv_d2 in zip(detector, arrays):
         fast, slow = panel.get_image_size()
@@ -52,13 +52,14 @@ def test_shell_map_equal_area_on_two_tilted_panels_and_cached():
     detector, beam = _two_tilted_panels(), _beam()
     valid = [np.ones((128, 160), bool), np.ones((128, 160), bool)]
     valid[0][:, :20] = False
-    shell_map = shell_map_for(detector, beam, valid, 5, 100)
+    geometry = shell_geometry(beam, detector, [valid])
+    shell_map = shell_map_for(geometry, 5, 100)
     assert shell_map.n_shells == 5
     assert shell_map.n_valid.sum() == sum(v.sum() for v in valid)
     assert shell_map.n_valid.max() - shell_map.n_valid.min() <= 5
     assert np.all(np.diff(shell_map.d_min) < 0)
-    assert shell_map_for(detector, beam, valid, 5, 100) is shell_map
-    other = shell_map_for(detector, beam, valid, 4, 100)
+    assert shell_map_for(shell_geometry(beam, detector, [valid]), 5, 100) is shell_map
+    other = shell_map_for(geometry, 4, 100)
     assert other is not shell_map and other.n_shells == 4
 
 
@@ -70,7 +71,7 @@ def test_image_corrector_leaves_the_raw_flex_data_alone():
     from devtools.synthetic import draw_true_values, falling_parameters, truncate
 
     detector, beam = _simple(size=(300, 200)), _beam()
-    corrector = ImageCorrector(detector, beam, CorrectionParameters(n_shells=4, min_pixels_per_shell=100))
+    corrector = ImageCorrector(shell_geometry(beam, detector), CorrectionParameters(n_shells=4, min_pixels_per_shell=100))
     labels = corrector.shell_map.labels.reshape(200, 300)
     image = truncate(draw_true_values(labels, falling_parameters(4), np.random.default_rng(1))).astype(np.int32)
     raw = (flex.int(image),)

@@ -65,29 +65,32 @@ mp {
     .type = int(value_min=1)
     .help = "The number of cluster jobs to use"
     .expert_level = 1
-  nproc = 1
+  nproc = Auto
     .type = int(value_min=1)
-    .help = "The number of processes to use (per cluster job). Results do"
-            "not depend on it."
+    .help = "The number of processes to use (per cluster job); Auto: the"
+            "processors available. Results do not depend on it."
 }
 output {
   directory = corrected
     .type = path
-    .help = "Directory for the corrected images (created if needed)."
+    .help = "Directory for the corrected images (created if needed; needed"
+            "for cbf and smv)."
   format = *cbf smv on_read
     .type = choice
-    .help = "cbf: signed 32-bit full CBF. smv: unsigned 16-bit SMV with the"
-            "sweep-wide offset recorded as IMAGE_PEDESTAL. on_read: write no"
+    .help = "cbf: signed 32-bit full CBF. smv: unsigned 16-bit SMV with a"
+            "per-imageset pedestal recorded as IMAGE_PEDESTAL. on_read: write no"
             "images; output.experiments reads the original images through the"
-            "plugin's correction on read (the plugin must be installed wherever"
-            "it is used; a user mask must be given as truncfix.mask)."
+            "plugin's correction on read, with this run's shell geometry fixed"
+            "(the plugin must be installed wherever it is used)."
   experiments = corrected.expt
     .type = path
-    .help = "Experiment list pointing at the corrected images."
+    .help = "Experiment list pointing at the corrected images, written last."
+            "None: none."
   json = dials.correct_truncation.json
     .type = path
     .help = "Per image and shell: d range, valid pixels, zero fraction, fitted"
             "parameters, log-likelihood, r.m.s.d., convergence, pixels changed."
+            "None: none."
   report = dials.correct_truncation.html
     .type = path
     .help = "HTML report (plotly, works offline). None: no report."
@@ -97,10 +100,12 @@ output {
     .expert_level = 1
   log = dials.correct_truncation.log
     .type = path
+    .help = "The log file. None: none."
   overwrite = False
     .type = bool
     .help = "Replace existing output files. Without it the program stops"
-            "before doing anything if any output already exists."
+            "before doing anything if any output already exists. An input is"
+            "never replaced."
 }
 """,
     process_includes=True,
@@ -155,17 +160,32 @@ def _check_arguments(args):
                 raise Sorry(f"{arg}: not an experiment list") from None
 
 
+def _check_arguments(args):
+    """One-line errors for missing files and files that are not experiment
+    lists, before DIALS' importer turns them into tracebacks or help text."""
+    for arg in args:
+        if arg.startswith("-") or "=" in arg:
+            continue
+        if not os.path.exists(arg):
+            raise Sorry(f"{arg}: no such file")
+        if os.path.isdir(arg):
+            raise Sorry(f"{arg}: is a directory, not an image or experiment list")
+        if arg.endswith((".expt", ".json")):
+            try:
+                with open(arg, encoding="utf-8") as fh:
+                    data = json.load(fh)
+                if not isinstance(data, dict) or data.get("__id__") != "ExperimentList":
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError):
+                raise Sorry(f"{arg}: not an experiment list") from None
+
+
 @show_mail_handle_errors()
 def run(args=None, phil=phil_scope):
-    import dials.util.log
-    from dials.util.version import dials_version
+    from dials_truncfix.program.outputs import Interrupted
 
-    from dials_truncfix.settings import ENVIRONMENT_VARIABLE
-
-    # images are read raw: the correction on read must not claim them
-    plugin_setting = os.environ.pop(ENVIRONMENT_VARIABLE, None)
-
-    _check_arguments(sys.argv[1:] if args is None else args)
+    args = sys.argv[1:] if args is None else args
+    _check_arguments(args)
     parser = ArgumentParser(
         usage="dials.correct_truncation imported.expt [options]",
         phil=phil,
@@ -175,106 +195,115 @@ def run(args=None, phil=phil_scope):
         epilog=help_message,
     )
     params, options = parser.parse_args(args=args, show_diff_phil=False)
-    dials.util.log.config(options.verbose, logfile=params.output.log)
-    logger.info("%s, dials-truncfix %s", dials_version(), __version__)
-    if plugin_setting:
-        logger.info("%s=%s ignored: the raw images are read", ENVIRONMENT_VARIABLE, plugin_setting)
-    diff = parser.diff_phil.as_str()
-    if diff:
-        logger.info("The following parameters have been modified:\n%s", diff)
-
     experiments = flatten_experiments(params.input.experiments)
     if not experiments:
         parser.print_help()
-        if args is None and len(sys.argv) <= 1 or args == []:
+        if not args:
             return
         raise Sorry("no images or experiment list were given (or none could be read)")
-
+    input_files = [a for a in args if "=" not in a and os.path.isfile(a)]
     try:
-        correct(experiments, params)
+        correct(experiments, params, options, parser.diff_phil.as_str(), input_files)
+    except Interrupted as e:
+        print(f"dials.correct_truncation: interrupted (signal {e.code - 128}); no experiment list written", file=sys.stderr)
+        raise
     except Sorry:
         raise
     except (ValueError, RuntimeError, OSError) as e:
         raise Sorry(str(e)) from None
 
 
-def correct(experiments, params):
+def correct(experiments, params, options, diff_phil="", input_files=()):
+    import dials.util.log
+    from dials.util.version import dials_version
+
     from dials_truncfix.core.shells import ShellError
     from dials_truncfix.io import OutputFormatError
     from dials_truncfix.program import experiments as corrected
-    from dials_truncfix.program import planning, tasks
+    from dials_truncfix.program import outputs, planning, record, tasks
     from dials_truncfix.settings import Settings
 
-    settings = Settings.from_phil(params.truncfix)
-    cparams = settings.parameters
+    try:
+        settings = Settings.from_phil(params.truncfix)
+    except ValueError as e:
+        raise Sorry(f"truncfix: {e}") from None
     fmt = params.output.format
-    plans = planning.plan(experiments, params.output.directory, fmt)
-    others = [params.output.experiments, params.output.json, params.output.report]
+    if fmt != planning.ON_READ and not params.output.directory:
+        raise Sorry(f"output.directory=None: output.format={fmt} writes images and needs a directory")
     try:
-        planning.check_outputs(plans, others, params.output.overwrite)
-    except planning.TruncationInputError as e:
-        raise Sorry(str(e)) from None
-    n_images = sum(len(p.imageset) for p in plans)
-    logger.info(
-        "Correcting %d image(s) in %d sweep(s) into %s (%s)",
-        n_images, len(plans), os.path.abspath(params.output.directory), fmt,
-    )
-    progress = _Progress(n_images)
-    try:
-        tasks.correct_sweeps(
-            experiments, plans, cparams, params.truncfix.mask, fmt, params.mp,
-            n_report_images=params.output.report_images, progress=progress,
+        plans = planning.plan(experiments, settings, params.output.directory, fmt)
+        images = [o for p in plans for o in p.outputs]
+        named = {
+            "output.experiments": params.output.experiments,
+            "output.json": params.output.json,
+            "output.report": params.output.report,
+            "output.log": params.output.log,
+        }
+        outputs.check_output_paths(
+            named, images, planning.input_files(plans, input_files, settings), params.output.overwrite
         )
-    except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
+    except (planning.TruncationInputError, outputs.OutputError) as e:
         raise Sorry(str(e)) from None
-    finally:
-        progress.close()
+    directories = {os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p}
+    with outputs.run_lock(directories), outputs.interruptible():
+        dials.util.log.config(options.verbose, logfile=params.output.log)
+        logger.info("%s, dials-truncfix %s", dials_version(), __version__)
+        if diff_phil:
+            logger.info("The following parameters have been modified:\n%s", diff_phil)
+        n_images = sum(len(p.imageset) for p in plans)
+        where = os.path.abspath(params.output.directory) if images else params.output.experiments
+        logger.info("Correcting %d image(s) in %d imageset(s) into %s (%s)", n_images, len(plans), where, fmt)
+        staging = outputs.Staging(images) if images else None
+        progress = _Progress(n_images)
+        try:
+            tasks.correct_sweeps(
+                plans, settings, fmt, params.mp, staging, n_report_images=params.output.report_images,
+                progress=progress,
+            )
+            progress.close()
+            _log_summary(plans)
+            if staging:
+                staging.commit(images)
+            run_record = record.run_record(plans, settings, fmt)
+            if params.output.json:
+                _atomic_text(params.output.json, record.as_json(run_record))
+                logger.info("Wrote %s", params.output.json)
+            if params.output.report:
+                from dials_truncfix.program.report import html_report
 
+                _atomic_text(params.output.report, html_report(plans, run_record))
+                logger.info("Wrote %s", params.output.report)
+            if params.output.experiments:
+                if fmt == planning.ON_READ:
+                    result = corrected.on_read_experiments(experiments, plans, settings)
+                else:
+                    result = corrected.corrected_experiments(experiments, plans, fmt)
+                _atomic_text(params.output.experiments, result.as_json())
+                logger.info("Wrote %s", params.output.experiments)
+        except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
+            raise Sorry(str(e)) from None
+        finally:
+            progress.close()
+            if staging:
+                staging.remove()
+
+
+def _log_summary(plans):
     n_changed = 0
     for p in plans:
         changed = sum(s["n_changed"] for s in p.corrections)
         n_changed += changed
-        failed = sum(
-            1 for s in p.corrections for sh in s["shells"] if sh["status"].startswith("fit failed")
-        )
+        failed = sum(1 for s in p.corrections for sh in s["shells"] if sh["status"].startswith("fit failed"))
         logger.info(
-            "Sweep %d (%s): %d images, %d pixels changed, lowest value %s, offset %d%s",
-            p.number, p.imageset.get_template() if hasattr(p.imageset, "get_template") else p.imageset.get_path(0),
-            len(p.imageset), changed,
-            min([s["min_value"] for s in p.corrections if s["min_value"] is not None], default="none"),
-            p.offset, f", {failed} shell fit(s) failed" if failed else "",
+            "Imageset %d (%s): %d images, %s%s",
+            p.number, p.description, len(p.imageset),
+            f"not corrected: {p.refused}" if p.refused else
+            f"{changed} pixels changed, lowest value {p.lowest_value}"
+            + (f", SMV pedestal {p.pedestal}" if p.pedestal else ""),
+            f", {failed} shell fit(s) failed" if failed else "",
         )
     if n_changed == 0:
         logger.info("Nothing to correct: no zero-valued pixel was given another value; images written unchanged")
-
-    record = {
-        "program": "dials.correct_truncation",
-        "parameters": {
-            "n_shells": cparams.n_shells, "likelihood": cparams.likelihood, "seed": cparams.seed,
-            "histogram_max": cparams.histogram_max, "histogram_quantile": cparams.histogram_quantile,
-            "min_pixels_per_shell": cparams.min_pixels_per_shell, "format": fmt,
-        },
-        "sweeps": [
-            {
-                "sweep": p.number,
-                "offset": p.offset,
-                "images": [{k: v for k, v in s.items() if k != "histograms"} for s in p.corrections],
-            }
-            for p in plans
-        ],
-    }
-    if params.output.json:
-        _atomic_text(params.output.json, json.dumps(record, indent=1, sort_keys=True))
-        logger.info("Wrote %s", params.output.json)
-    if params.output.report:
-        from dials_truncfix.program.report import html_report
-
-        _atomic_text(params.output.report, html_report(plans, record))
-        logger.info("Wrote %s", params.output.report)
-
-    result = corrected.corrected_experiments(experiments, plans, fmt, settings.to_record())
-    _atomic_text(params.output.experiments, result.as_json())
-    logger.info("Wrote %s", params.output.experiments)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
 """Signed 32-bit "full" CBF (imgCIF) images: the detector, beam and -- for a
-rotation sweep -- goniometer and scan of the image, and the trusted range in
-``_array_intensities``, so that a fresh ``dials.import`` of the images admits
-negative values.  Written to a temporary file and renamed into place."""
+rotation sweep -- goniometer and scan of the image, and the range of valid
+pixel values in ``_array_intensities``, so that a fresh ``dials.import`` of
+the images admits negative values.  Written to a temporary file and renamed
+into place.
+
+The valid range [lo, hi] is written so that every dxtbx reads it alike:
+``underload`` = lo (read by dxtbx >= 3.12, inclusive), ``undefined_value`` =
+lo - 1 and ``overload`` = hi + 1 (read by dxtbx 3.11 as an exclusive range,
+and ``overload - 1`` by dxtbx >= 3.12)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import math
 import time
 
 import numpy as np
 
-from dials_truncfix.io.atomic import atomic_write_bytes
+from dials_truncfix.io.atomic import atomic_path
 
 
 def _set_column(cbf, category, column, values):
     cbf.find_category(category.encode())
-    cbf.find_column(column.encode())
+    try:
+        cbf.find_column(column.encode())
+    except Exception:  # noqa: BLE001 - pycbf raises a bare Exception when absent
+        cbf.new_column(column.encode())
     for row, value in enumerate(values):
         cbf.select_row(row)
         cbf.set_value(str(value).encode())
@@ -74,28 +82,41 @@ def _rename_values(cbf, mapping):
                     cbf.set_value(mapping[value.decode()].encode())
 
 
-def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
-    """The bytes of a full CBF for image ``index`` of ``imageset`` holding
-    ``panels`` (int32 arrays, slow x fast) and the given trusted ranges."""
+def write_full_cbf(path, imageset, index, panels, valid_ranges):
+    """Write image ``index`` of ``imageset`` as a full CBF holding ``panels``
+    (int32 arrays, slow x fast), each valid in [lo, hi] of ``valid_ranges``,
+    with the goniometer and scan of the image (of zero width for a still)."""
     import pycbf
     from dxtbx.format.cbf_writer import FullCBFWriter
+    from dxtbx.imageset import ImageSequence
 
     writer = FullCBFWriter(imageset=imageset)
     cbf = writer.get_cbf_handle(index=index, header_only=True)
 
-    _set_column(cbf, "array_intensities", "undefined_value", [repr(float(lo)) for lo, _ in trusted_ranges])
-    _set_column(cbf, "array_intensities", "overload", [repr(float(hi)) for _, hi in trusted_ranges])
+    # FullCBFWriter leaves out the polarization (dxtbx would read 0.999:
+    # X-rays from a synchrotron, not the unpolarized electrons of MicroED)
+    beam = imageset.get_beam(index)
+    normal = beam.get_polarization_normal()
+    _set_column(cbf, "diffrn_radiation", "polarizn_source_ratio", [repr(beam.get_polarization_fraction())])
+    _set_column(cbf, "diffrn_radiation", "polarizn_source_norm", [repr(math.degrees(math.atan2(normal[0], normal[1])))])
+    _set_column(cbf, "array_intensities", "underload", [str(int(lo)) for lo, _ in valid_ranges])
+    _set_column(cbf, "array_intensities", "undefined_value", [str(int(lo) - 1) for lo, _ in valid_ranges])
+    _set_column(cbf, "array_intensities", "overload", [str(int(hi) + 1) for _, hi in valid_ranges])
 
-    goniometer = imageset.get_goniometer()
-    scan = imageset.get_scan()
-    if rotation and goniometer is not None and scan is not None and not scan.is_still():
+    if isinstance(imageset, ImageSequence):
+        goniometer, scan, in_scan = imageset.get_goniometer(), imageset.get_scan(), index
+    else:
+        goniometer, scan, in_scan = imageset.get_goniometer(index), imageset.get_scan(index), 0
+    if goniometer is not None and scan is not None:
+        # the goniometer axis also for stills (zero width): dxtbx reads
+        # byte-offset full CBFs only with one
         if len(panels) == 1:
             # stock FormatCBFFull reads sequences through cbflib_adaptbx,
             # which expects the Pilatus-style names of the pixel axes
             _rename_values(cbf, {"AXIS_L0M0_L1M0_F": "ELEMENT_X", "AXIS_L0M0_L1M0_S": "ELEMENT_Y"})
         cbf.find_category(b"diffrn")
         cbf.find_column(b"id")
-        _add_rotation(cbf, goniometer, scan, index, cbf.get_value().decode())
+        _add_rotation(cbf, goniometer, scan, in_scan, cbf.get_value().decode())
 
     cbf.find_category(b"diffrn_data_frame")
     cbf.find_column(b"array_id")
@@ -117,16 +138,5 @@ def full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation=True):
             b"little_endian", nx, ny, 1, 0,
         )
 
-    # CBFlib writes to a named file only: write to a private temporary file
-    fd, tmp = tempfile.mkstemp(suffix=".cbf")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer.write_cbf(tmp, cbf=cbf)
-        with open(tmp, "rb") as fh:
-            return fh.read()
-    finally:
-        os.unlink(tmp)
-
-
-def write_full_cbf(path, imageset, index, panels, trusted_ranges, rotation=True):
-    atomic_write_bytes(path, [full_cbf_bytes(imageset, index, panels, trusted_ranges, rotation)])

@@ -1,7 +1,10 @@
 """ADSC-style SMV images (unsigned 16 bit), written atomically: the header
-from the models of an image, and the corrected data with an offset added."""
+from the models of an image, and corrected data stored with a pedestal (an
+offset recorded as IMAGE_PEDESTAL, which dxtbx subtracts)."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -44,53 +47,80 @@ def write_smv(path, data, **header_items):
     atomic_write_bytes(path, [header, data.astype("<u2").tobytes()])
 
 
-def smv_header_items(imageset, index, offset):
-    """SMV header keys from the models of image ``index`` (single panel,
-    detector normal to the beam assumed for the beam centre)."""
-    detector = imageset.get_detector()
+def smv_header_items(beam, detector, scan, index, pedestal=0):
+    """SMV header keys of image ``index`` from its models (single panel, the
+    beam centre read along the panel normal)."""
     if len(detector) != 1:
         raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
     panel = detector[0]
-    beam = imageset.get_beam()
     fast_mm, slow_mm = panel.get_beam_centre(beam.get_s0())
     items = {
-        "PIXEL_SIZE": f"{panel.get_pixel_size()[0]:.6f}",
+        "PIXEL_SIZE": f"{panel.get_pixel_size()[0]:.8g}",
         "DISTANCE": f"{panel.get_distance():.6f}",
         "WAVELENGTH": f"{beam.get_wavelength():.8f}",
         # FormatSMVADSC reads the beam centre as (fast, slow) = (Y, X)
         "BEAM_CENTER_X": f"{slow_mm:.6f}",
         "BEAM_CENTER_Y": f"{fast_mm:.6f}",
-        "IMAGE_PEDESTAL": int(offset),
-        "GAIN": f"{panel.get_gain():g}",
+        "GAIN": f"{panel.get_gain():.6g}",
     }
-    scan = imageset.get_scan()
+    if pedestal:
+        items["IMAGE_PEDESTAL"] = int(pedestal)
     if scan is not None and not scan.is_still():
-        start, width = scan.get_image_oscillation(scan.get_image_range()[0] + index)
-        times = scan.get_exposure_times()
+        image = scan.get_image_range()[0] + index
+        start, width = scan.get_image_oscillation(image)
+        times, epochs = scan.get_exposure_times(), scan.get_epochs()
         items.update(
             OSC_START=f"{start:.6f}",
             OSC_RANGE=f"{width:.6f}",
             PHI=f"{start:.6f}",
             TIME=f"{times[index] if len(times) > index else 0.0:.6f}",
         )
+        if len(epochs) > index and epochs[index] > 0:
+            items["DATE"] = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(epochs[index]))
     else:
         items.update(OSC_START="0.000000", OSC_RANGE="0.000000", PHI="0.000000", TIME="0.000000")
     return items
 
 
-def smv_data(panel_data, offset):
-    """uint16 pixels: corrected values plus the offset, values above the
-    16-bit range clipped to 65535 (which stock DIALS treats as overloaded)."""
-    shifted = np.asarray(panel_data, dtype=np.int64) + int(offset)
-    if shifted.size and shifted.min() < 0:
-        raise OutputFormatError("corrected values below the offset: cannot be stored as unsigned")
-    n_clipped = int(np.count_nonzero(shifted > SMV_MAX))
-    return np.minimum(shifted, SMV_MAX).astype(np.uint16), n_clipped
+def smv_pedestal(lowest_value):
+    """The pedestal P added to every pixel so that the lowest value is stored
+    as 1 or more (0 is masked by current dxtbx's ADSC trusted range)."""
+    return 1 - min(0, int(lowest_value)) if lowest_value is not None else 1
 
 
-def write_smv_image(path, imageset, index, panels, offset):
+def smv_valid_range(pedestal):
+    """(lo, hi) of the stored values that are valid pixels: 1 .. 65534 - P.
+    Higher values are stored as 65535 (overloaded): dxtbx 3.11 masks stored
+    values from 65535 - P up, current dxtbx only 65535, so both read the same
+    valid pixels."""
+    return 1, SMV_MAX - 1 - pedestal
+
+
+def smv_data(panel_data, pedestal):
+    """(uint16 stored values, number of pixels stored as overloaded that were
+    valid before): corrected values plus the pedestal, those above the valid
+    range set to 65535."""
+    stored = np.asarray(panel_data, dtype=np.int64) + int(pedestal)
+    if stored.size and stored.min() < 1:
+        raise OutputFormatError("corrected values below the pedestal: cannot be stored as unsigned")
+    high = stored > smv_valid_range(pedestal)[1]
+    n_clipped = int(np.count_nonzero(high & (np.asarray(panel_data) < SMV_MAX)))
+    stored[high] = SMV_MAX
+    return stored.astype(np.uint16), n_clipped
+
+
+def write_smv_image(path, imageset, index, panels, pedestal):
+    """Write image ``index`` of ``imageset`` with these corrected panels;
+    returns the number of pixels stored as overloaded."""
     if len(panels) != 1:
         raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
-    data, n_clipped = smv_data(panels[0], offset)
-    write_smv(path, data, **smv_header_items(imageset, index, offset))
+    from dxtbx.imageset import ImageSequence
+
+    data, n_clipped = smv_data(panels[0], pedestal)
+    if isinstance(imageset, ImageSequence):
+        scan, in_scan = imageset.get_scan(), index
+    else:
+        scan, in_scan = imageset.get_scan(index), 0
+    items = smv_header_items(imageset.get_beam(index), imageset.get_detector(index), scan, in_scan, pedestal)
+    write_smv(path, data, **items)
     return n_clipped

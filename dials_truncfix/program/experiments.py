@@ -1,114 +1,130 @@
 """The experiment lists written by dials.correct_truncation: copies of the
-input whose imagesets read the corrected images with stock dxtbx, or the
-original images through the correction on read."""
+input, every model and mask kept, whose imagesets read the corrected images
+with stock dxtbx, or the original images through the correction on read."""
 
 from __future__ import annotations
 
 import copy
+import logging
+import os
 
-from dials_truncfix.program.planning import ON_READ, TruncationInputError, image_numbers
-from dials_truncfix.program.tasks import trusted_for_cbf, trusted_for_smv
+from dials_truncfix import compat
+from dials_truncfix.corrector import corrected_value_range, set_corrected_trusted_ranges
+from dials_truncfix.io.smv import smv_valid_range
+from dials_truncfix.program.tasks import shell_geometry_of
+
+logger = logging.getLogger(f"dials.{__name__}")
 
 
-def corrected_experiments(experiments, plans, fmt, settings=None):
-    """A copy of the experiment list whose imagesets read the corrected files
-    with stock dxtbx, keeping every model; trusted ranges admit the corrected
-    values, and for SMV the offset is the panels' pedestal."""
+def _copy_lookups(old, new):
+    """The external mask (a beam stop, say), gain, pedestal and dx/dy maps."""
+    for name in ("mask", "gain", "pedestal", "dx", "dy"):
+        source, target = getattr(old.external_lookup, name), getattr(new.external_lookup, name)
+        target.data, target.filename = source.data, source.filename
+
+
+def _output_detector(plan, index, fmt):
+    """The detector of image ``index`` with the trusted ranges (and, for SMV,
+    the pedestal) of the written values."""
+    detector = copy.deepcopy(plan.imageset.get_detector(index))
+    if fmt == "smv":
+        for panel in detector:
+            panel.set_trusted_range(compat.trusted_range_for(*smv_valid_range(plan.pedestal)))
+            panel.set_pedestal(float(plan.pedestal))
+    elif not plan.refused:
+        for panel in detector:
+            panel.set_trusted_range(compat.trusted_range_for(*corrected_value_range(panel)))
+    return detector
+
+
+def corrected_experiments(experiments, plans, fmt):
+    """A copy of ``experiments`` whose imagesets read the written images."""
     from dxtbx.format.Registry import get_format_class_for_file
     from dxtbx.imageset import ImageSetFactory
 
-    if fmt == ON_READ:
-        return on_read_experiments(experiments, plans, settings)
     replaced = {}
     for p in plans:
-        format_class = get_format_class_for_file(p.outputs[0])
         old = p.imageset
-        detector = copy.deepcopy(old.get_detector())
-        if fmt == "cbf":
-            ranges = trusted_for_cbf(detector)
-        else:
-            ranges = trusted_for_smv(detector, p.offset)
-        for panel, r in zip(detector, ranges):
-            panel.set_trusted_range(r)
-            if fmt == "smv":
-                panel.set_pedestal(float(p.offset))
-        scan = old.get_scan()
-        if scan is not None and not scan.is_still() and len(p.outputs) == len(old):
-            template = _template_for(p.outputs, image_numbers(old))
-            if template is not None:
-                new = ImageSetFactory.make_sequence(
-                    template, image_numbers(old), format_class=format_class,
-                    beam=old.get_beam(), detector=detector,
-                    goniometer=old.get_goniometer(), scan=scan, check_format=False,
-                )
-            else:
-                raise TruncationInputError("output names do not form a template")
+        format_class = get_format_class_for_file(p.outputs[0])
+        if p.is_sequence:
+            detector = _output_detector(p, 0, fmt)
+            template = p.output_template()
+            new = ImageSetFactory.make_sequence(
+                template, [p.first_number + i for i in range(len(old))], format_class=format_class,
+                beam=old.get_beam(), detector=detector, goniometer=old.get_goniometer(),
+                scan=old.get_scan(), check_format=False,
+            )
         else:
             new = ImageSetFactory.make_imageset(p.outputs, format_class, check_format=False)
-            for i in range(len(new)):
-                new.set_beam(old.get_beam(i), i)
-                new.set_detector(detector, i)
+            detector = _set_still_models(new, old, lambda i: _output_detector(p, i, fmt))
+        _copy_lookups(old, new)
         replaced[id(old)] = (new, detector)
     return _with_new_imagesets(experiments, replaced)
 
 
-def _template_for(outputs, numbers):
-    from dxtbx.sequence_filenames import template_regex
-
-    template, first = template_regex(outputs[0])
-    if template is None:
-        return None
-    width = template.count("#")
-    expected = [template.replace("#" * width, f"{n:0{width}d}") for n in numbers]
-    return template if expected == list(outputs) else None
-
-
 def on_read_experiments(experiments, plans, settings):
-    """A copy of the experiment list whose imagesets read the original images
-    through the correction on read, with the settings recorded."""
-    from dxtbx.imageset import ImageSequence, ImageSetFactory
-
-    from dials_truncfix.format_wrapper import TRUSTED_MINIMUM, wrapped_class
+    """A copy of ``experiments`` whose imagesets read the original images
+    through the correction on read, with the settings and the shell
+    geometry of this run recorded (so that later refinement changes nothing)."""
+    from dials_truncfix.format_wrapper import wrapped_class
     from dials_truncfix.settings import FORMAT_KWARG
 
     replaced = {}
     for p in plans:
         old = p.imageset
-        wrapped = wrapped_class(old.get_format_class().__name__)
-        kwargs = dict(old.params())
-        kwargs[FORMAT_KWARG] = settings
-        detector = copy.deepcopy(old.get_detector())
-        for panel in detector:
-            low, high = panel.get_trusted_range()
-            panel.set_trusted_range((min(low, TRUSTED_MINIMUM), high))
-        if isinstance(old, ImageSequence) and p.multi_image:
-            new = wrapped.get_imageset(
-                [old.get_path(0)], beam=old.get_beam(), detector=detector,
-                goniometer=old.get_goniometer(), scan=old.get_scan(), as_sequence=True,
-                single_file_indices=list(old.indices()), format_kwargs=kwargs,
+        if p.refused:
+            replaced[id(old)] = (old, None)
+            continue
+        geometries = {g.digest: g for g in (shell_geometry_of(old, i, settings) for i in _geometry_images(p))}
+        if len(geometries) > 1:
+            logger.info(
+                "Imageset %d: its images have different geometries; the correction on read takes each "
+                "image's from the experiment list", p.number,
             )
-        elif isinstance(old, ImageSequence):
-            new = ImageSetFactory.make_sequence(
-                old.get_template(), image_numbers(old), format_class=wrapped,
-                beam=old.get_beam(), detector=detector, goniometer=old.get_goniometer(),
-                scan=old.get_scan(), format_kwargs=kwargs,
+        fixed = next(iter(geometries.values())) if len(geometries) == 1 else None
+        kwargs = dict(old.params())
+        kwargs[FORMAT_KWARG] = type(settings)(settings.parameters, settings.mask, settings.detector, fixed).to_record()
+        wrapped = wrapped_class(old.get_format_class().__name__)
+        if p.is_sequence:
+            detector = set_corrected_trusted_ranges(copy.deepcopy(old.get_detector()))
+            extra = {"single_file_indices": list(old.indices())} if p.multi_image else {"template": old.get_template()}
+            paths = [old.get_path(0)] if p.multi_image else [old.get_path(i) for i in range(len(old))]
+            new = wrapped.get_imageset(
+                paths, beam=old.get_beam(), detector=detector, goniometer=old.get_goniometer(),
+                scan=old.get_scan(), as_sequence=True, format_kwargs=kwargs, **extra,
             )
         else:
             new = wrapped.get_imageset(
                 [old.get_path(i) for i in range(len(old))], as_imageset=True, format_kwargs=kwargs,
                 single_file_indices=list(old.indices()) if p.multi_image else None,
             )
-            for i in range(len(new)):
-                new.set_beam(old.get_beam(i), i)
-                new.set_detector(detector, i)
-        new.external_lookup.mask.data = old.external_lookup.mask.data
+            detector = _set_still_models(
+                new, old, lambda i: set_corrected_trusted_ranges(copy.deepcopy(old.get_detector(i)))
+            )
+        _copy_lookups(old, new)
         replaced[id(old)] = (new, detector)
     return _with_new_imagesets(experiments, replaced)
 
 
+def _geometry_images(plan):
+    return [0] if plan.is_sequence else range(len(plan.imageset))
+
+
+def _set_still_models(new, old, detector_of):
+    """Per-image models of stills, the detectors from ``detector_of(index)``;
+    returns the first image's detector (that of a one-image still's experiment)."""
+    detectors = [detector_of(i) for i in range(len(new))]
+    for i, detector in enumerate(detectors):
+        new.set_beam(old.get_beam(i), i)
+        new.set_detector(detector, i)
+        new.set_goniometer(old.get_goniometer(i), i)
+        new.set_scan(old.get_scan(i), i)
+    return detectors[0]
+
+
 def _with_new_imagesets(experiments, replaced):
     """Copies of the experiments with imageset and detector swapped, from
-    {id(old imageset): (new imageset, new detector)}."""
+    {id(old imageset): (new imageset, its detector or None to keep)}."""
     from dxtbx.model.experiment_list import ExperimentList
 
     result = ExperimentList()
@@ -116,6 +132,7 @@ def _with_new_imagesets(experiments, replaced):
         new, detector = replaced[id(expt.imageset)]
         expt = copy.copy(expt)
         expt.imageset = new
-        expt.detector = detector
+        if detector is not None:
+            expt.detector = detector
         result.append(expt)
     return result

@@ -1,13 +1,24 @@
-"""Planning a run of dials.correct_truncation: one plan per imageset
-(sweep) with its output file names, and the checks that no output replaces
-an input or, unless asked, an existing file."""
+"""Planning a run of dials.correct_truncation: one plan per imageset with
+its kind (a rotation sequence or stills), the identity that seeds each
+image's correction, its output file, and why it is not corrected, if so.
+
+Output names: a sequence keeps its image numbers, so that its corrected
+images form a template that a fresh ``dials.import`` reads as a sequence
+(``x_#####.img`` -> ``x_#####.cbf``; a multi-image or unnumbered file
+``stack.mrc`` -> ``stack_#####.cbf``); stills keep their file names, with
+``_#####`` added where a name has no number of its own (dxtbx reads a scan
+only from a numbered file).  Two imagesets whose names would collide go into
+``sweep_NN`` subdirectories.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from dials_truncfix.corrector import image_identity
+from dials_truncfix.detectors import correction_refused
 
 EXTENSIONS = {"cbf": ".cbf", "smv": ".img"}
 ON_READ = "on_read"
@@ -21,12 +32,47 @@ class TruncationInputError(RuntimeError):
 class SweepPlan:
     number: int
     imageset: object
-    experiments: list
-    keys: list  # image identity per image
-    outputs: list  # output path per image
+    is_sequence: bool
     multi_image: bool
-    corrections: list = field(default_factory=list)
-    offset: int = 0
+    keys: list  # image identity per image
+    names: list  # output file name (no directory, no extension) per image
+    refused: str | None = None  # why its images are passed through uncorrected
+    template: str | None = None  # of a sequence's names, e.g. x_#####
+    first_number: int = 1  # of a sequence
+    outputs: list = field(default_factory=list)  # output path per image
+    corrections: list = field(default_factory=list)  # per-image summaries
+    pedestal: int = 0  # SMV output
+
+    @property
+    def description(self):
+        if self.is_sequence and not self.multi_image:
+            return self.imageset.get_template()
+        return self.imageset.get_path(0) + (f" and {len(self.imageset) - 1} more" if len(self.imageset) > 1 else "")
+
+    def output_template(self):
+        """The path template of a sequence's outputs."""
+        return os.path.join(os.path.dirname(self.outputs[0]), self.template + os.path.splitext(self.outputs[0])[1])
+
+    @property
+    def lowest_value(self):
+        values = [c["min_value"] for c in self.corrections if c["min_value"] is not None]
+        return min(values) if values else None
+
+
+def image_numbers(imageset):
+    """The image number of each image of an imageset: the scan's for a
+    sequence, the position in its file (from 1) for stills."""
+    scan = imageset.get_scan()
+    if _is_sequence(imageset):
+        first = scan.get_image_range()[0]
+        return [first + i for i in range(len(imageset))]
+    return [int(i) + 1 for i in imageset.indices()]
+
+
+def _is_sequence(imageset):
+    from dxtbx.imageset import ImageSequence
+
+    return isinstance(imageset, ImageSequence)
 
 
 def _is_multi_image(imageset):
@@ -35,71 +81,77 @@ def _is_multi_image(imageset):
     return issubclass(imageset.get_format_class(), FormatMultiImage)
 
 
-def image_numbers(imageset):
-    scan = imageset.get_scan()
-    if scan is not None and not scan.is_still():
-        first = scan.get_image_range()[0]
-        return [first + i for i in range(len(imageset))]
-    return [int(i) + 1 for i in imageset.indices()]
+def _template(imageset, multi):
+    """The name template (no directory, no extension) of a sequence's images."""
+    if not multi:
+        template = os.path.splitext(os.path.basename(imageset.get_template()))[0]
+        if "#" in template:
+            return template
+    return os.path.splitext(os.path.basename(imageset.get_path(0)))[0] + "_#####"
 
 
-def plan(experiments, directory, fmt):
+def _names(imageset, template):
+    """Output names: a sequence's from its template; a still keeps its file
+    name, numbered if it has no number (dxtbx needs one to read a scan)."""
+    numbers = image_numbers(imageset)
+    if template is not None:
+        width = template.count("#")
+        return [template.replace("#" * width, f"{n:0{width}d}") for n in numbers]
+    stems = [os.path.splitext(os.path.basename(imageset.get_path(i)))[0] for i in range(len(imageset))]
+    return [stem if re.search(r"\d$", stem) and len(set(stems)) == len(stems) else f"{stem}_{n:05d}"
+            for stem, n in zip(stems, numbers)]
+
+
+def plan(experiments, settings, directory, fmt):
     """One SweepPlan per distinct imageset, with its output file names."""
-    from dials_truncfix.format_wrapper import is_corrected_on_read
+    from dials_truncfix.format_wrapper import can_wrap, is_corrected_on_read
 
     plans = []
     for imageset in experiments.imagesets():
-        if is_corrected_on_read(imageset.get_format_class()):
+        format_class = imageset.get_format_class()
+        if is_corrected_on_read(format_class):
             raise TruncationInputError(
                 f"{imageset.get_path(0)}: imported with the correction on read "
                 "(DIALS_TRUNCFIX); re-import the images without it"
             )
         multi = _is_multi_image(imageset)
-        keys, names = [], []
-        for i, number in enumerate(image_numbers(imageset)):
-            path = imageset.get_path(i)
-            index = int(imageset.indices()[i]) if multi else 0
-            keys.append(image_identity(path, index))
-            stem = os.path.splitext(os.path.basename(path))[0]
-            names.append(f"{stem}_{number:05d}" if multi else stem)
-        exps = [e for e in experiments if e.imageset is imageset]
-        plans.append(SweepPlan(len(plans) + 1, imageset, exps, keys, names, multi))
-    all_names = [n for p in plans for n in p.outputs]
-    per_sweep_dirs = len(set(all_names)) != len(all_names)
-    if fmt == ON_READ:
-        from dials_truncfix.format_wrapper import can_wrap
-
-        for p in plans:
+        keys = [
+            image_identity(imageset.get_path(i), int(imageset.indices()[i]) if multi else 0)
+            for i in range(len(imageset))
+        ]
+        sequence = _is_sequence(imageset)
+        template = _template(imageset, multi) if sequence else None
+        plans.append(
+            SweepPlan(
+                len(plans) + 1, imageset, sequence, multi, keys, _names(imageset, template),
+                correction_refused(format_class, settings.detector), template, image_numbers(imageset)[0],
+            )
+        )
+    for p in plans:
+        if fmt == ON_READ:
             if not can_wrap(p.imageset.get_format_class()):
                 raise TruncationInputError(
-                    f"{p.imageset.get_path(0)}: {p.imageset.get_format_class().__name__} "
-                    "images cannot be corrected on read (SMV, CBF and MRC can)"
+                    f"{p.imageset.get_path(0)}: {p.imageset.get_format_class().__name__} builds its own "
+                    "imagesets and cannot be corrected on read: use output.format=cbf"
                 )
-            p.outputs = [None] * len(p.outputs)
-        return plans
-    ext = EXTENSIONS[fmt]
-    for p in plans:
-        base = os.path.join(directory, f"sweep_{p.number:02d}") if per_sweep_dirs else directory
-        p.outputs = [os.path.abspath(os.path.join(base, n + ext)) for n in p.outputs]
+        elif fmt == "smv" and len(p.imageset.get_detector()) != 1:
+            raise TruncationInputError(
+                f"{p.imageset.get_path(0)}: SMV output needs a single-panel detector: use output.format=cbf"
+            )
+    if fmt != ON_READ:
+        all_names = [n for p in plans for n in p.names]
+        per_sweep = len(set(all_names)) != len(all_names)
+        for p in plans:
+            base = os.path.join(directory, f"sweep_{p.number:02d}") if per_sweep else directory
+            p.outputs = [os.path.abspath(os.path.join(base, n + EXTENSIONS[fmt])) for n in p.names]
     return plans
 
 
-def check_outputs(plans, other_outputs, overwrite):
-    """Refuse to overwrite an input image ever, and existing outputs unless
-    ``overwrite``."""
-    inputs = {
-        os.path.realpath(p.imageset.get_path(i)) for p in plans for i in range(len(p.imageset))
-    }
-    outputs = [o for p in plans for o in p.outputs if o]
-    for path in outputs + [o for o in other_outputs if o]:
-        if os.path.realpath(path) in inputs:
-            raise TruncationInputError(f"{path}: output would overwrite an input image")
-    if not overwrite:
-        existing = [o for o in outputs + [o for o in other_outputs if o] if os.path.exists(o)]
-        if existing:
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise TruncationInputError(
-                f"{existing[0]} exists{more}: choose another output or set output.overwrite=True"
-            )
-
-
+def input_files(plans, experiment_files=(), settings=None):
+    """Every file the run reads: images, experiment lists, masks."""
+    files = [p.imageset.get_path(i) for p in plans for i in range(len(p.imageset))]
+    files += [p.imageset.external_lookup.mask.filename for p in plans]
+    files += list(experiment_files)
+    if settings is not None:
+        files.append(settings.mask)
+    return [f for f in files if f]

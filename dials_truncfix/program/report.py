@@ -100,14 +100,15 @@ def summary_table(plans, record):
         fits = [sh for s in c for sh in s["shells"] if sh.get("fit")]
         rows.append(
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-                p.number, len(c), p.offset, sum(s["n_changed"] for s in c),
-                min([s["min_value"] for s in c if s["min_value"] is not None], default="-"),
+                p.number, p.description, p.refused or "corrected", len(c),
+                sum(s["n_changed"] for s in c),
+                "-" if p.lowest_value is None else p.lowest_value,
                 f"{np.mean([s['zero_fraction'] for s in c]):.4f}" if c else "-",
                 f"{sum(1 for f in fits if f['fit']['converged'])}/{len(fits)}",
             )) + "</tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in (
-        "sweep", "images", "offset", "pixels changed", "lowest value", "mean zero fraction",
+        "sweep", "images", "status", "number", "pixels changed", "lowest value", "mean zero fraction",
         "converged fits"))
     params = html.escape(json.dumps(record["parameters"]))
     return (f"<p>Parameters: <code>{params}</code></p>"

@@ -1,29 +1,40 @@
-"""Correcting every image of the planned sweeps, in parallel and
-bit-identically for any nproc; the per-sweep offset; writing the images."""
+"""Correcting every image of the planned imagesets, in parallel and
+bit-identically for any nproc, and writing the corrected images into the
+staging directory (program/outputs.py moves them into place)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
+import time
 
 import numpy as np
 
-from dials_truncfix.core.assignment import LOWEST_VALUE
-from dials_truncfix.core.correction import sweep_offset
+from dials_truncfix import compat
 from dials_truncfix.core.histogram import shell_histograms
-from dials_truncfix.corrector import ImageCorrector
-from dials_truncfix.geometry import imageset_masks
+from dials_truncfix.corrector import corrected_value_range, corrector_for, user_mask
+from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.cbf import write_full_cbf
-from dials_truncfix.io.smv import write_smv_image
-from dials_truncfix.program.planning import ON_READ, TruncationInputError
+from dials_truncfix.io.smv import smv_pedestal, write_smv_image
+from dials_truncfix.program.planning import TruncationInputError
 
 logger = logging.getLogger(f"dials.{__name__}")
 
-#: trusted minimum written for signed (CBF) output: below any corrected value
-CBF_TRUSTED_MINIMUM = LOWEST_VALUE - 1
+#: a first image slower than this to correct is reported with an estimate
+SLOW_IMAGE_SECONDS = 5.0
+
+
+def shell_geometry_of(imageset, index, settings):
+    """The ShellGeometry of image ``index``, exactly as the correction on read
+    takes it from the experiment (format static mask and user mask included)."""
+    path = imageset.get_path(index)
+    static = imageset.get_format_class().get_instance(path, **imageset.params()).get_static_mask()
+    try:
+        mask = user_mask(settings.mask, imageset.get_detector(index))
+    except MaskFileError as e:
+        raise TruncationInputError(f"truncfix.mask={e}") from None
+    return imageset_shell_geometry(imageset, index, static, mask)
 
 
 def low_count_histograms(panels, shell_map, imax):
@@ -34,111 +45,105 @@ def low_count_histograms(panels, shell_map, imax):
     return shell_histograms(np.clip(flat[order], 0, None), starts)[:, : imax + 1]
 
 
-_correctors = {}
+def _as_integers(panels, path):
+    ints = []
+    for p in panels:
+        if p.dtype.kind == "f" and not np.array_equal(p, np.rint(p)):
+            raise OutputFormatError(f"{path}: non-integer pixel values cannot be written as integers")
+        ints.append(p.astype(np.int32))
+    return ints
 
 
 class CorrectTask:
-    """Correct (and, for CBF, write) one image; picklable for dials.util.mp."""
+    """Correct one image and write it (CBF) or keep it for the pedestal of its
+    imageset (SMV); picklable for dials.util.mp."""
 
-    def __init__(self, plans, params, mask_file, fmt, staging, report_images):
-        self.items = {
-            p.number: (p.imageset, p.keys, p.outputs, trusted_for_cbf(p.imageset.get_detector()))
-            for p in plans
-        }
-        self.params = params
-        self.mask_file = mask_file
+    def __init__(self, plans, settings, fmt, staging, report_images):
+        self.plans = {p.number: p for p in plans}
+        self.settings = settings
         self.fmt = fmt
-        self.staging = staging
+        self.staged = {p.number: [staging.path(o) for o in p.outputs] if staging else None for p in plans}
         self.report_images = report_images
+        self._geometries = {}
 
-    def corrector(self, number):
-        key = (number, self.params, self.mask_file)
-        if key not in _correctors:
-            imageset = self.items[number][0]
-            _correctors[key] = ImageCorrector(
-                imageset.get_detector(), imageset.get_beam(), self.params,
-                masks=imageset_masks(imageset, user_mask=self.fmt != ON_READ),
-                mask_file=self.mask_file,
-            )
-        return _correctors[key]
+    def geometry(self, plan, index):
+        """One geometry per sequence; per image for stills."""
+        key = (plan.number, 0 if plan.is_sequence else index)
+        if key not in self._geometries:
+            self._geometries[key] = shell_geometry_of(plan.imageset, index, self.settings)
+        return self._geometries[key]
 
     def __call__(self, item):
         number, index = item
-        imageset, keys, outputs, trusted = self.items[number]
+        plan = self.plans[number]
+        imageset, path = plan.imageset, plan.imageset.get_path(index)
         try:
             raw = imageset.get_raw_data(index)
-        except Exception as e:
-            raise TruncationInputError(f"{imageset.get_path(index)}: image {index + 1} cannot be read: {e}")
-        if not isinstance(raw, tuple):
-            raw = (raw,)
-        corrector = self.corrector(number)
-        corrected, result = corrector.correct(raw, keys[index])
-        panels = [np.asarray(p.as_numpy_array()) for p in corrected]
+        except Exception as e:  # noqa: BLE001 - whatever the format class raises
+            raise TruncationInputError(f"{path}: image {index + 1} cannot be read: {e}") from None
+        raw = raw if isinstance(raw, tuple) else (raw,)
+        corrector = corrector_for(self.geometry(plan, index), self.settings.parameters)
+        if plan.refused:
+            corrected, result = raw, None
+        else:
+            corrected, result = corrector.correct(raw, plan.keys[index])
+        panels = [p.as_numpy_array() for p in corrected]
         raw_np = [p.as_numpy_array() for p in raw]
-        valid = corrector.shell_map.labels >= 0
-        flat_raw = np.concatenate([p.ravel() for p in raw_np])[valid]
+        summary = self.summary(plan, index, corrector.shell_map, raw_np, panels, result)
+        if result is not None and index in self.report_images.get(number, ()):
+            top = max([s.imax or 0 for s in result.shells] + [20])
+            summary["histograms"] = low_count_histograms(raw_np, corrector.shell_map, top).tolist()
+        if self.fmt == "cbf":
+            detector = imageset.get_detector(index)
+            ranges = [
+                corrected_value_range(panel) if not plan.refused else compat.valid_integer_range(panel.get_trusted_range())
+                for panel in detector
+            ]
+            write_full_cbf(self.staged[number][index], imageset, index, _as_integers(panels, path), ranges)
+        elif self.fmt == "smv":
+            np.save(self.staged[number][index] + ".npy", _as_integers(panels, path)[0])
+        return summary
+
+    @staticmethod
+    def summary(plan, index, shell_map, raw, panels, result):
+        valid = shell_map.labels >= 0
+        flat_raw = np.concatenate([p.ravel() for p in raw])[valid]
         flat_out = np.concatenate([p.ravel() for p in panels])[valid]
-        summary = {
+        return {
             "image": index + 1,
-            "file": imageset.get_path(index),
-            "output": outputs[index],
-            "status": result.status,
+            "file": plan.imageset.get_path(index),
+            "output": plan.outputs[index] if plan.outputs else None,
+            "status": f"not corrected: {plan.refused}" if result is None else result.status,
             "n_valid": int(valid.sum()),
             "zero_fraction": float(np.count_nonzero(flat_raw == 0) / max(1, flat_raw.size)),
             "negative_fraction": float(np.count_nonzero(flat_out < 0) / max(1, flat_out.size)),
-            "n_changed": result.n_changed,
-            "min_value": result.min_value,
-            "shells": [s.as_dict() for s in result.shells],
+            "n_changed": 0 if result is None else result.n_changed,
+            "min_value": None if result is None else result.min_value,
+            "shells": [] if result is None else [s.as_dict() for s in result.shells],
         }
-        if index in self.report_images.get(number, ()):
-            imax = max([s.imax or 0 for s in result.shells] + [20])
-            summary["histograms"] = low_count_histograms(raw_np, corrector.shell_map, imax).tolist()
-        ints = []
-        for p in panels:
-            if p.dtype.kind == "f":
-                if not np.array_equal(p, np.rint(p)):
-                    raise OutputFormatError(
-                        f"{imageset.get_path(index)}: non-integer pixel values cannot be written as integers"
-                    )
-            ints.append(p.astype(np.int32))
-        if self.fmt == "cbf":
-            write_full_cbf(outputs[index], imageset, index, ints, trusted)
-        elif self.fmt == "smv":
-            np.save(_staged(self.staging, number, index), np.stack(ints) if len(ints) > 1 else ints[0])
-        return summary
-
-
-def _staged(staging, number, index):
-    return os.path.join(staging, f"{number:03d}_{index:06d}.npy")
-
-
-def trusted_for_cbf(detector):
-    return [(min(p.get_trusted_range()[0], CBF_TRUSTED_MINIMUM), p.get_trusted_range()[1]) for p in detector]
-
-
-def trusted_for_smv(detector, offset):
-    """Trusted range on the raw (stored) values: all of 0..65534 valid."""
-    return [(-1.0 - offset, float(min(p.get_trusted_range()[1] + offset, 65535))) for p in detector]
 
 
 class SMVTask:
+    """Write one staged image as SMV with the pedestal of its imageset."""
+
     def __init__(self, plans, staging):
-        self.items = {p.number: (p.imageset, p.outputs, p.offset) for p in plans}
-        self.staging = staging
+        self.plans = {p.number: p for p in plans}
+        self.staged = {p.number: [staging.path(o) for o in p.outputs] for p in plans}
 
     def __call__(self, item):
         number, index = item
-        imageset, outputs, offset = self.items[number]
-        data = np.load(_staged(self.staging, number, index))
-        n = write_smv_image(outputs[index], imageset, index, [data], offset)
-        os.unlink(_staged(self.staging, number, index))
-        return n
+        plan, staged = self.plans[number], self.staged[number][index]
+        data = np.load(staged + ".npy")
+        n_clipped = write_smv_image(staged, plan.imageset, index, [data], plan.pedestal)
+        os.unlink(staged + ".npy")
+        return n_clipped
 
 
 def parallel_map(func, items, mp, callback=None):
-    from dials.util.mp import available_cores, batch_multi_node_parallel_map
+    """``func`` over ``items`` in order, in nproc processes (DIALS' mp)."""
+    from dials.util.mp import batch_multi_node_parallel_map
 
-    nproc = mp.nproc if mp.nproc not in (None, 0) else available_cores()
+    nproc = compat.available_cores() if mp.nproc in (None, 0) or str(mp.nproc) == "Auto" else mp.nproc
     if mp.method in (None, "none") and nproc == 1:
         results = []
         for item in items:
@@ -161,37 +166,40 @@ def report_image_indices(n_images, n_chosen):
     return sorted({int(round(x)) for x in np.linspace(0, n_images - 1, n_chosen)})
 
 
-def correct_sweeps(experiments, plans, params, mask_file, fmt, mp, n_report_images=3, progress=None):
-    """Correct every image; write the images; return the plans (with
-    per-image summaries and offsets)."""
-    directories = {os.path.dirname(o) for p in plans for o in p.outputs if o}
-    for d in sorted(directories):
-        os.makedirs(d, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".truncfix-staging-", dir=sorted(directories)[0]) if fmt == "smv" else None
-    if fmt == ON_READ and any(
-        imageset_masks(p.imageset) != imageset_masks(p.imageset, user_mask=False) for p in plans
-    ):
-        logger.warning("The imageset's user mask is not used on read: give it as truncfix.mask")
-    try:
-        report_images = {p.number: report_image_indices(len(p.imageset), n_report_images) for p in plans}
-        task = CorrectTask(plans, params, mask_file, fmt, staging, report_images)
-        items = [(p.number, i) for p in plans for i in range(len(p.imageset))]
-        summaries = parallel_map(task, items, mp, callback=progress)
-        by_number = {p.number: p for p in plans}
-        for (number, _), summary in zip(items, summaries):
-            by_number[number].corrections.append(summary)
+def _warn_if_slow(task, items):
+    """Correct the first image here and say how long the run will take if
+    the settings make it slow."""
+    start = time.perf_counter()
+    first = task(items[0])
+    seconds = time.perf_counter() - start
+    if seconds > SLOW_IMAGE_SECONDS:
+        logger.warning(
+            "Correcting one image took %.0f s with these settings (e.g. truncfix.histogram.max): "
+            "the %d images will take about %.0f min",
+            seconds, len(items), seconds * len(items) / 60,
+        )
+    return first
+
+
+def correct_sweeps(plans, settings, fmt, mp, staging, n_report_images=3, progress=None):
+    """Correct every image into ``staging`` and fill in each plan's
+    per-image summaries and (SMV) pedestal."""
+    report_images = {p.number: report_image_indices(len(p.imageset), n_report_images) for p in plans}
+    task = CorrectTask(plans, settings, fmt, staging, report_images)
+    items = [(p.number, i) for p in plans for i in range(len(p.imageset))]
+    first = _warn_if_slow(task, items)
+    if progress:
+        progress(first)
+    summaries = [first] + parallel_map(task, items[1:], mp, callback=progress)
+    by_number = {p.number: p for p in plans}
+    for (number, _), summary in zip(items, summaries):
+        by_number[number].corrections.append(summary)
+    if fmt == "smv":
         for p in plans:
-            p.offset = sweep_offset(s["min_value"] for s in p.corrections)
-        if fmt == "smv":
-            clipped = parallel_map(SMVTask(plans, staging), items, mp)
-            if sum(clipped):
-                logger.warning(
-                    "%d pixel(s) above 65535 - offset were clipped to 65535 (treated as overloaded)",
-                    sum(clipped),
-                )
-    finally:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
+            p.pedestal = smv_pedestal(p.lowest_value)
+        clipped = sum(parallel_map(SMVTask(plans, staging), items, mp))
+        if clipped:
+            logger.warning(
+                "%d pixel(s) too high for 16 bits with the pedestal were stored as 65535 (overloaded)", clipped
+            )
     return plans
-
-

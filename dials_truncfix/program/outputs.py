@@ -1,0 +1,144 @@
+"""Nothing lost, nothing half-done: the rules for the outputs of
+dials.correct_truncation.
+
+* Every output path is checked before any work, the log included: none may
+  be an input (image, experiment list, mask), two outputs may not share a
+  path, and existing files are refused unless ``output.overwrite=True``.
+* One run at a time owns its output directories: a hidden lock file in
+  each, locked for the run (``flock``, released by the system if the process
+  dies) and removed at its end.
+* Images are written into a hidden staging directory next to their final
+  place and moved there only when every image is done; the experiment list
+  is written last.  An interrupted run (SIGTERM, SIGINT, an error) removes
+  its staging directory; one killed outright leaves only that hidden
+  directory, which the next run in the same place removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import os
+import shutil
+import signal
+import tempfile
+
+LOCK_NAME = ".dials.correct_truncation.lock"
+STAGING_PREFIX = ".dials.correct_truncation.staging-"
+
+
+class OutputError(RuntimeError):
+    """An output that cannot be written (reported as a one-line error)."""
+
+
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_paths(named, image_outputs, inputs, overwrite):
+    """``named``: {parameter: path or None}; ``image_outputs``: the image
+    files to write; ``inputs``: every file the run reads."""
+    outputs = [(name, path) for name, path in named.items() if path]
+    outputs += [("output.directory", path) for path in image_outputs]
+    seen = {}
+    for name, path in outputs:
+        for source in inputs:
+            if _same_file(path, source):
+                raise OutputError(f"{name}={path} would replace the input {source}")
+        key = os.path.realpath(path)
+        if key in seen:
+            raise OutputError(f"{name}={path} is also {seen[key]}: give each output its own path")
+        seen[key] = name
+        if os.path.isdir(path):
+            raise OutputError(f"{name}={path} is a directory")
+    if not overwrite:
+        existing = [path for _, path in outputs if os.path.lexists(path)]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise OutputError(f"{existing[0]} exists{more}: choose another output or set output.overwrite=True")
+
+
+@contextlib.contextmanager
+def run_lock(directories):
+    """Hold the lock of every output directory (created if needed)."""
+    with contextlib.ExitStack() as stack:
+        for directory in sorted({os.path.abspath(d) for d in directories}):
+            os.makedirs(directory, exist_ok=True)
+            stack.enter_context(_directory_lock(directory))
+        yield
+
+
+@contextlib.contextmanager
+def _directory_lock(directory):
+    """flock on a hidden file, removed when done; a lock taken on a file that
+    another run removed meanwhile is taken again on the new one."""
+    path = os.path.join(directory, LOCK_NAME)
+    while True:
+        fh = open(path, "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            fh.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputError(
+                f"{directory}: another dials.correct_truncation is writing there; wait for it or choose "
+                "another output directory"
+            ) from None
+        if os.path.exists(path) and os.path.samefile(path, fh.name) and os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+            break
+        fh.close()
+    try:
+        yield
+    finally:
+        os.remove(path)
+        fh.close()
+
+
+class Staging:
+    """A hidden directory per output directory, for the images of this run."""
+
+    def __init__(self, image_outputs):
+        self.directories = {}
+        for directory in sorted({os.path.dirname(p) for p in image_outputs}):
+            for stale in glob.glob(os.path.join(directory, STAGING_PREFIX + "*")):
+                shutil.rmtree(stale, ignore_errors=True)  # of a run killed outright
+            self.directories[directory] = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
+
+    def path(self, final):
+        """Where the image of ``final`` is written first."""
+        return os.path.join(self.directories[os.path.dirname(final)], os.path.basename(final))
+
+    def commit(self, finals):
+        for final in finals:
+            os.replace(self.path(final), final)
+
+    def remove(self):
+        for staging in self.directories.values():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class Interrupted(SystemExit):
+    """SIGTERM or SIGINT: unwind (so that staging is removed), exit 130/143."""
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Turn SIGTERM and SIGINT into Interrupted while the run works."""
+
+    def handler(signum, frame):
+        raise Interrupted(128 + signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,75 @@
+"""Helpers shared by the end-to-end tests: running DIALS programs as a user
+would, and what a DIALS program reads back from an experiment list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from dials_truncfix.settings import ENVIRONMENT_VARIABLE
+
+
+def environment(**extra):
+    """This environment without DIALS_TRUNCFIX, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != ENVIRONMENT_VARIABLE}
+    env.update(extra)
+    return env
+
+
+def run(args, cwd, ok=True, **extra_env):
+    """Run a program; with ``ok`` it must succeed."""
+    result = subprocess.run(list(map(str, args)), cwd=cwd, env=environment(**extra_env), capture_output=True, text=True)
+    if ok:
+        assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def one_line_error(result):
+    """The error of a failed program: a non-zero status, no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    return output
+
+
+READ_BACK = """
+import json, sys, numpy as np
+from dxtbx.model.experiment_list import ExperimentList
+experiments = ExperimentList.from_file(sys.argv[1])
+iset = experiments[0].imageset
+out = {"format": iset.get_format_class().__name__, "n": len(iset),
+       "trusted": list(experiments[0].detector[0].get_trusted_range())}
+for i in range(len(iset)):
+    np.save(f"{sys.argv[2]}_data_{i}.npy", np.concatenate([p.as_numpy_array().ravel() for p in iset.get_raw_data(i)]))
+    np.save(f"{sys.argv[2]}_mask_{i}.npy", np.concatenate([m.as_numpy_array().ravel() for m in iset.get_mask(i)]))
+print(json.dumps(out))
+"""
+
+
+def read_back(expt, workdir, **extra_env):
+    """What a new DIALS process reads from ``expt``: (info, [pixels], [mask])
+    per image, pixels flattened over the panels."""
+    prefix = os.path.join(str(workdir), "readback")
+    result = run([sys.executable, "-c", READ_BACK, expt, prefix], workdir, **extra_env)
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    pixels = [np.load(f"{prefix}_data_{i}.npy") for i in range(info["n"])]
+    masks = [np.load(f"{prefix}_mask_{i}.npy") for i in range(info["n"])]
+    return info, pixels, masks
+
+
+def spot_count(result):
+    """Spots saved by dials.find_spots, from its output."""
+    for line in result.stdout.splitlines():
+        if line.startswith("Saved") and "reflections" in line:
+            return int(line.split()[1])
+    raise AssertionError("dials.find_spots saved no reflections:\n" + result.stdout[-2000:])
+
+
+def record_of(expt):
+    """The settings record of the first imageset of an .expt file."""
+    with open(expt) as fh:
+        return json.load(fh)["imageset"][0]["params"].get("truncfix")

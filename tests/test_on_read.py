@@ -1,0 +1,433 @@
+"""Correction on read, as a user meets it: DIALS_TRUNCFIX at dials.import,
+the experiment list deciding everything later, in new processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+
+import dxtbx
+import numpy as np
+import pytest
+from dxtbx.model.experiment_list import ExperimentListFactory
+from helpers import environment, one_line_error, read_back, record_of, run, spot_count
+
+from devtools.camera_files import write_pilatus_cbfs, write_timepix_smvs
+from devtools.synthetic import draw_true_values, falling_parameters, smv_geometry, truncate, write_truncated_smv_sweep
+from dials_truncfix import format_wrapper
+from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.corrector import corrector_for, image_identity
+from dials_truncfix.geometry import ShellGeometry, shell_geometry, shell_map_for
+from dials_truncfix.io.smv import write_smv
+from dials_truncfix.settings import ENVIRONMENT_VARIABLE, Settings
+
+SIZE = 384
+
+
+@pytest.fixture(scope="module")
+def smv_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("smv")
+    paths, _ = write_truncated_smv_sweep(directory, n_images=3, size=SIZE, seed=1)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def simulated_sweep(tmp_path_factory):
+    """A small realistic MicroED sweep (spots where DIALS predicts them)."""
+    from devtools import simulate
+
+    directory = tmp_path_factory.mktemp("sim")
+    simulate.run([f"output.directory={directory}", "image_size=512", "n_images=4", "seed=5", "output.truth_images=False"])
+    return sorted(str(p) for p in (directory / "truncated").iterdir())
+
+
+def header_correction(path, index=0, params=CorrectionParameters()):
+    """The core's correction of a file with its header geometry (what the
+    experiment says when nothing overrides it), independent of the readers."""
+    image = format_wrapper.stock_format_class(path)(path)
+    raw = image.get_raw_data(index) if hasattr(image, "get_num_images") else image.get_raw_data()
+    raw = raw if isinstance(raw, tuple) else (raw,)
+    beam = image.get_beam(index) if hasattr(image, "get_num_images") else image.get_beam()
+    geometry = shell_geometry(beam, image.get_detector(), [image.get_static_mask()])
+    corrected, _ = corrector_for(geometry, params).correct(raw, image_identity(path, index))
+    return np.concatenate([p.as_numpy_array().ravel() for p in corrected]), np.concatenate(
+        [p.as_numpy_array().ravel() for p in raw]
+    )
+
+
+def import_on_read(files, workdir, expected_format, images=None, **env):
+    """DIALS_TRUNCFIX=1 dials.import, then dials.find_spots and a read-back in
+    new processes without the variable: the core's correction of the raw
+    files, with many negative values, none of them masked."""
+    images = images or [(f, 0) for f in files]
+    run(["dials.import", *files, "output.experiments=imported.expt"], workdir, DIALS_TRUNCFIX="1", **env)
+    # noise-only test images: allow any number of strong pixels
+    run(["dials.find_spots", "imported.expt", "nproc=2", "max_strong_pixel_fraction=1"], workdir, **env)
+    info, pixels, masks = read_back("imported.expt", workdir, **env)
+    assert info["format"] == expected_format
+    assert len(pixels) == len(images)
+    for data, mask, (path, index) in zip(pixels, masks, images):
+        expected, raw = header_correction(path, index)
+        assert np.array_equal(data, expected)
+        assert np.array_equal(data[raw > 0], raw[raw > 0])
+        assert (data < 0).sum() > 1000 and mask[data < 0].all()
+    return info, pixels
+
+
+# --- the switch ---------------------------------------------------------------------
+
+
+def test_variable_unset_reads_exactly_as_stock(smv_sweep, monkeypatch):
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    image = dxtbx.load(smv_sweep[0])
+    stock = format_wrapper.stock_format_class(smv_sweep[0])
+    assert type(image) is stock and stock.__name__ == "FormatSMVADSC"
+    reference = stock(smv_sweep[0])
+    assert image.get_detector() == reference.get_detector()
+    assert np.array_equal(image.get_raw_data().as_numpy_array(), reference.get_raw_data().as_numpy_array())
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_variable_is_ignored_outside_dials_import(smv_sweep, monkeypatch, value):
+    """Here the program is pytest: images are read as stock, even with a
+    value that dials.import would refuse."""
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, value)
+    assert type(dxtbx.load(smv_sweep[0])).__name__ == "FormatSMVADSC"
+    iset = ExperimentListFactory.from_filenames(smv_sweep)[0].imageset
+    assert iset.get_format_class().__name__ == "FormatSMVADSC"
+
+
+@pytest.mark.slow
+def test_stock_experiment_list_reads_as_stock_with_the_variable_exported(simulated_sweep, tmp_path):
+    """The switch does not leak: an experiment list imported without the
+    variable gives the same spots, pixels, masks and trusted range whether
+    or not it is exported later, and whatever its value."""
+    run(["dials.import", *simulated_sweep, "output.experiments=stock.expt"], tmp_path)
+    counts = {}
+    for value in (None, "1", "yes"):
+        env = {} if value is None else {ENVIRONMENT_VARIABLE: value}
+        found = run(["dials.find_spots", "stock.expt", "nproc=2", f"output.reflections=s{value}.refl"], tmp_path, **env)
+        counts[value] = spot_count(found)
+        info, pixels, masks = read_back("stock.expt", tmp_path, **env)
+        assert info["format"] == "FormatSMVADSC"
+        if value is None:
+            reference = (info["trusted"], pixels, masks)
+        else:
+            assert info["trusted"] == reference[0]
+            assert all(np.array_equal(a, b) for a, b in zip(pixels, reference[1]))
+            assert all(np.array_equal(a, b) for a, b in zip(masks, reference[2]))
+    assert counts["1"] == counts["yes"] == counts[None] > 0
+
+
+@pytest.mark.slow
+def test_import_find_spots_index_refine_with_the_variable_exported(tmp_path):
+    """A realistic session with DIALS_TRUNCFIX exported throughout: the
+    experiment list records the settings and the geometry fixed at import,
+    and refinement changes no pixel (spot finding and integration read
+    identical data)."""
+    from devtools import simulate
+
+    simulate.run([f"output.directory={tmp_path / 'sim'}", "image_size=1024", "n_images=10", "seed=1",
+                  "output.truth_images=False", "output.nproc=2"])
+    images = sorted(str(p) for p in (tmp_path / "sim" / "truncated").iterdir())
+    env = {ENVIRONMENT_VARIABLE: "1"}
+    run(["dials.import", *images], tmp_path, **env)
+    record = record_of(tmp_path / "imported.expt")
+    assert record["version"] == 2 and record["geometry"] is not None
+    assert json.loads((tmp_path / "imported.expt").read_text())["imageset"][0]["template"].startswith("truncfix://")
+    run(["dials.find_spots", "imported.expt", "nproc=2"], tmp_path, **env)
+    run(["dials.index", "imported.expt", "strong.refl", "space_group=P43212", "unit_cell=67.3,67.3,101,90,90,90"],
+        tmp_path, **env)
+    run(["dials.refine", "indexed.expt", "indexed.refl"], tmp_path, **env)
+    refined = json.loads((tmp_path / "refined.expt").read_text())
+    assert refined["detector"][0] != json.loads((tmp_path / "imported.expt").read_text())["detector"][0]
+    _, imported_pixels, _ = read_back("imported.expt", tmp_path)
+    info, refined_pixels, masks = read_back("refined.expt", tmp_path)
+    assert info["format"] == "Truncfix_FormatSMVADSC"
+    for a, b, mask in zip(imported_pixels, refined_pixels, masks):
+        assert np.array_equal(a, b) and (a < 0).sum() > 10000 and mask[a < 0].all()
+
+
+@pytest.mark.slow
+def test_the_experiment_decides_beam_centre_and_beam_stop(tmp_path):
+    """Header beam centre wrong by 40 pixels, imported with the right centre
+    and a beam-stop mask: the correction on read, the written CBF images and
+    the on_read experiment list give the same pixels; the shells are centred
+    on the given centre; masked pixels are neither fitted nor changed."""
+    paths, _ = write_truncated_smv_sweep(tmp_path / "data", n_images=2, size=SIZE, seed=4, header_centre_shift=(40, 0))
+    geometry = smv_geometry(SIZE)
+    centre = (geometry["BEAM_CENTER_Y"] / geometry["PIXEL_SIZE"], geometry["BEAM_CENTER_X"] / geometry["PIXEL_SIZE"])
+    override = "fast_slow_beam_centre=%.4f,%.4f" % centre
+    run(["dials.import", *paths, "output.experiments=header.expt"], tmp_path)
+    arm = (slice(int(centre[1]) - 6, int(centre[1]) + 6), slice(0, int(centre[0])))
+    run(["dials.generate_mask", "header.expt", "output.mask=beamstop.pickle",
+         f"untrusted.rectangle=0,{int(centre[0])},{int(centre[1]) - 6},{int(centre[1]) + 6}"], tmp_path)
+    common = [*paths, override, "mask=beamstop.pickle"]
+    run(["dials.import", *common, "output.experiments=on_read.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    run(["dials.import", *common, "output.experiments=stock.expt"], tmp_path)
+    run(["dials.correct_truncation", "stock.expt", "output.report=None"], tmp_path)
+    run(["dials.correct_truncation", "stock.expt", "output.format=on_read", "output.experiments=fixed.expt",
+         "output.json=fixed.json", "output.report=None", "output.log=fixed.log"], tmp_path)
+    routes = {name: read_back(name, tmp_path)[1] for name in ("on_read.expt", "corrected.expt", "fixed.expt")}
+    raw = [dxtbx.load(p).get_raw_data().as_numpy_array().ravel() for p in paths]
+    for i in range(len(paths)):
+        assert np.array_equal(routes["on_read.expt"][i], routes["corrected.expt"][i])
+        assert np.array_equal(routes["fixed.expt"][i], routes["corrected.expt"][i])
+        masked = np.zeros((SIZE, SIZE), bool)
+        masked[arm] = True
+        assert masked.sum() > 1000 and np.array_equal(routes["corrected.expt"][i][masked.ravel()], raw[i][masked.ravel()])
+    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text())
+    n_valid = sum(s["n_valid"] for s in record["sweeps"][0]["images"][0]["shells"])
+    assert n_valid == SIZE * SIZE - masked.sum()
+    shells = shell_map_for(ShellGeometry.from_record(record_of(tmp_path / "on_read.expt")["geometry"]), 10, 1000)
+    inner = np.argwhere(shells.labels.reshape(SIZE, SIZE) == 0)
+    assert np.abs(inner.mean(axis=0)[::-1] - centre).max() < 2.0  # (fast, slow) of the innermost shell
+
+
+# --- which cameras -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("camera", ["pilatus", "timepix"])
+def test_counting_detectors_are_read_as_stock(tmp_path, camera):
+    """Their zeros are real counts: by default imported uncorrected, with the
+    stock trusted range; truncfix.detector=integrating corrects them."""
+    files = (write_pilatus_cbfs if camera == "pilatus" else write_timepix_smvs)(tmp_path)
+    stock = format_wrapper.stock_format_class(files[0])
+    assert ("Pilatus" if camera == "pilatus" else "TimePix") in stock.__name__
+    run(["dials.import", *files, "output.experiments=plain.expt"], tmp_path)
+    run(["dials.import", *files, "output.experiments=default.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    plain, default = read_back("plain.expt", tmp_path), read_back("default.expt", tmp_path)
+    assert default[0] == plain[0] and default[0]["format"] == stock.__name__
+    assert all(np.array_equal(a, b) for a, b in zip(default[1], plain[1]))
+    (tmp_path / "integrating.phil").write_text("truncfix.detector = integrating\n")
+    run(["dials.import", *files, "output.experiments=forced.expt"], tmp_path,
+        DIALS_TRUNCFIX=str(tmp_path / "integrating.phil"))
+    forced = read_back("forced.expt", tmp_path)
+    assert forced[0]["format"] == f"Truncfix_{stock.__name__}"
+    assert min(p.min() for p in forced[1]) < 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dm4", "ser"])
+def test_electron_camera_formats_are_corrected(tmp_path, kind):
+    """Gatan DM4 and TIA SER stacks (any integer format can be wrapped)."""
+    from devtools.camera_files import write_dm4, write_ser
+
+    path = str(tmp_path / f"stack_0001.{kind}")
+    data = np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((256, 256))))
+                     for k in range(3)])
+    (write_dm4 if kind == "dm4" else write_ser)(path, data)
+    stock = format_wrapper.stock_format_class(path)
+    import_on_read([path], tmp_path, f"Truncfix_{stock.__name__}", images=[(path, i) for i in range(3)])
+
+
+PLUGIN = '''
+import numpy as np
+from dxtbx.format.Format import Format
+from scitbx.array_family import flex
+
+class FormatTestCamera(Format):
+    """A third-party camera: magic b"TESTCAM1", uint16 256 x 256."""
+
+    @staticmethod
+    def understand(image_file):
+        with open(image_file, "rb") as fh:
+            return fh.read(8) == b"TESTCAM1"
+
+    def _start(self):
+        with open(self._image_file, "rb") as fh:
+            self._pixels = np.frombuffer(fh.read()[8:], dtype="<u2").reshape(256, 256)
+
+    def _detector(self):
+        return self._detector_factory.simple("CCD", 500.0, (7.68, 7.68), "+x", "-y", (0.03, 0.03), (256, 256),
+                                             (-1, 65535), [])
+
+    def _beam(self):
+        return self._beam_factory.simple(0.0251)
+
+    def _goniometer(self):
+        return self._goniometer_factory.single_axis()
+
+    def _scan(self):
+        number = int(self._image_file[-9:-4])
+        return self._scan_factory.make_scan((number, number), 1.0, (0.5 * (number - 1), 0.5), {number: 0.0})
+
+    def get_raw_data(self):
+        return flex.int(self._pixels.astype(np.int32))
+'''
+
+
+@pytest.mark.slow
+def test_third_party_plugin_format_is_corrected(tmp_path):
+    """A format class registered by another package's entry point."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "truncfix_test_camera.py").write_text(PLUGIN)
+    info = site / "truncfix_test_camera-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: truncfix-test-camera\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[dxtbx.format]\nFormatTestCamera:Format = truncfix_test_camera:FormatTestCamera\n"
+    )
+    paths = []
+    for k in range(2):
+        values = truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((256, 256))))
+        path = tmp_path / f"cam_{k + 1:05d}.tcm"
+        path.write_bytes(b"TESTCAM1" + values.astype("<u2").tobytes())
+        paths.append(str(path))
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    run(["dials.import", *paths, "output.experiments=imported.expt"], tmp_path, DIALS_TRUNCFIX="1", **env)
+    info, pixels, masks = read_back("imported.expt", tmp_path, **env)
+    assert info["format"] == "Truncfix_FormatTestCamera"
+    for data, mask in zip(pixels, masks):
+        assert (data < 0).sum() > 1000 and mask[data < 0].all()
+
+
+@pytest.mark.slow
+def test_mrc_stack(tmp_path):
+    import mrcfile
+
+    path = str(tmp_path / "stack.mrc")
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((256, 256))))
+                               for k in range(3)]))
+    import_on_read([path], tmp_path, "Truncfix_FormatMRCstack" if "stack" in format_wrapper.stock_format_class(path).__name__
+                   else f"Truncfix_{format_wrapper.stock_format_class(path).__name__}", images=[(path, i) for i in range(3)])
+
+
+@pytest.mark.slow
+def test_full_cbf(smv_sweep, tmp_path):
+    """Full CBF (byte offset, with goniometer and scan) holding truncated data."""
+    from dials_truncfix.io.cbf import write_full_cbf
+
+    imageset = ExperimentListFactory.from_filenames(smv_sweep)[0].imageset
+    cbfs = []
+    for k in range(len(imageset)):
+        cbfs.append(str(tmp_path / f"full_{k + 1:05d}.cbf"))
+        write_full_cbf(cbfs[-1], imageset, k, [imageset.get_raw_data(k)[0].as_numpy_array().astype(np.int32)],
+                       [(0, 65534)])
+    stock = format_wrapper.stock_format_class(cbfs[0])
+    assert stock.__name__.startswith("FormatCBFFull")
+    import_on_read(cbfs, tmp_path, f"Truncfix_{stock.__name__}")
+
+
+@pytest.mark.slow
+def test_more_specific_stock_class_is_the_one_wrapped(tmp_path):
+    """An ADSC file with a serial number is read by the wrapper of that class."""
+    paths, _ = write_truncated_smv_sweep(tmp_path / "sn", n_images=2, size=256, seed=3, DETECTOR_SN=4242)
+    stock = format_wrapper.stock_format_class(paths[0])
+    assert stock.__name__ != "FormatSMVADSC" and issubclass(stock, format_wrapper.stock_format_class.__globals__["Format"])
+    import_on_read(paths, tmp_path, f"Truncfix_{stock.__name__}")
+
+
+# --- records, settings, bad input ----------------------------------------------------
+
+
+def _on_read_imageset(paths, settings):
+    from dxtbx.imageset import ImageSetFactory
+
+    stock = format_wrapper.stock_format_class(paths[0])
+    return format_wrapper.wrapped_class(stock.__name__).get_imageset(
+        paths, as_sequence=True, format_kwargs={"truncfix": settings.to_record()}
+    )
+
+
+def test_signed_and_float_data_pass_through_with_one_notice(tmp_path, caplog):
+    import mrcfile
+
+    path = str(tmp_path / "signed.mrc")
+    data = np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((128, 128))), np.int16)
+                     for k in range(3)])
+    data[:, :10, :10] = -5  # real negatives: not truncated data
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+    iset = _on_read_imageset([path], Settings(CorrectionParameters(min_pixels_per_shell=100)))
+    with caplog.at_level("INFO"):
+        for i in range(len(iset)):
+            assert np.array_equal(iset.get_raw_data(i)[0].as_numpy_array(), data[i].astype(float))
+    assert caplog.text.count("passed through uncorrected") == 1
+
+
+def test_pickled_reader_takes_the_geometry_along(smv_sweep):
+    """DIALS sends imagesets to other processes by pickling them: the copy
+    reads the same pixels without the experiment it came from."""
+    iset = _on_read_imageset(smv_sweep, Settings(CorrectionParameters()))
+    iset.set_beam(iset.get_beam())  # models as an experiment list sets them
+    copy = pickle.loads(pickle.dumps(iset))
+    for i in range(len(iset)):
+        assert np.array_equal(copy.get_raw_data(i)[0].as_numpy_array(), iset.get_raw_data(i)[0].as_numpy_array())
+        assert (iset.get_raw_data(i)[0].as_numpy_array() < 0).any()
+
+
+def test_version_1_record_is_migrated_and_a_newer_one_refused(smv_sweep):
+    old = {"n_shells": 10, "likelihood": "exact", "seed": 0, "histogram_max": None, "histogram_quantile": None,
+           "min_pixels_per_shell": 1000, "mask": None}
+    settings = Settings.from_record(old)
+    assert settings.parameters == CorrectionParameters() and settings.geometry is None
+    from dxtbx.imageset import ImageSetFactory  # noqa: F401
+
+    stock = format_wrapper.stock_format_class(smv_sweep[0])
+    iset = format_wrapper.wrapped_class(stock.__name__).get_imageset(
+        smv_sweep, as_sequence=True, format_kwargs={"truncfix": old}
+    )
+    expected, _ = header_correction(smv_sweep[0])
+    assert np.array_equal(iset.get_raw_data(0)[0].as_numpy_array().ravel(), expected)
+    from dials_truncfix.settings import TruncfixError
+
+    with pytest.raises(TruncfixError, match="format version 3.*upgrade dials-truncfix"):
+        Settings.from_record({**Settings(CorrectionParameters()).to_record(), "version": 3})
+
+
+def test_corrupt_file_gives_the_normal_dxtbx_error(smv_sweep, tmp_path):
+    bad = tmp_path / "trunc_00001.img"
+    bad.write_bytes(open(smv_sweep[0], "rb").read().replace(b"SIZE1=384", b"SIZE1=3x4"))
+    with pytest.raises(Exception) as stock_error:
+        format_wrapper.stock_format_class(str(bad))(str(bad))
+    with pytest.raises(type(stock_error.value)):
+        format_wrapper.wrapped_class("FormatSMVADSC")(str(bad))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("truncfix.n_shells = 8\ntruncfix.nshells = 8\n", "unknown parameter(s): truncfix.nshells"),
+     (None, "no such PHIL file")],
+)
+def test_bad_phil_file_stops_dials_import_in_one_line(tmp_path, smv_sweep, content, message):
+    phil = tmp_path / "settings.phil"
+    if content is not None:
+        phil.write_text(content)
+    result = run(["dials.import", smv_sweep[0], "output.experiments=x.expt"], tmp_path, ok=False,
+                 DIALS_TRUNCFIX=str(phil))
+    assert f"DIALS_TRUNCFIX: {phil}: {message}" in one_line_error(result)
+    assert not (tmp_path / "x.expt").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "wrong shape"])
+def test_bad_truncfix_mask_stops_dials_import_in_one_line(tmp_path, smv_sweep, problem):
+    from scitbx.array_family import flex
+
+    mask = tmp_path / "beamstop.pickle"
+    if problem == "garbage":
+        mask.write_bytes(b"not a mask")
+    elif problem == "wrong shape":
+        mask.write_bytes(pickle.dumps((flex.bool(flex.grid(10, 10), True),)))
+    (tmp_path / "settings.phil").write_text(f"truncfix.mask = {mask}\n")
+    result = run(["dials.import", *smv_sweep, "output.experiments=x.expt"], tmp_path, ok=False,
+                 DIALS_TRUNCFIX=str(tmp_path / "settings.phil"))
+    output = one_line_error(result)
+    assert f"truncfix.mask={mask}" in output
+    assert not (tmp_path / "x.expt").exists()
+
+
+@pytest.mark.slow
+def test_phil_file_parameters_are_used_and_recorded(tmp_path, smv_sweep):
+    (tmp_path / "settings.phil").write_text("truncfix { n_shells = 4\n seed = 9 }\n")
+    run(["dials.import", *smv_sweep], tmp_path, DIALS_TRUNCFIX=str(tmp_path / "settings.phil"))
+    record = record_of(tmp_path / "imported.expt")
+    assert record["parameters"]["seed"] == 9 and record["parameters"]["n_shells"] == 4
+    info, pixels, _ = read_back("imported.expt", tmp_path)
+    expected, _ = header_correction(smv_sweep[0], params=CorrectionParameters(n_shells=4, seed=9))
+    assert np.array_equal(pixels[0], expected)
