@@ -17,7 +17,7 @@ truncfix
   .help = "Modelling of pixel values truncated to zero (Hattne et al., 2016)"
 {
   n_shells = 10
-    .type = int(value_min=1)
+    .type = int(value_min=1, value_max=1000)
     .help = "Number of concentric resolution shells of equal valid-pixel count"
             "(about equal area) that are modelled separately."
   likelihood = *exact paper

@@ -1,0 +1,229 @@
+"""dials.correct_truncation against a hostile user: every row of the fault
+table either works or stops before writing anything, with a one-line error
+naming the file or parameter, and never replaces an input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import environment, one_line_error, run
+from test_command import ARGS, SHAPE, make_smv_sweep
+
+from dials_truncfix.io.smv import write_smv
+
+pytestmark = pytest.mark.slow
+
+
+def checksums(paths):
+    return {str(p): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
+
+
+def outputs_in(directory):
+    """What a run left in a directory, its inputs aside."""
+    return sorted(
+        p for p in os.listdir(directory) if not p.startswith(("data", "in.expt", "mask", "settings", "dials.import"))
+    )
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    paths = make_smv_sweep(tmp_path / "data", n=3)
+    run(["dials.import", *paths, "output.experiments=in.expt"], tmp_path)
+    return tmp_path, paths
+
+
+@pytest.fixture
+def long_sweep(tmp_path):
+    """Long enough to be caught in the middle."""
+    paths = make_smv_sweep(tmp_path / "data", n=200)
+    run(["dials.import", *paths, "output.experiments=in.expt"], tmp_path)
+    return tmp_path, paths
+
+
+def correct(tmp_path, *args, ok=True):
+    return run(["dials.correct_truncation", *ARGS, *args], tmp_path, ok=ok)
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["output.log={image}", "output.json={image}", "output.report={expt}", "output.experiments={expt}",
+     "output.log={phil}", "output.json={mask}"],
+)
+def test_no_output_replaces_an_input(sweep, option):
+    """Row 1: whichever parameter names it, with or without overwrite."""
+    tmp_path, paths = sweep
+    (tmp_path / "settings.phil").write_text("truncfix.seed = 3\n")
+    from scitbx.array_family import flex
+    import pickle
+
+    (tmp_path / "mask.pickle").write_bytes(pickle.dumps((flex.bool(flex.grid(*SHAPE), True),)))
+    option = option.format(image=paths[0], expt="in.expt", phil="settings.phil", mask="mask.pickle")
+    inputs = [*paths, tmp_path / "in.expt", tmp_path / "settings.phil", tmp_path / "mask.pickle"]
+    before = checksums(inputs)
+    for overwrite in ("False", "True"):
+        result = correct(tmp_path, "in.expt", "settings.phil", "truncfix.mask=mask.pickle", option,
+                         f"output.overwrite={overwrite}", ok=False)
+        assert "would replace the input" in one_line_error(result)
+        assert checksums(inputs) == before
+        assert outputs_in(tmp_path) == []
+
+
+def test_two_outputs_on_one_path_are_refused(sweep):
+    tmp_path, _ = sweep
+    result = correct(tmp_path, "in.expt", "output.json=out.txt", "output.report=out.txt", ok=False)
+    assert "output.report=out.txt is also output.json" in one_line_error(result)
+    assert outputs_in(tmp_path) == []
+
+
+def test_refused_run_leaves_the_previous_log_alone(sweep):
+    """Row 11: outputs exist, the run is refused, the earlier log is intact."""
+    tmp_path, _ = sweep
+    correct(tmp_path, "in.expt")
+    log = (tmp_path / "dials.correct_truncation.log").read_bytes()
+    assert "exists" in one_line_error(correct(tmp_path, "in.expt", "truncfix.seed=4", ok=False))
+    assert (tmp_path / "dials.correct_truncation.log").read_bytes() == log
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [("output.directory=None", "output.directory=None"),
+     ("truncfix.n_shells=32769", "n_shells"),
+     ("truncfix.likelihood=fancy", "likelihood")],
+)
+def test_bad_parameters_stop_before_writing(sweep, option, message):
+    """Rows 4 and 5."""
+    tmp_path, _ = sweep
+    extra = ["truncfix.min_pixels_per_shell=1"] if "n_shells" in option else []
+    result = correct(tmp_path, "in.expt", option, *extra, ok=False)
+    assert message in one_line_error(result)
+    assert outputs_in(tmp_path) == []
+
+
+def test_no_experiment_list_written_when_none_is_asked(sweep):
+    """Row 4: output.experiments=None works and writes the rest."""
+    tmp_path, _ = sweep
+    correct(tmp_path, "in.expt", "output.experiments=None")
+    assert "corrected.expt" not in outputs_in(tmp_path) and len(os.listdir(tmp_path / "corrected")) == 3
+
+
+def test_directory_given_as_input(sweep):
+    """Row 4: a directory named a.expt."""
+    tmp_path, _ = sweep
+    (tmp_path / "a.expt").mkdir()
+    result = correct(tmp_path, "a.expt", ok=False)
+    assert "a.expt: is a directory" in one_line_error(result)
+
+
+def test_concurrent_runs_into_one_directory(long_sweep):
+    """Row 7: the second run says in one line that the first owns the
+    directory; the first completes as if alone."""
+    tmp_path, paths = long_sweep
+    slow = ["dials.correct_truncation", "in.expt", *ARGS, "nproc=1"]
+    first = subprocess.Popen(slow, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    _wait_for_staging(tmp_path / "corrected")
+    second = run(["dials.correct_truncation", "in.expt", *ARGS, "output.overwrite=True",
+                  "output.log=second.log", "output.json=second.json", "output.report=None",
+                  "output.experiments=second.expt"], tmp_path, ok=False)
+    assert "another dials.correct_truncation is writing there" in one_line_error(second)
+    assert first.wait(timeout=600) == 0, first.stderr
+    assert not (tmp_path / "second.expt").exists() and not (tmp_path / "second.log").exists()
+    assert len(os.listdir(tmp_path / "corrected")) == 200
+
+
+def _wait_for_staging(directory, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        if directory.exists() and any(p.startswith(".dials.correct_truncation.staging") for p in os.listdir(directory)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run never started staging images")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum):
+    """Row 8: no staging, no partial files, no experiment list, no
+    traceback; a later run starts clean."""
+    tmp_path, _ = long_sweep
+    process = subprocess.Popen(["dials.correct_truncation", "in.expt", *ARGS, "nproc=2"],
+                               cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for_staging(tmp_path / "corrected")
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "Traceback" not in out + err and "interrupted" in err
+    left = os.listdir(tmp_path / "corrected")
+    assert left == [], left
+    assert not (tmp_path / "corrected.expt").exists()
+    correct(tmp_path, "in.expt", "output.overwrite=True")
+    assert len(os.listdir(tmp_path / "corrected")) == 200
+
+
+def test_cut_image_rows_are_left_as_they_are(tmp_path):
+    """Row 9: a file cut short (stock dxtbx reads the missing rows as 0) is
+    reported by name; those rows are not corrected, the rest is."""
+    paths = make_smv_sweep(tmp_path / "data", n=2)
+    with open(paths[1], "r+b") as fh:
+        fh.truncate(512 + 2 * SHAPE[1] * 200)  # rows 200 .. 255 missing
+    result = correct(tmp_path, *paths)
+    assert f"{paths[1]}" in result.stdout and "rows 200-255" in result.stdout
+    from dxtbx.model.experiment_list import ExperimentList
+
+    iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
+    cut = iset.get_raw_data(1)[0].as_numpy_array()
+    assert (cut[200:] == 0).all() and (cut[:200] < 0).sum() > 1000
+    assert (iset.get_raw_data(0)[0].as_numpy_array()[200:] < 0).sum() > 1000
+
+
+def test_all_zero_images_give_strict_json(tmp_path):
+    """Row 10: no bare NaN in the JSON."""
+    paths = make_smv_sweep(tmp_path / "data", n=2)
+    for k, p in enumerate(paths):
+        write_smv(p, np.zeros(SHAPE, np.uint16), PIXEL_SIZE=0.1248, DISTANCE=2200.0, WAVELENGTH=0.0251,
+                  BEAM_CENTER_X=16.0, BEAM_CENTER_Y=16.0, OSC_START=0.5 * k, OSC_RANGE=0.5, TIME=1.0)
+    correct(tmp_path, *paths)
+
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=refuse)
+    assert record["sweeps"][0]["images"][0]["n_changed"] == 0
+
+
+def test_slow_settings_warn_once_with_an_estimate(sweep, monkeypatch, capsys):
+    """Row 12, in process: the first image is timed and the run's duration
+    estimated when it is slow."""
+    from dials_truncfix.command_line import correct_truncation
+    from dials_truncfix.program import tasks
+
+    tmp_path, _ = sweep
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tasks, "SLOW_IMAGE_SECONDS", 0.0)
+    correct_truncation.run(["in.expt", *ARGS, "histogram.max=60000", "output.report=None"])
+    log = (tmp_path / "dials.correct_truncation.log").read_text()
+    assert log.count("the 3 images will take about") == 1
+
+
+@pytest.mark.parametrize("fmt", ["cbf", "smv"])
+def test_stills_and_single_images_are_first_class(tmp_path, fmt):
+    """Rows 2 and 3 (the read-back is in test_command)."""
+    import mrcfile
+
+    paths = make_smv_sweep(tmp_path / "data", n=2, osc=0.0)
+    run(["dials.import", *paths, "output.experiments=stills.expt"], tmp_path)
+    correct(tmp_path, "stills.expt", f"output.format={fmt}")
+    with mrcfile.new(str(tmp_path / "single.mrc")) as mrc:
+        mrc.set_data(np.fromfile(paths[0], dtype="<u2", offset=512).reshape(SHAPE))
+    correct(tmp_path, "single.mrc", f"output.format={fmt}", "output.directory=single", "output.experiments=single.expt",
+            "output.json=single.json", "output.log=single.log")
+    assert len(os.listdir(tmp_path / "single")) == 1
