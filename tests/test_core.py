@@ -383,3 +383,60 @@ def test_newton_steps_out_of_range_fail_gracefully():
     assert value == 1e300 and not grad.any()
     fit = fit_lognormal(hist[:-1], hist[-1], "exact")
     assert isinstance(fit.converged, bool)
+
+
+# --- reference output of the distribution mode --------------------------------
+
+#: sha256 of the corrected pixels (little-endian int32, panels in order) of the
+#: images made by _reference_case, computed from commit 9b8a482 (the branch
+#: point, before the assignment modes, sectors and speed-ups; numpy 1.24.2,
+#: scipy 1.10.1) with default parameters apart from those shown.  Later
+#: changes must keep them.
+REFERENCE_SHA256 = {
+    "scene": "db58e9e3f8fa060e6b3e828cee8a186fa56487af7935bfaffdc80afc09112e27",
+    "heavier": "3dba7d3d9957c2bf464f2d6da2b9bebead560e4e1d6c6bb7c470221120184c84",
+    "light": "082c8cab372e930731974b22f72195f1463feea8af8d40184c1666fdd8983673",
+    "two_panels": "09f2bee4b07ddcce11c65caaff3511029e6fd264e15d86a305a5b3510d36a665",
+    "float_seed_42": "e87c58eb7107fc39ad4b96c6311f03c21c503662b8f60718dddd7e2af7c3f5fd",
+    "paper_likelihood": "0b0b946396646c02576d12dfd7940fc0c551c15b85b9f1ac71a36c0eb49bc81a",
+}
+
+
+def _reference_case(name):
+    """(panels, shell map, parameters) of a deterministic synthetic image."""
+    shape, centre, n_shells, shift = (1024, 1024), (530.0, 490.0), N_SHELLS, 0.0
+    if name == "two_panels":
+        inv_d2 = [radial_inv_d2((200, 300), centre=(150.0, -20.0)), radial_inv_d2((200, 300), centre=(150.0, 220.0))]
+        shell_map = build_shell_map(inv_d2, [np.ones((200, 300), bool)] * 2, 4, min_pixels_per_shell=100)
+        true = draw_true_values(shell_map.labels, falling_parameters(4), np.random.default_rng(3))
+        panels = [truncate(true[:60000]).reshape(200, 300), truncate(true[60000:]).reshape(200, 300)]
+        return panels, shell_map, CorrectionParameters(n_shells=4, min_pixels_per_shell=100)
+    if name == "heavier":  # ~74% zeros
+        n_shells, shift = 10, -3.0
+    if name == "light":  # ~15% zeros
+        n_shells, shift = 10, 6.0
+    valid = np.ones(shape, dtype=bool)
+    valid[480:500, :530] = False
+    shell_map = build_shell_map([radial_inv_d2(shape, centre=centre)], [valid], n_shells)
+    truth = falling_parameters(n_shells)
+    truth = type(truth)(truth.theta + shift, truth.mu, truth.sigma)
+    true = draw_true_values(shell_map.labels.reshape(shape), truth, np.random.default_rng(20161029))
+    image = truncate(true)
+    image[~valid] = 0
+    if name == "paper_likelihood":
+        return [image], shell_map, CorrectionParameters(n_shells=n_shells, likelihood="paper")
+    if name == "float_seed_42":
+        return [image.astype(float)], shell_map, CorrectionParameters(n_shells=n_shells, seed=42)
+    return [image], shell_map, CorrectionParameters(n_shells=n_shells)
+
+
+def _output_sha256(panels):
+    return hashlib.sha256(b"".join(np.asarray(p, dtype="<i4").tobytes() for p in panels)).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SHA256))
+def test_distribution_output_is_bit_identical_to_the_reference(name):
+    panels, shell_map, params = _reference_case(name)
+    result = correct_image(panels, shell_map, params, f"reference-{name}")
+    assert result.status == correction.CORRECTED
+    assert _output_sha256(result.data) == REFERENCE_SHA256[name]
