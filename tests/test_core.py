@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from dials_truncfix.core import assignment, correction
-from dials_truncfix.core.assignment import zero_value_counts
+from dials_truncfix.core.assignment import zero_assignment
 from dials_truncfix.core.correction import correct_image, sweep_offset
 from dials_truncfix.core.lognormal import cdf
 from dials_truncfix.core.parameters import CorrectionParameters
@@ -133,7 +133,7 @@ def test_assigned_histogram_is_exactly_the_largest_remainder_counts(scene):
     for shell in result.shells:
         former_zero = (labels == shell.shell) & (image == 0)
         assert former_zero.sum() == shell.n_zero
-        values, counts = zero_value_counts(shell.n_zero, shell.fit.theta, shell.fit.mu, shell.fit.sigma)
+        values, counts, _ = zero_assignment("distribution", shell.n_zero, shell.fit.theta, shell.fit.mu, shell.fit.sigma)
         observed = np.array([(out[former_zero] == v).sum() for v in values])
         assert np.array_equal(observed, counts)
         assert counts.sum() == shell.n_zero
@@ -246,6 +246,108 @@ def test_sweep_offset(scene):
     assert sweep_offset(r.min_value for r in results) == -lowest
     unchanged = correct_image([np.ones(scene["shape"], np.uint16)], scene["shell_map"], params, "x")
     assert unchanged.min_value is None and sweep_offset([unchanged.min_value]) == 0
+
+
+# --- the expectation mode ------------------------------------------------------
+
+
+def _rounded_conditional_mean(theta, mu, sigma):
+    """E[round(X) | X < 0.5] summed over every integer down to theta."""
+    v = np.arange(0, np.floor(theta) - 1, -1)
+    p = cdf(v + 0.5, theta, mu, sigma) - cdf(v - 0.5, theta, mu, sigma)
+    return float(np.dot(v, p) / cdf([0.5], theta, mu, sigma)[0])
+
+
+@pytest.mark.parametrize(
+    "n_zero, theta, mu, sigma",
+    [(1, -3.0, 1.0, 0.8), (7, -0.2, 0.5, 1.0), (10_000, -20.0, 3.2, 0.35), (123_457, -8.0, 1.8, 0.55),
+     (500, 0.4, -3.0, 0.3)],
+)
+def test_expectation_keeps_the_sum_with_two_neighbouring_values(n_zero, theta, mu, sigma):
+    values, counts, mean = zero_assignment("expectation", n_zero, theta, mu, sigma)
+    # m is the conditional mean of the rounded values below 0.5 (the tail
+    # the assignment lumps together holds < 0.01 expected pixels)
+    assert mean == pytest.approx(_rounded_conditional_mean(theta, mu, sigma), abs=0.05 / n_zero + 1e-9)
+    assert counts.sum() == n_zero and np.all(counts >= 0)
+    used = values[counts > 0]
+    assert np.all(used <= 0) and used.max() - used.min() <= 1
+    total = int(np.dot(values, counts))
+    assert abs(total - n_zero * mean) <= 0.5  # the sum n m rounded to an integer
+    # the same m as the distribution mode's values, and the same probabilities
+    d_values, d_counts, d_mean = zero_assignment("distribution", n_zero, theta, mu, sigma)
+    assert d_mean == mean and d_counts.sum() == n_zero
+
+
+@pytest.fixture(scope="module")
+def by_mode(scene):
+    """The scene corrected in both assignment modes."""
+    return {
+        mode: correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, assignment=mode), "scene")
+        for mode in ("distribution", "expectation")
+    }
+
+
+def test_expectation_mode_on_an_image(scene, by_mode):
+    result = by_mode["expectation"]
+    labels = scene["shell_map"].labels.reshape(scene["shape"])
+    image = scene["image"]
+    out = result.data[0]
+    positive = image > 0
+    assert np.array_equal(out[positive], image[positive])
+    assert np.array_equal(out[~scene["valid"]], image[~scene["valid"]])
+    for shell in result.shells:
+        given = out[(labels == shell.shell) & (image == 0)].astype(np.int64)
+        assert shell.assignment == "expectation" and shell.as_dict()["conditional_mean"] == shell.conditional_mean
+        assert shell.conditional_mean == by_mode["distribution"].shells[shell.shell].conditional_mean
+        assert np.all(given <= 0) and np.ptp(given) == 1
+        assert abs(given.sum() - shell.n_zero * shell.conditional_mean) <= 0.5
+        assert shell.min_value == given.min() and shell.n_changed == np.count_nonzero(given)
+
+
+def test_expectation_mode_is_deterministic_and_keyed(scene, by_mode):
+    params = CorrectionParameters(n_shells=N_SHELLS, assignment="expectation")
+    again = correct_image([scene["image"]], scene["shell_map"], params, "scene")
+    other = correct_image([scene["image"]], scene["shell_map"], params, "another image")
+    first = by_mode["expectation"].data[0]
+    assert np.array_equal(again.data[0], first)
+    assert not np.array_equal(other.data[0], first)
+    assert np.array_equal(np.sort(other.data[0].ravel()), np.sort(first.ravel()))
+
+
+def test_given_values_match_the_true_values_on_average_and_expectation_has_less_error(scene, by_mode):
+    """Per shell, the mean of the values given to the zero pixels against the
+    mean of their true (rounded) values: their difference has the variance
+    of the true values' mean (s^2 / n) plus that of the fitted m (delta
+    method through the fit's covariance), and must lie within 4 standard
+    deviations.  The expectation mode gives each pixel the conditional mean,
+    so its mean squared error is about the true values' variance, while the
+    distribution mode's independent draws double it."""
+    labels = scene["shell_map"].labels.reshape(scene["shape"])
+    image = scene["image"]
+    for shell in by_mode["expectation"].shells:
+        zero = (labels == shell.shell) & (image == 0)
+        true = np.rint(scene["true"][zero])
+        n = true.size
+        observed = image[labels == shell.shell].astype(int)
+        hist = np.bincount(np.minimum(observed, shell.imax + 1), minlength=shell.imax + 2)
+        fit = shell.fit
+        covariance = parameter_covariance(hist[:-1], hist[-1], fit)
+        p = np.array([fit.theta, fit.mu, fit.sigma])
+        gradient = np.empty(3)
+        for k in range(3):
+            step = np.zeros(3)
+            step[k] = 1e-5
+            gradient[k] = (zero_assignment("expectation", n, *(p + step))[2] - zero_assignment("expectation", n, *(p - step))[2]) / 2e-5
+        sd = np.sqrt(true.var() / n + gradient @ covariance @ gradient)
+        mse = {}
+        for mode, result in by_mode.items():
+            given = result.data[0][zero].astype(float)
+            z = (given.mean() - true.mean()) / sd
+            print(f"shell {shell.shell} {mode}: mean given {given.mean():.3f} true {true.mean():.3f} z {z:.2f}")
+            assert abs(z) < 4, (shell.shell, mode, z)
+            mse[mode] = np.mean((given - true) ** 2)
+        print(f"shell {shell.shell}: mse {mse}, true variance {true.var():.2f}")
+        assert mse["expectation"] < 0.75 * mse["distribution"]
 
 
 # --- bad and unusual input ----------------------------------------------------

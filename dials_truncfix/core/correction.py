@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dials_truncfix.core.assignment import image_rng, random_arrangement, zero_value_counts
+from dials_truncfix.core.assignment import image_rng, random_arrangement, zero_assignment
 from dials_truncfix.core.histogram import imax, shell_histograms
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
@@ -38,6 +38,8 @@ class ShellResult:
     status: str = NO_ZEROS
     n_changed: int = 0
     min_value: int | None = None
+    assignment: str | None = None
+    conditional_mean: float | None = None
 
     @property
     def zero_fraction(self):
@@ -176,7 +178,10 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     rng = image_rng(params.seed, image_key)
     for s, fit in fits.items():
         result = results[s]
-        values, counts = zero_value_counts(result.n_zero, fit.theta, fit.mu, fit.sigma)
+        values, counts, result.conditional_mean = zero_assignment(
+            params.assignment, result.n_zero, fit.theta, fit.mu, fit.sigma
+        )
+        result.assignment = params.assignment
         assigned = random_arrangement(values.astype(out_dtype), counts, rng)
         out[zero_positions[starts[s] : starts[s + 1]]] = assigned
         result.n_changed = int(np.count_nonzero(assigned))
