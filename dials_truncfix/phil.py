@@ -20,6 +20,13 @@ truncfix
     .type = int(value_min=1)
     .help = "Number of concentric resolution shells of equal valid-pixel count"
             "(about equal area) that are modelled separately."
+  n_sectors = 1
+    .type = int(value_min=1)
+    .help = "Experimental: split every resolution shell into this many"
+            "azimuthal sectors of equal angle, each modelled separately (for"
+            "backgrounds that vary around the beam). A sector whose fit fails"
+            "is fitted together with a neighbouring sector of its shell."
+    .expert_level = 1
   likelihood = *exact paper
     .type = choice
     .help = "exact: multinomial likelihood of the binned counts, with bin"
@@ -86,6 +93,7 @@ def correction_parameters(truncfix):
         seed=truncfix.seed,
         fit_all_shells=truncfix.fit_all_shells,
         assignment=truncfix.assignment,
+        n_sectors=truncfix.n_sectors,
     )
 
 

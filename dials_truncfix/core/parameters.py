@@ -19,6 +19,7 @@ class CorrectionParameters:
     seed: int = 0
     fit_all_shells: bool = False
     assignment: str = "distribution"
+    n_sectors: int = 1
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
