@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 import sys
 
@@ -694,3 +695,25 @@ def test_distribution_output_is_bit_identical_to_the_reference(name):
     result = correct_image(panels, shell_map, params, f"reference-{name}")
     assert result.status == correction.CORRECTED
     assert _output_sha256(result.data) == REFERENCE_SHA256[name]
+
+
+@pytest.mark.parametrize("likelihood", ["exact", "paper"])
+def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(monkeypatch, likelihood):
+    """Found by a hostile tester: at such a start the objective returns
+    NOT_FINITE with a zero gradient, which the optimiser took for
+    convergence at iteration 0.  A start with sigma = 1e-300 puts every bin
+    edge infinitely many standard deviations from the median: the
+    log-likelihood is -inf (or undefined) for both likelihoods."""
+    from dials_truncfix.core import lognormal
+
+    rng = np.random.default_rng(7)
+    hist, n_above = _fit_histogram(-3 + np.exp(1 + 0.8 * rng.standard_normal(20_000)))
+    assert fit_lognormal(hist, n_above, likelihood).converged
+    start = (0.0, 0.0, 1e-300)
+    objective = lognormal._Objective(hist, n_above, likelihood)
+    value, grad = objective(np.array([math.log(0.5 - start[0]), start[1], math.log(start[2])]))
+    assert value == lognormal.NOT_FINITE and not grad.any()
+    monkeypatch.setattr(lognormal, "starting_values", lambda h, n: start)
+    fit = fit_lognormal(hist, n_above, likelihood)
+    assert not fit.converged
+    assert fit.log_likelihood == -math.inf and fit.message == "log-likelihood not finite"

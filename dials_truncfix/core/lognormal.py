@@ -32,6 +32,11 @@ LIKELIHOODS = ("exact", "paper")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
+#: what the objective returns (with a zero gradient) where the likelihood is
+#: not finite: large enough to be rejected by any descent, finite so that the
+#: optimisers' arithmetic stays defined; never a converged fit's value
+NOT_FINITE = 1e300
+
 
 @dataclass(frozen=True)
 class LognormalFit:
@@ -122,9 +127,9 @@ class _Objective:
             try:
                 value, grad = (self._exact if self.likelihood == "exact" else self._paper)(*p)
             except (ValueError, OverflowError, ZeroDivisionError):
-                return 1e300, np.zeros(3)
+                return NOT_FINITE, np.zeros(3)
         if not np.isfinite(value) or not np.all(np.isfinite(grad)):
-            return 1e300, np.zeros(3)
+            return NOT_FINITE, np.zeros(3)
         return -value / self.n_total, -grad / self.n_total
 
     def _exact(self, a, mu, s):
@@ -154,7 +159,7 @@ class _Objective:
         try:
             return self._with_hessian(*p)
         except (ValueError, OverflowError, ZeroDivisionError):
-            return 1e300, np.zeros(3), np.eye(3)
+            return NOT_FINITE, np.zeros(3), np.eye(3)
 
     def _with_hessian(self, a, mu, s):
         sigma, t = math.exp(s), math.exp(a)
@@ -194,7 +199,7 @@ class _Objective:
             value = np.dot(c[occupied], log_p[occupied])
         grad = g * jac
         if not (np.isfinite(value) and np.all(np.isfinite(grad)) and np.all(np.isfinite(h))):
-            return 1e300, np.zeros(3), np.eye(3)
+            return NOT_FINITE, np.zeros(3), np.eye(3)
         return -value / self.n_total, -grad / self.n_total, -h / self.n_total
 
     def _paper(self, a, mu, s):
@@ -275,10 +280,13 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
         )
     a, mu, s = result.x
     theta, sigma = 0.5 - math.exp(a), math.exp(s)
-    ll = -result.fun * objective.n_total
+    # a start where the likelihood is not finite leaves the optimiser at
+    # NOT_FINITE with a zero gradient, which it takes for convergence
+    ll = -result.fun * objective.n_total if result.fun < NOT_FINITE else -math.inf
     converged = bool(
         result.success or (result.status == 2 and np.max(np.abs(result.jac)) < 1e-5)
     )
+    message = str(result.message) if np.isfinite(ll) else "log-likelihood not finite"
     if not (np.isfinite(ll) and np.isfinite([theta, mu, sigma]).all()):
         converged = False
     expected = bin_probabilities(theta, mu, sigma, len(h) - 1)[:-1] * (h.sum() + n_above)
@@ -291,7 +299,7 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
         rmsd=rmsd,
         converged=converged,
         n_iterations=int(result.nit),
-        message=str(result.message),
+        message=message,
     )
 
 
