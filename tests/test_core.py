@@ -717,3 +717,30 @@ def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(
     fit = fit_lognormal(hist, n_above, likelihood)
     assert not fit.converged
     assert fit.log_likelihood == -math.inf and fit.message == "log-likelihood not finite"
+
+
+def test_more_regions_than_int16_labels_hold():
+    """Found by a hostile tester: n_shells=32769 with min_pixels_per_shell=1
+    overflowed the int16 labels into a baffling bincount error (and the
+    dense per-shell histograms would have taken 17 GB).  Random 1/d^2 has no
+    ties, so every one of the 32769 shells is made."""
+    import tracemalloc
+
+    shape = (200, 200)
+    inv_d2 = np.random.default_rng(5).random(shape)
+    shell_map = build_shell_map([inv_d2], [np.ones(shape, bool)], 32769, min_pixels_per_shell=1)
+    assert shell_map.n_regions == 32769 and shell_map.labels.max() == 32768
+    assert np.array_equal(np.bincount(shell_map.labels), shell_map.n_valid)
+    assert np.all(np.diff(shell_map.labels[np.argsort(inv_d2, axis=None)]) >= 0)
+    image = truncate(-3 + np.exp(1 + 0.8 * np.random.default_rng(6).standard_normal(shape)))
+    params = CorrectionParameters(n_shells=32769, min_pixels_per_shell=1)
+    tracemalloc.start()
+    try:
+        result = correct_image([image], shell_map, params, "many shells")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100e6, peak
+    assert len(result.shells) == 32769 and np.array_equal(result.data[0], image)  # 1-2 pixels: no fit
+    with pytest.raises(ValueError, match="n_sectors=1000"):
+        build_shell_map([inv_d2[:20, :20]], [np.ones((20, 20), bool)], 3, 1, azimuth=[inv_d2[:20, :20]], n_sectors=1000)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 
 from dials_truncfix.core.assignment import image_rng, random_arrangement, zero_assignment
-from dials_truncfix.core.histogram import imax, shell_histograms
+from dials_truncfix.core.histogram import counts_up_to, histogram_values, imax, pooled_histogram, region_histogram
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import ShellMap
@@ -80,7 +81,7 @@ class ImageCorrection:
 
 def _fit_shell(histogram, n_valid, params):
     top = imax(histogram, n_valid, params)
-    h = histogram[: top + 1]
+    h = counts_up_to(histogram, top)
     n_above = int(n_valid - h.sum())
     fit = fit_lognormal(h, n_above, params.likelihood)
     if fit.converged and not cdf([0.5], fit.theta, fit.mu, fit.sigma)[0] > 0:
@@ -134,9 +135,10 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     zero_positions = order[zero_rank]
     zero_starts = np.searchsorted(zero_rank, region_starts)
 
-    histograms = shell_histograms(by_region, region_starts)
-    results = [_region_result(shell_map, r, histograms[r]) for r in range(shell_map.n_regions)]
-    fits = _fit_regions(results, histograms, shell_map, params, image_key)
+    histogram = partial(region_histogram, histogram_values(by_region), region_starts)
+    n_zero = np.diff(zero_starts)
+    results = [_region_result(shell_map, r, n_zero[r]) for r in range(shell_map.n_regions)]
+    fits = _fit_regions(results, histogram, shell_map, params, image_key)
 
     out_dtype = np.float64 if flat.dtype.kind == "f" else np.int32
     in_place = overwrite_input and len(panels) == 1 and flat.dtype == out_dtype and np.shares_memory(flat, panels[0])
@@ -166,29 +168,30 @@ def _check_map(shapes, shell_map, params):
         )
 
 
-def _region_result(shell_map, region, histogram):
+def _region_result(shell_map, region, n_zero):
     return ShellResult(
         shell=int(shell_map.shell[region]),
         sector=int(shell_map.sector[region]),
         d_max=float(shell_map.d_max[region]),
         d_min=float(shell_map.d_min[region]),
         n_valid=int(shell_map.n_valid[region]),
-        n_zero=int(histogram[0]),
+        n_zero=int(n_zero),
     )
 
 
-def _fit_regions(results, histograms, shell_map, params, image_key):
+def _fit_regions(results, histogram, shell_map, params, image_key):
     """Fit every region that has zero pixels (or all, with fit_all_shells);
     a failed fit is retried on the region pooled with each of its merge
-    candidates in turn.  Returns {region: fit} of the regions to correct."""
+    candidates in turn.  ``histogram(region)`` gives a region's histogram.
+    Returns {region: fit} of the regions to correct."""
     fits = {}
     for r, result in enumerate(results):
         if result.n_zero == 0 and not params.fit_all_shells:
             continue
-        result.imax, result.fit = _fit_shell(histograms[r], result.n_valid, params)
+        result.imax, result.fit = _fit_shell(histogram(r), result.n_valid, params)
         result.fitted_regions = ((result.shell, result.sector),)
         if not result.fit.converged:
-            _fit_merged(result, r, histograms, shell_map, params, image_key)
+            _fit_merged(result, r, histogram, shell_map, params, image_key)
         if result.n_zero == 0:
             continue
         if result.fit.converged:
@@ -201,10 +204,10 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
     return fits
 
 
-def _fit_merged(result, region, histograms, shell_map, params, image_key):
+def _fit_merged(result, region, histogram, shell_map, params, image_key):
     for other in shell_map.merge_candidates(region):
         merged_imax, merged_fit = _fit_shell(
-            histograms[region] + histograms[other],
+            pooled_histogram(histogram(region), histogram(other)),
             result.n_valid + int(shell_map.n_valid[other]),
             params,
         )
