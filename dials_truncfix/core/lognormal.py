@@ -103,24 +103,37 @@ def _log_phi(z):
     return -0.5 * z * z - _LOG_SQRT_2PI
 
 
+def _occupied_intervals(bin_counts):
+    """(edge offsets, interval counts) of the exact likelihood over only the
+    edges that bound an occupied bin: a run of empty bins adds nothing to
+    the multinomial likelihood, so it becomes one empty interval between the
+    edges around it.  Edge k is I = k + 0.5, the top of bin k, at
+    x - theta = k + exp(a).  Without empty bins nothing changes; with a
+    large Imax (histogram.max) most bins are empty and this makes it cheap."""
+    occupied = bin_counts > 0
+    kept = np.flatnonzero(occupied[:-1] | occupied[1:])
+    cumulative = np.cumsum(bin_counts)
+    interval_counts = np.diff(np.concatenate(([0.0], cumulative[kept], cumulative[-1:])))
+    return kept.astype(float), interval_counts
+
+
 class _Objective:
     """Negative mean log-likelihood and its gradient in (a, mu, s), with
     theta = 0.5 - exp(a) and sigma = exp(s)."""
 
     def __init__(self, histogram, n_above, likelihood):
-        self.h = np.asarray(histogram, dtype=float)
+        h = np.asarray(histogram, dtype=float)
         self.likelihood = likelihood
-        imax = len(self.h) - 1
         if likelihood == "exact":
             # bins (-inf, 0.5), [0.5, 1.5), ..., [Imax - 0.5, Imax + 0.5), [Imax + 0.5, inf)
-            self.bin_counts = np.append(self.h, float(n_above))
-            # edges 0.5 .. Imax + 0.5 minus 0.5: x - theta = offset + exp(a)
-            self.offsets = np.arange(imax + 1, dtype=float)
+            self.offsets, self.bin_counts = _occupied_intervals(np.append(h, float(n_above)))
         else:
-            self.bin_counts = self.h
-            # integer counts 1 .. Imax minus 0.5
-            self.offsets = np.arange(imax, dtype=float) + 0.5
-        self.n_total = self.bin_counts.sum()
+            self.h0 = h[0]
+            # the positive counts I that occur, minus 0.5
+            occupied = np.flatnonzero(h[1:] > 0)
+            self.offsets = occupied + 0.5
+            self.positive_counts = h[1:][occupied]
+        self.n_total = h.sum() + (n_above if likelihood == "exact" else 0)
 
     def __call__(self, p):
         with np.errstate(all="ignore"):
@@ -204,7 +217,7 @@ class _Objective:
 
     def _paper(self, a, mu, s):
         sigma = math.exp(s)
-        h0, hpos = self.h[0], self.h[1:]
+        h0, hpos = self.h0, self.positive_counts
         # H(0) log F(0.5)
         z0 = (a - mu) / sigma
         log_f0 = special.log_ndtr(z0)
