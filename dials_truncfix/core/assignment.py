@@ -128,21 +128,25 @@ def random_arrangement(values, counts, rng):
     n = int(counts.sum())
     direct = np.maximum(counts - DIRECT_DRAW_MARGIN * np.sqrt(counts) - 1, 0)
     slots = np.floor(direct / max(n, 1) * _TABLE_SIZE).astype(np.int64)
-    if n == 0 or slots.sum() == 0:
+    n_decided = int(slots.sum())  # table slots 0 .. n_decided - 1 hold values, in order
+    if n == 0 or n_decided == 0:
         out = _sequence(values, counts)
         rng.shuffle(out)
         return out
-    undecided = len(values)
-    table = np.full(_TABLE_SIZE, undecided, dtype=np.int16 if undecided < 2**15 else np.int32)
-    table[: slots.sum()] = np.repeat(np.arange(len(values)), slots)
-    category = table[rng.integers(0, _TABLE_SIZE, size=n, dtype=np.uint16)]
-    drawn = np.bincount(category, minlength=undecided + 1)[:undecided]
+    draws = rng.integers(0, _TABLE_SIZE, size=n, dtype=np.uint16)
+    # draws per value from the draws below each slot (bincount fills
+    # 65536 counters faster than a few, which it would hit repeatedly)
+    below = np.concatenate(([0], np.cumsum(np.bincount(draws, minlength=_TABLE_SIZE)[:n_decided])))
+    ends = np.cumsum(slots)
+    drawn = below[ends] - below[ends - slots]
     if np.any(drawn > counts):
         out = _sequence(values, counts)
         rng.shuffle(out)
         return out
-    out = np.append(values, values[:1])[category]
+    table = np.full(_TABLE_SIZE, values[0], dtype=values.dtype)
+    table[:n_decided] = np.repeat(values, slots)
+    out = table[draws]
     rest = _sequence(values, counts - drawn)
     rng.shuffle(rest)
-    out[category == undecided] = rest
+    out[draws >= n_decided] = rest
     return out

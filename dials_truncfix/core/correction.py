@@ -121,9 +121,10 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     shapes = [np.shape(p) for p in panels]
     _check_map(shapes, shell_map, params)
     flat = _flatten(panels)
-    # valid pixels sorted by region, raster order within a region
+    # valid pixels sorted by region, raster order within a region (take
+    # without bounds checks: the indices are the map's own)
     order, region_starts = shell_map.pixel_order()
-    by_region = flat[order]
+    by_region = np.take(flat, order, mode="clip")
     reason = _not_truncated(by_region)
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
@@ -132,7 +133,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     zero_rank = np.flatnonzero(by_region == 0)
     if zero_rank.size == 0 and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS)
-    zero_positions = order[zero_rank]
+    zero_positions = np.take(order, zero_rank, mode="clip")
     zero_starts = np.searchsorted(zero_rank, region_starts)
 
     histogram = partial(region_histogram, histogram_values(by_region), region_starts)
@@ -153,7 +154,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
         result.assignment = params.assignment
         assigned = random_arrangement(values.astype(out_dtype), counts, rng)
         out[zero_positions[zero_starts[r] : zero_starts[r + 1]]] = assigned
-        result.n_changed = int(np.count_nonzero(assigned))
+        result.n_changed = int(counts[values != 0].sum())
         result.min_value = int(values[np.flatnonzero(counts)[-1]])
     return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results)
 

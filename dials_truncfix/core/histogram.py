@@ -72,8 +72,10 @@ def imax(histogram, n_valid, params):
         return int(min(params.histogram_max, HISTOGRAM_CAP + 1))
     n_positive = n_valid - histogram[0]
     target = effective_quantile(params) * n_positive
-    value = int(np.searchsorted(np.cumsum(histogram[1:]), target)) + 1
-    return max(3, value)
+    head = np.cumsum(histogram[1:4097])  # Imax is almost always small
+    if head.size and head[-1] < target:
+        head = np.cumsum(histogram[1:])
+    return max(3, int(np.searchsorted(head, target)) + 1)
 
 
 def counts_up_to(histogram, top):
