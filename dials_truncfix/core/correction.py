@@ -141,22 +141,31 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     results = [_region_result(shell_map, r, n_zero[r]) for r in range(shell_map.n_regions)]
     fits = _fit_regions(results, histogram, shell_map, params, image_key)
 
-    out_dtype = np.float64 if flat.dtype.kind == "f" else np.int32
-    in_place = overwrite_input and len(panels) == 1 and flat.dtype == out_dtype and np.shares_memory(flat, panels[0])
-    out = flat if in_place else flat.astype(out_dtype, copy=True)
-
+    out = _output(flat, panels, overwrite_input)
     rng = image_rng(params.seed, image_key)
     for r, fit in fits.items():
-        result = results[r]
-        values, counts, result.conditional_mean = zero_assignment(
-            params.assignment, result.n_zero, fit.theta, fit.mu, fit.sigma
-        )
-        result.assignment = params.assignment
-        assigned = random_arrangement(values.astype(out_dtype), counts, rng)
-        out[zero_positions[zero_starts[r] : zero_starts[r + 1]]] = assigned
-        result.n_changed = int(counts[values != 0].sum())
-        result.min_value = int(values[np.flatnonzero(counts)[-1]])
+        _assign(out, zero_positions[zero_starts[r] : zero_starts[r + 1]], results[r], fit, params, rng)
     return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results)
+
+
+def _output(flat, panels, overwrite_input):
+    """The flat array the corrected values go into: int32 (float64 for float
+    input), the input itself when the caller allows it and it fits."""
+    dtype = np.float64 if flat.dtype.kind == "f" else np.int32
+    if overwrite_input and len(panels) == 1 and flat.dtype == dtype and np.shares_memory(flat, panels[0]):
+        return flat
+    return flat.astype(dtype, copy=True)
+
+
+def _assign(out, positions, result, fit, params, rng):
+    """Give a fitted region's zero pixels (``positions``) their values."""
+    values, counts, result.conditional_mean = zero_assignment(
+        params.assignment, result.n_zero, fit.theta, fit.mu, fit.sigma
+    )
+    result.assignment = params.assignment
+    out[positions] = random_arrangement(values.astype(out.dtype), counts, rng)
+    result.n_changed = int(counts[values != 0].sum())
+    result.min_value = int(values[np.flatnonzero(counts)[-1]])
 
 
 def _check_map(shapes, shell_map, params):
