@@ -113,15 +113,21 @@ def _log_phi(z):
     return -0.5 * z * z - _LOG_SQRT_2PI
 
 
+def _edges_kept(needed, n_edges):
+    """The edges (or counts) the likelihood runs over: only the ``needed``
+    ones when that drops at least half of the ``n_edges``, which makes a
+    large Imax (histogram.max) cheap; else all, so that the usual fits stay
+    the same to the bit (shorter sums round differently)."""
+    return needed if 2 * len(needed) <= n_edges else np.arange(n_edges)
+
+
 def _occupied_intervals(bin_counts):
-    """(edge offsets, interval counts) of the exact likelihood over only the
-    edges that bound an occupied bin: a run of empty bins adds nothing to
-    the multinomial likelihood, so it becomes one empty interval between the
-    edges around it.  Edge k is I = k + 0.5, the top of bin k, at
-    x - theta = k + exp(a).  Without empty bins nothing changes; with a
-    large Imax (histogram.max) most bins are empty and this makes it cheap."""
+    """(edge offsets, interval counts) of the exact likelihood: a run of empty
+    bins adds nothing to the multinomial likelihood, so the edges inside it
+    can go, the run becoming one empty interval.  Edge k is I = k + 0.5,
+    the top of bin k, at x - theta = k + exp(a)."""
     occupied = bin_counts > 0
-    kept = np.flatnonzero(occupied[:-1] | occupied[1:])
+    kept = _edges_kept(np.flatnonzero(occupied[:-1] | occupied[1:]), len(bin_counts) - 1)
     cumulative = np.cumsum(bin_counts)
     interval_counts = np.diff(np.concatenate(([0.0], cumulative[kept], cumulative[-1:])))
     return kept.astype(float), interval_counts
@@ -140,10 +146,10 @@ class _Objective:
             self._counts_by_edge()
         else:
             self.h0 = h[0]
-            # the positive counts I that occur, minus 0.5
-            occupied = np.flatnonzero(h[1:] > 0)
-            self.offsets = occupied + 0.5
-            self.positive_counts = h[1:][occupied]
+            # the positive counts I (those that occur), minus 0.5
+            kept = _edges_kept(np.flatnonzero(h[1:] > 0), len(h) - 1)
+            self.offsets = kept + 0.5
+            self.positive_counts = h[1:][kept]
         self.n_total = h.sum() + (n_above if likelihood == "exact" else 0)
 
     def _counts_by_edge(self):
