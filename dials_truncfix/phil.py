@@ -20,6 +20,13 @@ truncfix
     .type = int(value_min=1, value_max=1000)
     .help = "Number of concentric resolution shells of equal valid-pixel count"
             "(about equal area) that are modelled separately."
+  n_sectors = 1
+    .type = int(value_min=1)
+    .help = "Experimental: split every resolution shell into this many"
+            "azimuthal sectors of equal angle, each modelled separately (for"
+            "backgrounds that vary around the beam). A sector whose fit fails"
+            "is fitted together with a neighbouring sector of its shell."
+    .expert_level = 1
   likelihood = *exact paper
     .type = choice
     .help = "exact: multinomial likelihood of the binned counts, with bin"
@@ -27,6 +34,14 @@ truncfix
             "censored. paper: equation (4) of Hattne et al. (2016),"
             "H(0) log F(0.5) + sum H(I) log f(I), which is biased when much of"
             "the distribution lies above Imax."
+  assignment = *distribution expectation
+    .type = choice
+    .help = "What the zero pixels of a fitted shell receive. distribution:"
+            "the values v <= 0 in the proportions the fitted distribution"
+            "gives them (the truncated part of the distribution restored)."
+            "expectation: the fitted conditional mean m of the values below"
+            "0.5, as the integers floor(m) and floor(m)+1 in the proportions"
+            "that keep the shell's total: the same sum, less noise per pixel."
   seed = 0
     .type = int(value_min=0)
     .help = "Seed for the random spatial arrangement of the assigned values."
@@ -86,6 +101,8 @@ def correction_parameters(truncfix):
         min_pixels_per_shell=truncfix.min_pixels_per_shell,
         seed=truncfix.seed,
         fit_all_shells=truncfix.fit_all_shells,
+        assignment=truncfix.assignment,
+        n_sectors=truncfix.n_sectors,
     )
 
 

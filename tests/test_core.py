@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from scipy import stats
 
 from dials_truncfix.core import assignment, correction
-from dials_truncfix.core.assignment import zero_value_counts
+from dials_truncfix.core.assignment import zero_assignment
 from dials_truncfix.core.correction import correct_image, sweep_offset
 from dials_truncfix.core.lognormal import cdf
 from dials_truncfix.core.parameters import CorrectionParameters
@@ -133,7 +134,7 @@ def test_assigned_histogram_is_exactly_the_largest_remainder_counts(scene):
     for shell in result.shells:
         former_zero = (labels == shell.shell) & (image == 0)
         assert former_zero.sum() == shell.n_zero
-        values, counts = zero_value_counts(shell.n_zero, shell.fit.theta, shell.fit.mu, shell.fit.sigma)
+        values, counts, _ = zero_assignment("distribution", shell.n_zero, shell.fit.theta, shell.fit.mu, shell.fit.sigma)
         observed = np.array([(out[former_zero] == v).sum() for v in values])
         assert np.array_equal(observed, counts)
         assert counts.sum() == shell.n_zero
@@ -248,6 +249,260 @@ def test_sweep_offset(scene):
     assert unchanged.min_value is None and sweep_offset([unchanged.min_value]) == 0
 
 
+# --- the expectation mode ------------------------------------------------------
+
+
+def _rounded_conditional_mean(theta, mu, sigma):
+    """E[round(X) | X < 0.5] summed over every integer down to theta."""
+    v = np.arange(0, np.floor(theta) - 1, -1)
+    p = cdf(v + 0.5, theta, mu, sigma) - cdf(v - 0.5, theta, mu, sigma)
+    return float(np.dot(v, p) / cdf([0.5], theta, mu, sigma)[0])
+
+
+@pytest.mark.parametrize(
+    "n_zero, theta, mu, sigma",
+    [(1, -3.0, 1.0, 0.8), (7, -0.2, 0.5, 1.0), (10_000, -20.0, 3.2, 0.35), (123_457, -8.0, 1.8, 0.55),
+     (500, 0.4, -3.0, 0.3)],
+)
+def test_expectation_keeps_the_sum_with_two_neighbouring_values(n_zero, theta, mu, sigma):
+    values, counts, mean = zero_assignment("expectation", n_zero, theta, mu, sigma)
+    # m is the conditional mean of the rounded values below 0.5 (the tail
+    # the assignment lumps together holds < 0.01 expected pixels)
+    assert mean == pytest.approx(_rounded_conditional_mean(theta, mu, sigma), abs=0.05 / n_zero + 1e-9)
+    assert counts.sum() == n_zero and np.all(counts >= 0)
+    used = values[counts > 0]
+    assert np.all(used <= 0) and used.max() - used.min() <= 1
+    total = int(np.dot(values, counts))
+    assert abs(total - n_zero * mean) <= 0.5  # the sum n m rounded to an integer
+    # the same m as the distribution mode's values, and the same probabilities
+    d_values, d_counts, d_mean = zero_assignment("distribution", n_zero, theta, mu, sigma)
+    assert d_mean == mean and d_counts.sum() == n_zero
+
+
+@pytest.fixture(scope="module")
+def by_mode(scene):
+    """The scene corrected in both assignment modes."""
+    return {
+        mode: correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, assignment=mode), "scene")
+        for mode in ("distribution", "expectation")
+    }
+
+
+def test_expectation_mode_on_an_image(scene, by_mode):
+    result = by_mode["expectation"]
+    labels = scene["shell_map"].labels.reshape(scene["shape"])
+    image = scene["image"]
+    out = result.data[0]
+    positive = image > 0
+    assert np.array_equal(out[positive], image[positive])
+    assert np.array_equal(out[~scene["valid"]], image[~scene["valid"]])
+    for shell in result.shells:
+        given = out[(labels == shell.shell) & (image == 0)].astype(np.int64)
+        assert shell.assignment == "expectation" and shell.as_dict()["conditional_mean"] == shell.conditional_mean
+        assert shell.conditional_mean == by_mode["distribution"].shells[shell.shell].conditional_mean
+        assert np.all(given <= 0) and np.ptp(given) == 1
+        assert abs(given.sum() - shell.n_zero * shell.conditional_mean) <= 0.5
+        assert shell.min_value == given.min() and shell.n_changed == np.count_nonzero(given)
+
+
+def test_expectation_mode_is_deterministic_and_keyed(scene, by_mode):
+    params = CorrectionParameters(n_shells=N_SHELLS, assignment="expectation")
+    again = correct_image([scene["image"]], scene["shell_map"], params, "scene")
+    other = correct_image([scene["image"]], scene["shell_map"], params, "another image")
+    first = by_mode["expectation"].data[0]
+    assert np.array_equal(again.data[0], first)
+    assert not np.array_equal(other.data[0], first)
+    assert np.array_equal(np.sort(other.data[0].ravel()), np.sort(first.ravel()))
+
+
+def test_given_values_match_the_true_values_on_average_and_expectation_has_less_error(scene, by_mode):
+    """Per shell, the mean of the values given to the zero pixels against the
+    mean of their true (rounded) values: their difference has the variance
+    of the true values' mean (s^2 / n) plus that of the fitted m (delta
+    method through the fit's covariance), and must lie within 4 standard
+    deviations.  The expectation mode gives each pixel the conditional mean,
+    so its mean squared error is about the true values' variance, while the
+    distribution mode's independent draws double it."""
+    labels = scene["shell_map"].labels.reshape(scene["shape"])
+    image = scene["image"]
+    for shell in by_mode["expectation"].shells:
+        zero = (labels == shell.shell) & (image == 0)
+        true = np.rint(scene["true"][zero])
+        n = true.size
+        observed = image[labels == shell.shell].astype(int)
+        hist = np.bincount(np.minimum(observed, shell.imax + 1), minlength=shell.imax + 2)
+        fit = shell.fit
+        covariance = parameter_covariance(hist[:-1], hist[-1], fit)
+        p = np.array([fit.theta, fit.mu, fit.sigma])
+        gradient = np.empty(3)
+        for k in range(3):
+            step = np.zeros(3)
+            step[k] = 1e-5
+            gradient[k] = (zero_assignment("expectation", n, *(p + step))[2] - zero_assignment("expectation", n, *(p - step))[2]) / 2e-5
+        sd = np.sqrt(true.var() / n + gradient @ covariance @ gradient)
+        mse = {}
+        for mode, result in by_mode.items():
+            given = result.data[0][zero].astype(float)
+            z = (given.mean() - true.mean()) / sd
+            print(f"shell {shell.shell} {mode}: mean given {given.mean():.3f} true {true.mean():.3f} z {z:.2f}")
+            assert abs(z) < 4, (shell.shell, mode, z)
+            mse[mode] = np.mean((given - true) ** 2)
+        print(f"shell {shell.shell}: mse {mse}, true variance {true.var():.2f}")
+        assert mse["expectation"] < 0.75 * mse["distribution"]
+
+
+# --- azimuthal sectors -----------------------------------------------------------
+
+
+def _centred_detector(size):
+    """1/d^2 and azimuth (radians) of a square detector with the beam at its centre."""
+    inv_d2 = radial_inv_d2((size, size), centre=(size / 2, size / 2))
+    slow, fast = np.mgrid[0:size, 0:size] + 0.5 - size / 2
+    return inv_d2, np.arctan2(slow, fast)
+
+
+@pytest.mark.parametrize("n_sectors", [4, 6])
+def test_sectors_of_equal_angle_have_equal_area(n_sectors):
+    """Inside a circular mask every shell is a full annulus: its sectors hold
+    equal numbers of pixels up to the pixels cut by their edges, and each
+    pixel's azimuth lies in its sector's range."""
+    size = 400
+    inv_d2, azimuth = _centred_detector(size)
+    slow, fast = np.mgrid[0:size, 0:size] + 0.5 - size / 2
+    valid = np.hypot(slow, fast) < 190
+    shell_map = build_shell_map([inv_d2], [valid], 5, min_pixels_per_shell=100, azimuth=[azimuth], n_sectors=n_sectors)
+    assert shell_map.n_shells == 5 and shell_map.n_regions == 5 * n_sectors
+    assert np.array_equal(shell_map.shell, np.repeat(np.arange(5), n_sectors))
+    assert np.array_equal(shell_map.sector, np.tile(np.arange(n_sectors), 5))
+    counts = shell_map.n_valid.reshape(5, n_sectors)
+    # the edges cut about one pixel per unit of their length (shell width ~ 38 pixels)
+    assert np.all(np.abs(counts - counts.mean(axis=1, keepdims=True)) <= 60), counts
+    labels = shell_map.labels.reshape(size, size)
+    turns = np.mod(azimuth, 2 * np.pi) / (2 * np.pi) * n_sectors
+    assert np.all(shell_map.sector[labels[valid]] == np.floor(turns[valid]))
+    assert np.all(labels[~valid] == INVALID)
+    # the shells themselves are those of the map without sectors
+    annuli = build_shell_map([inv_d2], [valid], 5, min_pixels_per_shell=100)
+    assert np.array_equal(shell_map.shell[labels[valid]], annuli.labels.reshape(size, size)[valid])
+
+
+def test_one_sector_is_the_map_without_sectors(scene):
+    inv_d2 = radial_inv_d2(scene["shape"], centre=(530.0, 490.0))
+    with_azimuth = build_shell_map([inv_d2], [scene["valid"]], N_SHELLS, azimuth=[np.zeros(scene["shape"])], n_sectors=1)
+    assert np.array_equal(with_azimuth.labels, scene["shell_map"].labels)
+    assert np.array_equal(with_azimuth.n_valid, scene["shell_map"].n_valid)
+    with pytest.raises(ValueError, match="azimuth"):
+        build_shell_map([inv_d2], [scene["valid"]], N_SHELLS, n_sectors=2)
+    with pytest.raises(ValueError, match="n_sectors=3"):
+        correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, n_sectors=3), "x")
+
+
+N_SECTORS = 4
+#: theta of each sector relative to its shell's falling parameters: the
+#: background is brighter on one side of the beam than on the other
+SECTOR_THETA_SHIFT = np.array([-4.0, 0.0, 4.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def sector_scene():
+    """A 1024x1024 image (beam at the centre, 4 shells x 4 sectors) whose
+    background varies with azimuth: each region has its own truth."""
+    size, n_shells = 1024, 4
+    inv_d2, azimuth = _centred_detector(size)
+    valid = np.ones((size, size), dtype=bool)
+    valid[500:524, :500] = False  # beam-stop arm
+    shell_map = build_shell_map([inv_d2], [valid], n_shells, azimuth=[azimuth], n_sectors=N_SECTORS)
+    shells = falling_parameters(n_shells)
+    truth = type(shells)(
+        theta=np.add.outer(shells.theta, SECTOR_THETA_SHIFT).ravel(),
+        mu=np.repeat(shells.mu, N_SECTORS),
+        sigma=np.repeat(shells.sigma, N_SECTORS),
+    )
+    true = draw_true_values(shell_map.labels.reshape(size, size), truth, np.random.default_rng(4))
+    image = truncate(true)
+    image[~valid] = 0
+    annuli = build_shell_map([inv_d2], [valid], n_shells)
+    return dict(shell_map=shell_map, annuli=annuli, truth=truth, image=image, valid=valid, n_shells=n_shells)
+
+
+def _z_scores(image, labels, region, fit, imax, truth_parameters):
+    """(fit - truth) / standard error, from the histogram the fit used."""
+    observed = image.ravel()[labels == region].astype(int)
+    hist = np.bincount(np.minimum(observed, imax + 1), minlength=imax + 2)
+    se = standard_errors(hist[:-1], hist[-1], fit)
+    return (np.array([fit.theta, fit.mu, fit.sigma]) - truth_parameters) / se
+
+
+def _truncated_fraction(theta, mu, sigma):
+    return float(cdf([0.5], theta, mu, sigma)[0])
+
+
+def test_sector_fits_recover_each_sectors_truth_where_the_annulus_fit_cannot(sector_scene):
+    """Each region's fit lies within 4.5 standard errors of its own truth, and
+    the fraction F(0.5) below 0.5 it implies within 4 binomial standard
+    errors of the true one; the fit of the whole annulus misses the darkest
+    or the brightest sector's truth by more than 4.5 standard errors and
+    their truncated fractions by more than 0.1."""
+    sc = sector_scene
+    params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS)
+    result = correct_image([sc["image"]], sc["shell_map"], params, "sectors")
+    truth = sc["truth"]
+    true_parameters = np.stack([truth.theta, truth.mu, truth.sigma], axis=1)
+    true_fraction = np.array([_truncated_fraction(*t) for t in true_parameters])
+    assert len(result.shells) == sc["n_shells"] * N_SECTORS
+    for region, r in enumerate(result.shells):
+        assert (r.shell, r.sector) == (region // N_SECTORS, region % N_SECTORS)
+        assert r.as_dict()["sector"] == r.sector and r.fitted_regions == ((r.shell, r.sector),)
+        assert r.fit.converged
+        z = _z_scores(sc["image"], sc["shell_map"].labels, region, r.fit, r.imax, true_parameters[region])
+        assert np.all(np.abs(z) < 4.5), (region, z)
+        p = true_fraction[region]
+        fraction = _truncated_fraction(r.fit.theta, r.fit.mu, r.fit.sigma)
+        assert abs(fraction - p) < 4 * np.sqrt(p * (1 - p) / r.n_valid), (region, fraction, p)
+    annulus = correct_image([sc["image"]], sc["annuli"], CorrectionParameters(n_shells=sc["n_shells"]), "sectors")
+    for shell in annulus.shells:
+        darkest, brightest = shell.shell * N_SECTORS + np.array([0, 2])
+        worst = max(
+            np.abs(_z_scores(sc["image"], sc["annuli"].labels, shell.shell, shell.fit, shell.imax, true_parameters[k])).max()
+            for k in (darkest, brightest)
+        )
+        assert worst > 4.5, (shell.shell, worst)
+        fraction = _truncated_fraction(shell.fit.theta, shell.fit.mu, shell.fit.sigma)
+        assert min(true_fraction[darkest] - fraction, fraction - true_fraction[brightest]) > 0.1
+
+
+def test_sector_correction_keeps_positive_and_masked_pixels(sector_scene):
+    sc = sector_scene
+    for mode in ("distribution", "expectation"):
+        params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS, assignment=mode)
+        out = correct_image([sc["image"]], sc["shell_map"], params, "sectors").data[0]
+        positive = sc["image"] > 0
+        assert np.array_equal(out[positive], sc["image"][positive])
+        assert np.array_equal(out[~sc["valid"]], sc["image"][~sc["valid"]])
+        assert np.all(out[sc["image"] == 0] <= 0) and np.count_nonzero(out < 0) > 0
+
+
+def test_failed_sector_fit_merges_with_the_neighbouring_sector_first(sector_scene, monkeypatch):
+    calls = []
+    real = correction.fit_lognormal
+
+    def flaky(hist, n_above, likelihood):
+        calls.append(int(np.sum(hist) + n_above))
+        fit = real(hist, n_above, likelihood)
+        if len(calls) <= 2:  # region (0, 0) fails, alone and pooled with sector 3
+            return fit.__class__(**{**fit.as_dict(), "converged": False, "message": "forced"})
+        return fit
+
+    monkeypatch.setattr(correction, "fit_lognormal", flaky)
+    sc = sector_scene
+    params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS)
+    result = correct_image([sc["image"]], sc["shell_map"], params, "merge")
+    n_valid = sc["shell_map"].n_valid
+    assert calls[:3] == [n_valid[0], n_valid[0] + n_valid[3], n_valid[0] + n_valid[1]]
+    assert result.shells[0].fitted_regions == ((0, 0), (0, 1))
+    assert result.shells[0].status == correction.CORRECTED
+
+
 # --- bad and unusual input ----------------------------------------------------
 
 
@@ -313,7 +568,7 @@ def test_shell_fit_failure_merges_with_neighbour(scene, monkeypatch):
 
     monkeypatch.setattr(correction, "fit_lognormal", flaky)
     result = correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "m")
-    assert result.shells[0].fitted_shells == (0, 1)
+    assert result.shells[0].fitted_regions == ((0, 0), (1, 0))
     assert result.shells[0].status == correction.CORRECTED
     assert calls[1] > calls[0]
 
@@ -383,3 +638,157 @@ def test_newton_steps_out_of_range_fail_gracefully():
     assert value == 1e300 and not grad.any()
     fit = fit_lognormal(hist[:-1], hist[-1], "exact")
     assert isinstance(fit.converged, bool)
+
+
+# --- reference output of the distribution mode --------------------------------
+
+#: sha256 of the corrected pixels (little-endian int32, panels in order) of the
+#: images made by _reference_case, computed from commit 9b8a482 (the branch
+#: point, before the assignment modes, sectors and speed-ups; numpy 1.24.2,
+#: scipy 1.10.1) with default parameters apart from those shown.  Later
+#: changes must keep them.
+REFERENCE_SHA256 = {
+    "scene": "db58e9e3f8fa060e6b3e828cee8a186fa56487af7935bfaffdc80afc09112e27",
+    "heavier": "3dba7d3d9957c2bf464f2d6da2b9bebead560e4e1d6c6bb7c470221120184c84",
+    "light": "082c8cab372e930731974b22f72195f1463feea8af8d40184c1666fdd8983673",
+    "two_panels": "09f2bee4b07ddcce11c65caaff3511029e6fd264e15d86a305a5b3510d36a665",
+    "float_seed_42": "e87c58eb7107fc39ad4b96c6311f03c21c503662b8f60718dddd7e2af7c3f5fd",
+    "paper_likelihood": "0b0b946396646c02576d12dfd7940fc0c551c15b85b9f1ac71a36c0eb49bc81a",
+}
+
+
+def _reference_case(name):
+    """(panels, shell map, parameters) of a deterministic synthetic image."""
+    shape, centre, n_shells, shift = (1024, 1024), (530.0, 490.0), N_SHELLS, 0.0
+    if name == "two_panels":
+        inv_d2 = [radial_inv_d2((200, 300), centre=(150.0, -20.0)), radial_inv_d2((200, 300), centre=(150.0, 220.0))]
+        shell_map = build_shell_map(inv_d2, [np.ones((200, 300), bool)] * 2, 4, min_pixels_per_shell=100)
+        true = draw_true_values(shell_map.labels, falling_parameters(4), np.random.default_rng(3))
+        panels = [truncate(true[:60000]).reshape(200, 300), truncate(true[60000:]).reshape(200, 300)]
+        return panels, shell_map, CorrectionParameters(n_shells=4, min_pixels_per_shell=100)
+    if name == "heavier":  # ~74% zeros
+        n_shells, shift = 10, -3.0
+    if name == "light":  # ~15% zeros
+        n_shells, shift = 10, 6.0
+    valid = np.ones(shape, dtype=bool)
+    valid[480:500, :530] = False
+    shell_map = build_shell_map([radial_inv_d2(shape, centre=centre)], [valid], n_shells)
+    truth = falling_parameters(n_shells)
+    truth = type(truth)(truth.theta + shift, truth.mu, truth.sigma)
+    true = draw_true_values(shell_map.labels.reshape(shape), truth, np.random.default_rng(20161029))
+    image = truncate(true)
+    image[~valid] = 0
+    if name == "paper_likelihood":
+        return [image], shell_map, CorrectionParameters(n_shells=n_shells, likelihood="paper")
+    if name == "float_seed_42":
+        return [image.astype(float)], shell_map, CorrectionParameters(n_shells=n_shells, seed=42)
+    return [image], shell_map, CorrectionParameters(n_shells=n_shells)
+
+
+def _output_sha256(panels):
+    return hashlib.sha256(b"".join(np.asarray(p, dtype="<i4").tobytes() for p in panels)).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SHA256))
+def test_distribution_output_is_bit_identical_to_the_reference(name):
+    panels, shell_map, params = _reference_case(name)
+    result = correct_image(panels, shell_map, params, f"reference-{name}")
+    assert result.status == correction.CORRECTED
+    assert _output_sha256(result.data) == REFERENCE_SHA256[name]
+
+
+@pytest.mark.parametrize("likelihood", ["exact", "paper"])
+def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(monkeypatch, likelihood):
+    """Found by a hostile tester: at such a start the objective returns
+    NOT_FINITE with a zero gradient, which the optimiser took for
+    convergence at iteration 0.  A start with sigma = 1e-300 puts every bin
+    edge infinitely many standard deviations from the median: the
+    log-likelihood is -inf (or undefined) for both likelihoods."""
+    from dials_truncfix.core import lognormal
+
+    rng = np.random.default_rng(7)
+    hist, n_above = _fit_histogram(-3 + np.exp(1 + 0.8 * rng.standard_normal(20_000)))
+    assert fit_lognormal(hist, n_above, likelihood).converged
+    start = (0.0, 0.0, 1e-300)
+    objective = lognormal._Objective(hist, n_above, likelihood)
+    value, grad = objective(np.array([math.log(0.5 - start[0]), start[1], math.log(start[2])]))
+    assert value == lognormal.NOT_FINITE and not grad.any()
+    monkeypatch.setattr(lognormal, "starting_values", lambda h, n: start)
+    fit = fit_lognormal(hist, n_above, likelihood)
+    assert not fit.converged
+    assert fit.log_likelihood == -math.inf and fit.message == "log-likelihood not finite"
+
+
+def test_more_regions_than_int16_labels_hold():
+    """Found by a hostile tester: n_shells=32769 with min_pixels_per_shell=1
+    overflowed the int16 labels into a baffling bincount error (and the
+    dense per-shell histograms would have taken 17 GB).  Random 1/d^2 has no
+    ties, so every one of the 32769 shells is made."""
+    import tracemalloc
+
+    shape = (200, 200)
+    inv_d2 = np.random.default_rng(5).random(shape)
+    shell_map = build_shell_map([inv_d2], [np.ones(shape, bool)], 32769, min_pixels_per_shell=1)
+    assert shell_map.n_regions == 32769 and shell_map.labels.max() == 32768
+    assert np.array_equal(np.bincount(shell_map.labels), shell_map.n_valid)
+    assert np.all(np.diff(shell_map.labels[np.argsort(inv_d2, axis=None)]) >= 0)
+    image = truncate(-3 + np.exp(1 + 0.8 * np.random.default_rng(6).standard_normal(shape)))
+    params = CorrectionParameters(n_shells=32769, min_pixels_per_shell=1)
+    tracemalloc.start()
+    try:
+        result = correct_image([image], shell_map, params, "many shells")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100e6, peak
+    assert len(result.shells) == 32769 and np.array_equal(result.data[0], image)  # 1-2 pixels: no fit
+    with pytest.raises(ValueError, match="n_sectors=1000"):
+        build_shell_map([inv_d2[:20, :20]], [np.ones((20, 20), bool)], 3, 1, azimuth=[inv_d2[:20, :20]], n_sectors=1000)
+
+
+def _sparse_histogram(imax=20_000):
+    """A background histogram with bright pixels strewn up to Imax: most of
+    the bins below a large Imax are empty."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([-8 + np.exp(1.8 + 0.55 * rng.standard_normal(30_000)), rng.exponential(3000, 300)])
+    counts = np.clip(np.rint(values), 0, None).astype(int)
+    h = np.bincount(np.minimum(counts, imax + 1), minlength=imax + 2)
+    return h[:-1], int(h[-1])
+
+
+def test_a_large_imax_fits_on_the_occupied_bins_alone(monkeypatch):
+    """Found by a hostile tester: histogram.max=60000 took ~49 s a 512x512
+    image, every evaluation running over all bin edges.  Empty bins add
+    nothing to the likelihood: the objective keeps only the edges around
+    occupied bins (when that drops most).  Its log-likelihood equals the
+    textbook sums over all bins, and the exact fit equals the fit over
+    every edge."""
+    from dials_truncfix.core import lognormal
+
+    hist, n_above = _sparse_histogram()
+    occupied = np.count_nonzero(hist) + (n_above > 0)
+    compressed = lognormal._Objective(hist, n_above, "exact")
+    assert len(compressed.offsets) <= 2 * occupied < len(hist) / 10
+    rng = np.random.default_rng(0)
+    counts = np.append(hist, n_above)
+    edges = np.concatenate(([-np.inf], np.arange(len(hist)) + 0.5, [np.inf]))
+    positive = np.flatnonzero(hist[1:]) + 1
+    for theta, mu, sigma in zip(rng.uniform(-20, 0.4, 5), rng.uniform(1, 3, 5), rng.uniform(0.5, 3, 5)):
+        model = stats.lognorm(sigma, loc=theta, scale=np.exp(mu))
+        # bin probabilities from the side of the median where they do not cancel
+        p = np.where(edges[:-1] > model.median(), -np.diff(model.sf(edges)), np.diff(model.cdf(edges)))
+        exact = np.dot(counts[counts > 0], np.log(p[counts > 0]))
+        paper = hist[0] * model.logcdf(0.5) + np.dot(hist[positive], model.logpdf(positive))
+        assert lognormal.log_likelihood(hist, n_above, theta, mu, sigma, "exact") == pytest.approx(exact, rel=1e-9)
+        assert lognormal.log_likelihood(hist, n_above, theta, mu, sigma, "paper") == pytest.approx(paper, rel=1e-9)
+    # a few empty bins are kept, so that the usual fits do not change by rounding
+    few_empty = np.array([900, 500, 0, 0, 0, 300, 200, 100])
+    usual = lognormal._Objective(few_empty, 50, "exact")
+    assert np.array_equal(usual.offsets, np.arange(8)) and np.array_equal(usual.bin_counts, np.append(few_empty, 50))
+    assert np.array_equal(lognormal._Objective(few_empty, 50, "paper").offsets, np.arange(7) + 0.5)
+    fit = fit_lognormal(hist, n_above, "exact")
+    monkeypatch.setattr(lognormal, "_occupied_intervals", lambda b: (np.arange(len(b) - 1, dtype=float), b))
+    every_edge = fit_lognormal(hist, n_above, "exact")
+    assert fit.converged and every_edge.converged
+    assert np.allclose([fit.theta, fit.mu, fit.sigma], [every_edge.theta, every_edge.mu, every_edge.sigma], rtol=1e-6)
+    assert fit.log_likelihood == pytest.approx(every_edge.log_likelihood, rel=1e-12)

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from dials_truncfix.core.assignment import ASSIGNMENTS
 from dials_truncfix.core.correction import correct_image
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import ShellError, build_shell_map
@@ -26,23 +27,30 @@ def scenes(draw):
     centre = (draw(st.floats(-10, 40)), draw(st.floats(-10, 40)))
     slow, fast = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]]
     inv_d2 = (fast - centre[0]) ** 2 + (slow - centre[1]) ** 2
+    azimuth = np.arctan2(slow - centre[1], fast - centre[0])
     n_shells = draw(st.integers(1, 6))
+    n_sectors = draw(st.sampled_from([1, 1, 2, 3]))
     seed = draw(st.integers(0, 2**40))
-    return image, valid, inv_d2, n_shells, seed
+    assignment = draw(st.sampled_from(ASSIGNMENTS))
+    return image, valid, inv_d2, azimuth, n_shells, n_sectors, seed, assignment
 
 
 # derandomized: CI sees the same 300 examples every run (explore more by hand)
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(scenes())
 def test_correction_invariants(scene):
-    image, valid, inv_d2, n_shells, seed = scene
+    image, valid, inv_d2, azimuth, n_shells, n_sectors, seed, assignment = scene
     try:
-        shell_map = build_shell_map([inv_d2], [valid], n_shells, min_pixels_per_shell=20)
+        shell_map = build_shell_map(
+            [inv_d2], [valid], n_shells, min_pixels_per_shell=20, azimuth=[azimuth], n_sectors=n_sectors
+        )
     except ShellError:
         assert valid.sum() < 20
         return
     before = image.copy()
-    params = CorrectionParameters(n_shells=n_shells, seed=seed, min_pixels_per_shell=20)
+    params = CorrectionParameters(
+        n_shells=n_shells, seed=seed, min_pixels_per_shell=20, assignment=assignment, n_sectors=n_sectors
+    )
     result = correct_image([image], shell_map, params, "prop")
     out = np.asarray(result.data[0])
     assert np.array_equal(image, before), "input modified"
@@ -54,3 +62,10 @@ def test_correction_invariants(scene):
     assert result.n_changed == int(np.count_nonzero(out != image))
     again = correct_image([image], shell_map, params, "prop")
     assert np.array_equal(np.asarray(again.data[0]), out)
+    labels = shell_map.labels.reshape(SHAPE)
+    for region, shell in enumerate(result.shells):
+        assert (shell.shell, shell.sector) == (shell_map.shell[region], shell_map.sector[region])
+        if shell.n_changed and assignment == "expectation":
+            given = out[(labels == region) & (image == 0)].astype(np.int64)
+            assert abs(given.sum() - shell.n_zero * shell.conditional_mean) <= 0.5 + 1e-9 * shell.n_zero
+            assert np.ptp(given) <= 1

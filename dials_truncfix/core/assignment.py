@@ -1,9 +1,18 @@
 """The values given to a shell's zero pixels, and which pixel gets which.
 
-The H(0) zero pixels of a fitted shell receive the values v <= 0 in the
-counts H(0) P(v) / F(0.5), with P(v) the fitted probability of
-[v - 0.5, v + 0.5), rounded by largest remainder so that they sum to H(0)
-exactly; the values are arranged over the pixels uniformly at random, from a
+With P(v) the fitted probability of [v - 0.5, v + 0.5) for v = 0, -1, ...,
+the H(0) zero pixels of a fitted shell receive, by the ``assignment`` mode:
+
+``distribution``
+    the values v in the counts H(0) P(v) / F(0.5): the truncated part of the
+    fitted distribution itself;
+``expectation``
+    the conditional mean m = sum v P(v) / sum P(v), as the two integers
+    floor(m) and floor(m) + 1 in the proportions that keep the sum H(0) m:
+    less noise per pixel, the same total.
+
+Counts are rounded by largest remainder so that they sum to H(0) exactly;
+the values are arranged over the pixels uniformly at random, from a
 generator seeded by the user's seed and the image's identity only.
 """
 
@@ -32,14 +41,16 @@ def image_rng(seed, image_key):
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
-def zero_value_counts(n_zero, theta, mu, sigma):
-    """How many of ``n_zero`` pixels get each value v = 0, -1, -2, ...
+#: the assignment modes (see the module's docstring)
+ASSIGNMENTS = ("distribution", "expectation")
 
-    The expected counts are n_zero * P(v) / F(0.5) with P(v) the probability
-    of [v - 0.5, v + 0.5) (the lowest bin also takes the tail below it); they
-    are rounded by largest remainder so that they sum to n_zero exactly.
-    Returns (values, counts), values in descending order.
-    """
+
+def zero_value_probabilities(n_zero, theta, mu, sigma):
+    """(values v = 0, -1, ..., v_lo; their probabilities P(v), not normalised).
+
+    P(v) is the probability of [v - 0.5, v + 0.5), the lowest bin also takes
+    the tail below it; the values stop where the expected number of the
+    ``n_zero`` pixels further down is below TAIL_PIXELS."""
     f_half = float(cdf([0.5], theta, mu, sigma)[0])
     if not f_half > 0:
         raise ValueError("the fitted distribution gives no probability below 0.5")
@@ -50,8 +61,29 @@ def zero_value_counts(n_zero, theta, mu, sigma):
     values = np.arange(0, v_lo - 1, -1, dtype=np.int64)
     upper = cdf(values + 0.5, theta, mu, sigma)
     lower = np.append(upper[1:], 0.0)
-    prob = np.clip(upper - lower, 0, None)
-    return values, largest_remainder(n_zero * prob / prob.sum(), n_zero)
+    return values, np.clip(upper - lower, 0, None)
+
+
+def zero_assignment(mode, n_zero, theta, mu, sigma):
+    """(values in descending order, how many of the ``n_zero`` pixels get
+    each, the conditional mean m) in this assignment mode."""
+    if mode not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {mode!r}; use one of {ASSIGNMENTS}")
+    values, prob = zero_value_probabilities(n_zero, theta, mu, sigma)
+    mean = float(np.dot(values, prob) / prob.sum())
+    if mode == "expectation":
+        return (*expectation_counts(n_zero, mean), mean)
+    return values, largest_remainder(n_zero * prob / prob.sum(), n_zero), mean
+
+
+def expectation_counts(n_zero, mean):
+    """(floor(m) + 1 and floor(m); counts n_zero f and n_zero (1 - f) by
+    largest remainder, f = m - floor(m)): the nearest integer split of the
+    sum n_zero m."""
+    low = math.floor(mean)
+    fraction = mean - low
+    values = np.array([low + 1, low], dtype=np.int64)
+    return values, largest_remainder(n_zero * np.array([fraction, 1 - fraction]), n_zero)
 
 
 def largest_remainder(expected, total):
@@ -96,21 +128,25 @@ def random_arrangement(values, counts, rng):
     n = int(counts.sum())
     direct = np.maximum(counts - DIRECT_DRAW_MARGIN * np.sqrt(counts) - 1, 0)
     slots = np.floor(direct / max(n, 1) * _TABLE_SIZE).astype(np.int64)
-    if n == 0 or slots.sum() == 0:
+    n_decided = int(slots.sum())  # table slots 0 .. n_decided - 1 hold values, in order
+    if n == 0 or n_decided == 0:
         out = _sequence(values, counts)
         rng.shuffle(out)
         return out
-    undecided = len(values)
-    table = np.full(_TABLE_SIZE, undecided, dtype=np.int16 if undecided < 2**15 else np.int32)
-    table[: slots.sum()] = np.repeat(np.arange(len(values)), slots)
-    category = table[rng.integers(0, _TABLE_SIZE, size=n, dtype=np.uint16)]
-    drawn = np.bincount(category, minlength=undecided + 1)[:undecided]
+    draws = rng.integers(0, _TABLE_SIZE, size=n, dtype=np.uint16)
+    # draws per value from the draws below each slot (bincount fills
+    # 65536 counters faster than a few, which it would hit repeatedly)
+    below = np.concatenate(([0], np.cumsum(np.bincount(draws, minlength=_TABLE_SIZE)[:n_decided])))
+    ends = np.cumsum(slots)
+    drawn = below[ends] - below[ends - slots]
     if np.any(drawn > counts):
         out = _sequence(values, counts)
         rng.shuffle(out)
         return out
-    out = np.append(values, values[:1])[category]
+    table = np.full(_TABLE_SIZE, values[0], dtype=values.dtype)
+    table[:n_decided] = np.repeat(values, slots)
+    out = table[draws]
     rest = _sequence(values, counts - drawn)
     rng.shuffle(rest)
-    out[category == undecided] = rest
+    out[draws >= n_decided] = rest
     return out

@@ -1,18 +1,20 @@
-"""One image, end to end: per-shell histograms, lognormal fits (a failed
-shell is fitted together with its neighbour, else left unchanged), and the
-assignment of non-positive values to the zero-valued pixels; and the sweep
-offset for unsigned output.
+"""One image, end to end: per-region histograms (a region is a resolution
+shell or a sector of one), lognormal fits (a failed region is fitted
+together with a neighbour, else left unchanged), and the assignment of
+non-positive values to the zero-valued pixels; and the sweep offset for
+unsigned output.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 
-from dials_truncfix.core.assignment import image_rng, random_arrangement, zero_value_counts
-from dials_truncfix.core.histogram import imax, shell_histograms
+from dials_truncfix.core.assignment import image_rng, random_arrangement, zero_assignment
+from dials_truncfix.core.histogram import counts_up_to, histogram_values, imax, pooled_histogram, region_histogram
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import ShellMap
@@ -27,17 +29,23 @@ NOT_TRUNCATED_FLOAT = "not truncated data: holds non-integer values"
 
 @dataclass
 class ShellResult:
+    """What was done in one region: resolution shell ``shell``, azimuthal
+    sector ``sector`` (0 without sectors)."""
+
     shell: int
     d_max: float
     d_min: float
     n_valid: int
     n_zero: int
+    sector: int = 0
     imax: int | None = None
     fit: LognormalFit | None = None
-    fitted_shells: tuple = ()
+    fitted_regions: tuple = ()  # the (shell, sector) pairs whose pixels the fit used
     status: str = NO_ZEROS
     n_changed: int = 0
     min_value: int | None = None
+    assignment: str | None = None
+    conditional_mean: float | None = None
 
     @property
     def zero_fraction(self):
@@ -47,7 +55,7 @@ class ShellResult:
         out = asdict(self)
         out["zero_fraction"] = self.zero_fraction
         out["fit"] = self.fit.as_dict() if self.fit else None
-        out["fitted_shells"] = list(self.fitted_shells)
+        out["fitted_regions"] = [list(r) for r in self.fitted_regions]
         return out
 
 
@@ -73,7 +81,7 @@ class ImageCorrection:
 
 def _fit_shell(histogram, n_valid, params):
     top = imax(histogram, n_valid, params)
-    h = histogram[: top + 1]
+    h = counts_up_to(histogram, top)
     n_above = int(n_valid - h.sum())
     fit = fit_lognormal(h, n_above, params.likelihood)
     if fit.converged and not cdf([0.5], fit.theta, fit.mu, fit.sigma)[0] > 0:
@@ -111,93 +119,138 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     copy of a single panel) the corrected values are written into the input
     instead of a new array."""
     shapes = [np.shape(p) for p in panels]
-    if shapes != list(shell_map.panel_shapes):
-        raise ValueError(f"image shape {shapes} does not match the shell map {shell_map.panel_shapes}")
+    _check_map(shapes, shell_map, params)
     flat = _flatten(panels)
-    # valid pixels sorted by shell, raster order within a shell
-    order, shell_starts = shell_map.pixel_order()
-    by_shell = flat[order]
-    reason = _not_truncated(by_shell)
+    # valid pixels sorted by region, raster order within a region (take
+    # without bounds checks: the indices are the map's own)
+    order, region_starts = shell_map.pixel_order()
+    by_region = np.take(flat, order, mode="clip")
+    reason = _not_truncated(by_region)
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
         return ImageCorrection(data=list(panels), status=reason)
 
-    zero_rank = np.flatnonzero(by_shell == 0)
+    zero_rank = np.flatnonzero(by_region == 0)
     if zero_rank.size == 0 and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS)
-    zero_positions = order[zero_rank]
-    starts = np.searchsorted(zero_rank, shell_starts)
+    zero_positions = np.take(order, zero_rank, mode="clip")
+    zero_starts = np.searchsorted(zero_rank, region_starts)
 
-    histograms = shell_histograms(by_shell, shell_starts)
-    results = []
-    fits = {}
-    for s in range(shell_map.n_shells):
-        hist = histograms[s]
-        n_valid = int(shell_map.n_valid[s])
-        result = ShellResult(
-            shell=s,
-            d_max=float(shell_map.d_max[s]),
-            d_min=float(shell_map.d_min[s]),
-            n_valid=n_valid,
-            n_zero=int(hist[0]),
+    histogram = partial(region_histogram, histogram_values(by_region), region_starts)
+    n_zero = np.diff(zero_starts)
+    results = [_region_result(shell_map, r, n_zero[r]) for r in range(shell_map.n_regions)]
+    fits = _fit_regions(results, histogram, shell_map, params, image_key)
+
+    out = _output(flat, panels, overwrite_input)
+    rng = image_rng(params.seed, image_key)
+    for r, fit in fits.items():
+        _assign(out, zero_positions[zero_starts[r] : zero_starts[r + 1]], results[r], fit, params, rng)
+    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results)
+
+
+def _output(flat, panels, overwrite_input):
+    """The flat array the corrected values go into: int32 (float64 for float
+    input), the input itself when the caller allows it and it fits."""
+    dtype = np.float64 if flat.dtype.kind == "f" else np.int32
+    if overwrite_input and len(panels) == 1 and flat.dtype == dtype and np.shares_memory(flat, panels[0]):
+        return flat
+    return flat.astype(dtype, copy=True)
+
+
+def _assign(out, positions, result, fit, params, rng):
+    """Give a fitted region's zero pixels (``positions``) their values."""
+    values, counts, result.conditional_mean = zero_assignment(
+        params.assignment, result.n_zero, fit.theta, fit.mu, fit.sigma
+    )
+    result.assignment = params.assignment
+    out[positions] = random_arrangement(values.astype(out.dtype), counts, rng)
+    result.n_changed = int(counts[values != 0].sum())
+    result.min_value = int(values[np.flatnonzero(counts)[-1]])
+
+
+def _check_map(shapes, shell_map, params):
+    if shapes != list(shell_map.panel_shapes):
+        raise ValueError(f"image shape {shapes} does not match the shell map {shell_map.panel_shapes}")
+    if shell_map.n_sectors != params.n_sectors:
+        raise ValueError(
+            f"n_sectors={params.n_sectors} but the shell map has {shell_map.n_sectors} sector(s) per shell:"
+            " build it with build_shell_map(..., azimuth=..., n_sectors=n_sectors)"
         )
-        results.append(result)
+
+
+def _region_result(shell_map, region, n_zero):
+    return ShellResult(
+        shell=int(shell_map.shell[region]),
+        sector=int(shell_map.sector[region]),
+        d_max=float(shell_map.d_max[region]),
+        d_min=float(shell_map.d_min[region]),
+        n_valid=int(shell_map.n_valid[region]),
+        n_zero=int(n_zero),
+    )
+
+
+def _fit_regions(results, histogram, shell_map, params, image_key):
+    """Fit every region that has zero pixels (or all, with fit_all_shells);
+    a failed fit is retried on the region pooled with each of its merge
+    candidates in turn.  ``histogram(region)`` gives a region's histogram.
+    Returns {region: fit} of the regions to correct."""
+    fits = {}
+    for r, result in enumerate(results):
         if result.n_zero == 0 and not params.fit_all_shells:
             continue
-        result.imax, result.fit = _fit_shell(hist, n_valid, params)
-        result.fitted_shells = (s,)
-        if not result.fit.converged and shell_map.n_shells > 1:
-            neighbour = s - 1 if s > 0 else s + 1
-            merged_imax, merged_fit = _fit_shell(
-                hist + histograms[neighbour],
-                n_valid + int(shell_map.n_valid[neighbour]),
-                params,
-            )
-            if merged_fit.converged:
-                logger.info(
-                    "Image %s shell %d: fit failed (%s); using the fit of shells %d and %d together",
-                    image_key, s, result.fit.message, min(s, neighbour), max(s, neighbour),
-                )
-                result.imax, result.fit = merged_imax, merged_fit
-                result.fitted_shells = tuple(sorted((s, neighbour)))
+        result.imax, result.fit = _fit_shell(histogram(r), result.n_valid, params)
+        result.fitted_regions = ((result.shell, result.sector),)
+        if not result.fit.converged:
+            _fit_merged(result, r, histogram, shell_map, params, image_key)
         if result.n_zero == 0:
             continue
         if result.fit.converged:
-            fits[s] = result.fit
+            fits[r] = result.fit
             result.status = CORRECTED
         else:
             result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
-            _warn_once(image_key, s, "Image %s shell %d (%.2f-%.2f A): %s" % (image_key, s, result.d_max, result.d_min, result.status))
+            _warn_once(image_key, r, "Image %s %s (%.2f-%.2f A): %s" % (
+                image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status))
+    return fits
 
-    out_dtype = np.float64 if flat.dtype.kind == "f" else np.int32
-    in_place = overwrite_input and len(panels) == 1 and flat.dtype == out_dtype and np.shares_memory(flat, panels[0])
-    out = flat if in_place else flat.astype(out_dtype, copy=True)
 
-    rng = image_rng(params.seed, image_key)
-    for s, fit in fits.items():
-        result = results[s]
-        values, counts = zero_value_counts(result.n_zero, fit.theta, fit.mu, fit.sigma)
-        assigned = random_arrangement(values.astype(out_dtype), counts, rng)
-        out[zero_positions[starts[s] : starts[s + 1]]] = assigned
-        result.n_changed = int(np.count_nonzero(assigned))
-        result.min_value = int(values[np.flatnonzero(counts)[-1]])
+def _fit_merged(result, region, histogram, shell_map, params, image_key):
+    for other in shell_map.merge_candidates(region):
+        merged_imax, merged_fit = _fit_shell(
+            pooled_histogram(histogram(region), histogram(other)),
+            result.n_valid + int(shell_map.n_valid[other]),
+            params,
+        )
+        if merged_fit.converged:
+            first, second = sorted((region, other))
+            logger.info(
+                "Image %s %s: fit failed (%s); using the fit of %s and %s together",
+                image_key, shell_map.region_name(region), result.fit.message,
+                shell_map.region_name(first), shell_map.region_name(second),
+            )
+            result.imax, result.fit = merged_imax, merged_fit
+            result.fitted_regions = tuple((int(shell_map.shell[k]), int(shell_map.sector[k])) for k in (first, second))
+            return
 
+
+def _split(flat, shapes):
+    """The flattened panels as arrays of their own shapes (views)."""
     data = []
     offset = 0
     for shape in shapes:
         size = int(np.prod(shape))
-        data.append(out[offset : offset + size].reshape(shape))
+        data.append(flat[offset : offset + size].reshape(shape))
         offset += size
-    return ImageCorrection(data=data, status=CORRECTED, shells=results)
+    return data
 
 
 _warned = set()
 
 
-def _warn_once(image_key, shell, message):
+def _warn_once(image_key, region, message):
     """Images are read repeatedly by DIALS programs: say each problem once."""
-    if (image_key, shell) not in _warned:
-        _warned.add((image_key, shell))
+    if (image_key, region) not in _warned:
+        _warned.add((image_key, region))
         logger.warning(message)
 
 

@@ -1,8 +1,8 @@
-"""Low-count histograms per shell, and Imax, the largest count they hold.
+"""Low-count histograms per region, and Imax, the largest count they hold.
 
 The Imax rule (its one statement): unless the user sets it
 (``histogram.max``), Imax is the count at or below which a fraction q of the
-shell's *positive* counts lie, at least 3, where q is ``histogram.quantile``
+region's *positive* counts lie, at least 3, where q is ``histogram.quantile``
 or, by default, 0.5 for the exact likelihood and 0.99 for the paper's.  The
 exact likelihood treats the counts above Imax as censored, so it is best kept
 to the low counts near zero (spots, Poisson tails and the spread of
@@ -28,29 +28,59 @@ def effective_quantile(params):
     return AUTO_QUANTILE[params.likelihood]
 
 
+def histogram_values(by_region):
+    """The valid pixel values (sorted by region) as bincount takes them:
+    integers, every count above HISTOGRAM_CAP as HISTOGRAM_CAP + 1."""
+    if by_region.dtype.itemsize > 2 and by_region.max(initial=0) > HISTOGRAM_CAP:
+        by_region = np.minimum(by_region, HISTOGRAM_CAP + 1)
+    if by_region.dtype.kind == "f":
+        by_region = by_region.astype(np.intp)
+    return by_region
+
+
+def region_histogram(values, region_starts, region):
+    """H(I) of one region for I = 0 .. its largest value, from
+    histogram_values: only as long as the region needs."""
+    return np.bincount(values[region_starts[region] : region_starts[region + 1]])
+
+
+def pooled_histogram(first, second):
+    """The histogram of two regions together."""
+    if len(first) < len(second):
+        first, second = second, first
+    pooled = first.copy()
+    pooled[: len(second)] += second
+    return pooled
+
+
 def shell_histograms(by_shell, shell_starts):
-    """H(I) per shell for I = 0..HISTOGRAM_CAP, counts above the cap in the
-    last column, from the valid pixel values sorted by shell."""
-    if by_shell.dtype.itemsize > 2 and by_shell.max(initial=0) > HISTOGRAM_CAP:
-        by_shell = np.minimum(by_shell, HISTOGRAM_CAP + 1)
-    if by_shell.dtype.kind == "f":
-        by_shell = by_shell.astype(np.intp)
-    n_shells = len(shell_starts) - 1
-    histograms = np.zeros((n_shells, HISTOGRAM_CAP + 2), dtype=np.int64)
-    for s in range(n_shells):
-        counts = np.bincount(by_shell[shell_starts[s] : shell_starts[s + 1]])
-        histograms[s, : len(counts)] = counts
+    """H(I) per region for I = 0..HISTOGRAM_CAP, counts above the cap in the
+    last column, from the valid pixel values sorted by region."""
+    values = histogram_values(by_shell)
+    n_regions = len(shell_starts) - 1
+    histograms = np.zeros((n_regions, HISTOGRAM_CAP + 2), dtype=np.int64)
+    for r in range(n_regions):
+        counts = region_histogram(values, shell_starts, r)
+        histograms[r, : len(counts)] = counts
     return histograms
 
 
 def imax(histogram, n_valid, params):
-    """Imax of one shell by the rule above, from its full histogram."""
+    """Imax of one region by the rule above, from its histogram (which may
+    end at the region's largest count)."""
     if params.histogram_max is not None:
-        return int(min(params.histogram_max, len(histogram) - 1))
+        return int(min(params.histogram_max, HISTOGRAM_CAP + 1))
     n_positive = n_valid - histogram[0]
     target = effective_quantile(params) * n_positive
     head = np.cumsum(histogram[1:4097])  # Imax is almost always small
-    if head[-1] < target:
+    if head.size and head[-1] < target:
         head = np.cumsum(histogram[1:])
-    value = int(np.searchsorted(head, target)) + 1
-    return max(3, min(value, len(histogram) - 1))
+    return max(3, int(np.searchsorted(head, target)) + 1)
+
+
+def counts_up_to(histogram, top):
+    """H(0..top), zero beyond the histogram's end."""
+    h = np.zeros(top + 1, dtype=histogram.dtype)
+    n = min(len(histogram), top + 1)
+    h[:n] = histogram[:n]
+    return h

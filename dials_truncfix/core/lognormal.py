@@ -32,6 +32,11 @@ LIKELIHOODS = ("exact", "paper")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
+#: what the objective returns (with a zero gradient) where the likelihood is
+#: not finite: large enough to be rejected by any descent, finite so that the
+#: optimisers' arithmetic stays defined; never a converged fit's value
+NOT_FINITE = 1e300
+
 
 @dataclass(frozen=True)
 class LognormalFit:
@@ -94,8 +99,38 @@ def _log_diff_ndtr(z_hi, z_lo):
         return log_a + np.log1p(-np.exp(log_b - log_a))
 
 
+_PLUS_INF = np.array([np.inf])
+_MINUS_INF = np.array([-np.inf])
+
+
+def _zero_where(values, empty):
+    """``values`` with the entries of empty bins set to 0 (in place)."""
+    values[empty] = 0.0
+    return values
+
+
 def _log_phi(z):
     return -0.5 * z * z - _LOG_SQRT_2PI
+
+
+def _edges_kept(needed, n_edges):
+    """The edges (or counts) the likelihood runs over: only the ``needed``
+    ones when that drops at least half of the ``n_edges``, which makes a
+    large Imax (histogram.max) cheap; else all, so that the usual fits stay
+    the same to the bit (shorter sums round differently)."""
+    return needed if 2 * len(needed) <= n_edges else np.arange(n_edges)
+
+
+def _occupied_intervals(bin_counts):
+    """(edge offsets, interval counts) of the exact likelihood: a run of empty
+    bins adds nothing to the multinomial likelihood, so the edges inside it
+    can go, the run becoming one empty interval.  Edge k is I = k + 0.5,
+    the top of bin k, at x - theta = k + exp(a)."""
+    occupied = bin_counts > 0
+    kept = _edges_kept(np.flatnonzero(occupied[:-1] | occupied[1:]), len(bin_counts) - 1)
+    cumulative = np.cumsum(bin_counts)
+    interval_counts = np.diff(np.concatenate(([0.0], cumulative[kept], cumulative[-1:])))
+    return kept.astype(float), interval_counts
 
 
 class _Objective:
@@ -103,42 +138,55 @@ class _Objective:
     theta = 0.5 - exp(a) and sigma = exp(s)."""
 
     def __init__(self, histogram, n_above, likelihood):
-        self.h = np.asarray(histogram, dtype=float)
+        h = np.asarray(histogram, dtype=float)
         self.likelihood = likelihood
-        imax = len(self.h) - 1
         if likelihood == "exact":
             # bins (-inf, 0.5), [0.5, 1.5), ..., [Imax - 0.5, Imax + 0.5), [Imax + 0.5, inf)
-            self.bin_counts = np.append(self.h, float(n_above))
-            # edges 0.5 .. Imax + 0.5 minus 0.5: x - theta = offset + exp(a)
-            self.offsets = np.arange(imax + 1, dtype=float)
+            self.offsets, self.bin_counts = _occupied_intervals(np.append(h, float(n_above)))
+            self._counts_by_edge()
         else:
-            self.bin_counts = self.h
-            # integer counts 1 .. Imax minus 0.5
-            self.offsets = np.arange(imax, dtype=float) + 0.5
-        self.n_total = self.bin_counts.sum()
+            self.h0 = h[0]
+            # the positive counts I (those that occur), minus 0.5
+            kept = _edges_kept(np.flatnonzero(h[1:] > 0), len(h) - 1)
+            self.offsets = kept + 0.5
+            self.positive_counts = h[1:][kept]
+        self.n_total = h.sum() + (n_above if likelihood == "exact" else 0)
+
+    def _counts_by_edge(self):
+        """What the evaluations need of the counts, which stay the same:
+        the occupied and the empty bins, and the bins below, above and
+        between the edges."""
+        c = self.bin_counts
+        self.occupied = c > 0
+        self.empty = ~self.occupied
+        self.occupied_counts = c[self.occupied]
+        self.count_below, self.count_above = c[:-1], c[1:]
+        self.below_empty, self.above_empty = self.empty[:-1], self.empty[1:]
+        # bin e + 1 joins edges e and e + 1
+        self.minus_count_between, self.between_empty = -c[1:-1], self.empty[1:-1]
+
+    def _log_bin_probabilities(self, z):
+        """log P(bin) for the edges at standardised positions z."""
+        return _log_diff_ndtr(np.concatenate((z, _PLUS_INF)), np.concatenate((_MINUS_INF, z)))
 
     def __call__(self, p):
         with np.errstate(all="ignore"):
             try:
                 value, grad = (self._exact if self.likelihood == "exact" else self._paper)(*p)
             except (ValueError, OverflowError, ZeroDivisionError):
-                return 1e300, np.zeros(3)
+                return NOT_FINITE, np.zeros(3)
         if not np.isfinite(value) or not np.all(np.isfinite(grad)):
-            return 1e300, np.zeros(3)
+            return NOT_FINITE, np.zeros(3)
         return -value / self.n_total, -grad / self.n_total
 
     def _exact(self, a, mu, s):
         sigma = math.exp(s)
         y = self.offsets + math.exp(a)  # edge - theta, without cancellation
         z = (np.log(y) - mu) / sigma
-        z_hi = np.append(z, np.inf)
-        z_lo = np.insert(z, 0, -np.inf)
-        log_p = _log_diff_ndtr(z_hi, z_lo)
-        c = self.bin_counts
-        occupied = c > 0
-        value = np.dot(c[occupied], log_p[occupied])
+        log_p = self._log_bin_probabilities(z)
+        value = np.dot(self.occupied_counts, log_p[self.occupied])
         # d log-likelihood / d z_e: edge e is the top of bin e and the bottom of bin e + 1
-        per_bin = np.where(occupied, c * np.exp(-log_p), 0.0)
+        per_bin = _zero_where(self.bin_counts * np.exp(-log_p), self.empty)
         w = np.exp(_log_phi(z)) * (per_bin[:-1] - per_bin[1:])
         # dz/dtheta = -1/(sigma y), dz/dmu = -1/sigma, dz/dsigma = -z/sigma
         g_theta = -np.dot(w, 1 / y) / sigma
@@ -154,27 +202,29 @@ class _Objective:
         try:
             return self._with_hessian(*p)
         except (ValueError, OverflowError, ZeroDivisionError):
-            return 1e300, np.zeros(3), np.eye(3)
+            return NOT_FINITE, np.zeros(3), np.eye(3)
 
     def _with_hessian(self, a, mu, s):
         sigma, t = math.exp(s), math.exp(a)
         with np.errstate(all="ignore"):
             y = self.offsets + t
             z = (np.log(y) - mu) / sigma
-            log_p = _log_diff_ndtr(np.append(z, np.inf), np.insert(z, 0, -np.inf))
-            c = self.bin_counts
+            log_p = self._log_bin_probabilities(z)
             log_phi = _log_phi(z)
             r_top = np.exp(log_phi - log_p[:-1])  # edge e as the top of bin e
             r_bottom = -np.exp(log_phi - log_p[1:])  # and as the bottom of bin e + 1
-            c_top = np.where(c[:-1] > 0, c[:-1], 0.0)
-            c_bottom = np.where(c[1:] > 0, c[1:], 0.0)
-            w = np.where(c_top > 0, c_top * r_top, 0.0) + np.where(c_bottom > 0, c_bottom * r_bottom, 0.0)
-            diag = np.where(c_top > 0, c_top * (-z * r_top - r_top**2), 0.0) + np.where(
-                c_bottom > 0, c_bottom * (-z * r_bottom - r_bottom**2), 0.0
+            # the terms of empty bins are zero (their r may not be finite)
+            w = _zero_where(self.count_below * r_top, self.below_empty) + _zero_where(
+                self.count_above * r_bottom, self.above_empty
             )
-            # bin e + 1 joins edges e and e + 1
-            off = np.where(c_bottom[:-1] > 0, -c_bottom[:-1] * r_bottom[:-1] * r_top[1:], 0.0)
-            grad_z = np.stack([-1 / (sigma * y), np.full_like(y, -1 / sigma), -z / sigma])  # (3, E)
+            diag = _zero_where(self.count_below * (-z * r_top - r_top**2), self.below_empty) + _zero_where(
+                self.count_above * (-z * r_bottom - r_bottom**2), self.above_empty
+            )
+            off = _zero_where(self.minus_count_between * r_bottom[:-1] * r_top[1:], self.between_empty)
+            grad_z = np.empty((3, len(y)))  # dz/d(theta, mu, sigma) per edge
+            grad_z[0] = -1 / (sigma * y)
+            grad_z[1] = -1 / sigma
+            grad_z[2] = -z / sigma
             h = (grad_z * diag) @ grad_z.T
             cross = (grad_z[:, :-1] * off) @ grad_z[:, 1:].T
             h += cross + cross.T
@@ -187,19 +237,18 @@ class _Objective:
             g = np.array([np.dot(w, -1 / (sigma * y)), -w.sum() / sigma, -np.dot(w, z) / sigma])
             # theta = 0.5 - exp(a): d theta/da = d2 theta/da2 = -t; sigma = exp(s)
             jac = np.array([-t, 1.0, sigma])
-            h = h * np.outer(jac, jac)
+            h = h * (jac[:, None] * jac)
             h[0, 0] += g[0] * -t
             h[2, 2] += g[2] * sigma
-            occupied = c > 0
-            value = np.dot(c[occupied], log_p[occupied])
+            value = np.dot(self.occupied_counts, log_p[self.occupied])
         grad = g * jac
-        if not (np.isfinite(value) and np.all(np.isfinite(grad)) and np.all(np.isfinite(h))):
-            return 1e300, np.zeros(3), np.eye(3)
+        if not (math.isfinite(value) and np.isfinite(grad).all() and np.isfinite(h).all()):
+            return NOT_FINITE, np.zeros(3), np.eye(3)
         return -value / self.n_total, -grad / self.n_total, -h / self.n_total
 
     def _paper(self, a, mu, s):
         sigma = math.exp(s)
-        h0, hpos = self.h[0], self.h[1:]
+        h0, hpos = self.h0, self.positive_counts
         # H(0) log F(0.5)
         z0 = (a - mu) / sigma
         log_f0 = special.log_ndtr(z0)
@@ -275,10 +324,13 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
         )
     a, mu, s = result.x
     theta, sigma = 0.5 - math.exp(a), math.exp(s)
-    ll = -result.fun * objective.n_total
+    # a start where the likelihood is not finite leaves the optimiser at
+    # NOT_FINITE with a zero gradient, which it takes for convergence
+    ll = -result.fun * objective.n_total if result.fun < NOT_FINITE else -math.inf
     converged = bool(
         result.success or (result.status == 2 and np.max(np.abs(result.jac)) < 1e-5)
     )
+    message = str(result.message) if np.isfinite(ll) else "log-likelihood not finite"
     if not (np.isfinite(ll) and np.isfinite([theta, mu, sigma]).all()):
         converged = False
     expected = bin_probabilities(theta, mu, sigma, len(h) - 1)[:-1] * (h.sum() + n_above)
@@ -291,7 +343,7 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
         rmsd=rmsd,
         converged=converged,
         n_iterations=int(result.nit),
-        message=str(result.message),
+        message=message,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dials_truncfix.core.assignment import ASSIGNMENTS
 from dials_truncfix.core.lognormal import LIKELIHOODS
 
 
@@ -17,10 +18,14 @@ class CorrectionParameters:
     min_pixels_per_shell: int = 1000
     seed: int = 0
     fit_all_shells: bool = False
+    assignment: str = "distribution"
+    n_sectors: int = 1
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}")
         if self.histogram_quantile is not None and not 0 < self.histogram_quantile <= 1:
             raise ValueError("histogram_quantile must be in (0, 1]")
         if self.histogram_max is not None and self.histogram_max < 3:

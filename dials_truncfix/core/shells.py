@@ -1,8 +1,10 @@
-"""Resolution shells of equal valid-pixel count (about equal area).
+"""Resolution shells of equal valid-pixel count (about equal area), and
+optionally their azimuthal sectors: the regions modelled separately.
 
 The shell map is built once per sweep geometry from a per-pixel resolution
 measure (1/d^2, which grows with scattering angle and is finite at the beam
-centre) and a validity mask per panel, then reused for every image.
+centre), a validity mask per panel and, for sectors, a per-pixel azimuth,
+then reused for every image.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ class ShellError(ValueError):
 
 @dataclass
 class ShellMap:
-    """Shell label per pixel, flattened over all panels in panel order.
+    """Region label per pixel, flattened over all panels in panel order.
 
-    ``labels`` holds 0 (lowest resolution) .. n_shells - 1 (highest), or
-    INVALID for masked pixels.  ``d_max``/``d_min`` give each shell's
-    resolution range in Angstrom.
+    A region is a resolution shell, or with ``n_sectors`` > 1 an azimuthal
+    sector of one.  ``labels`` holds the region, 0 .. n_regions - 1 ordered
+    by shell (0 is the lowest resolution) then sector, or INVALID for masked
+    pixels.  Per region: ``shell`` and ``sector`` indices, the resolution
+    range ``d_max``/``d_min`` in Angstrom and the number of valid pixels.
     """
 
     labels: np.ndarray
@@ -38,19 +42,27 @@ class ShellMap:
     d_min: np.ndarray
     n_valid: np.ndarray
     requested_shells: int
+    shell: np.ndarray
+    sector: np.ndarray
+    n_sectors: int = 1
     _order: tuple = field(default=None, repr=False)
+    _keys: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def n_regions(self):
+        return len(self.d_max)
 
     @property
     def n_shells(self):
-        return len(self.d_max)
+        return int(self.shell[-1]) + 1
 
     @property
     def n_pixels(self):
         return self.labels.size
 
     def pixel_order(self):
-        """(indices of the valid pixels sorted by shell, raster order within
-        a shell; start of each shell in it): cached, the same for every image."""
+        """(indices of the valid pixels sorted by region, raster order within
+        a region; start of each region in it): cached, the same for every image."""
         if self._order is None:
             order = np.argsort(self.labels, kind="stable").astype(np.intp)
             n_invalid = int(np.count_nonzero(self.labels == INVALID))
@@ -59,31 +71,114 @@ class ShellMap:
             self._order = (order, starts)
         return self._order
 
+    def merge_candidates(self, region):
+        """The regions whose pixels a failed fit of ``region`` is pooled with,
+        in order of preference: the neighbouring sectors of the same shell,
+        then the same sector of the next shell in (or out, for the first)."""
+        shell, sector = int(self.shell[region]), int(self.sector[region])
+        wanted = [(shell, (sector - 1) % self.n_sectors), (shell, (sector + 1) % self.n_sectors)]
+        wanted.append((shell - 1 if shell > 0 else shell + 1, sector))
+        candidates = []
+        for s, k in wanted:
+            found = self._region(s, k)
+            if found is not None and found != region and found not in candidates:
+                candidates.append(found)
+        return candidates
+
+    def _region(self, shell, sector):
+        """The region of this shell and sector, or None if it was not made."""
+        if self._keys is None:  # regions are ordered by shell, then sector
+            self._keys = self.shell * self.n_sectors + self.sector
+        key = shell * self.n_sectors + sector
+        found = int(np.searchsorted(self._keys, key))
+        return found if found < len(self._keys) and self._keys[found] == key else None
+
+    def region_name(self, region):
+        """How logs name a region: "shell 3", or "shell 3 sector 1"."""
+        name = f"shell {self.shell[region]}"
+        return name if self.n_sectors == 1 else f"{name} sector {self.sector[region]}"
+
 
 def _d_from_inv_d2(inv_d2):
     return math.inf if inv_d2 <= 0 else 1.0 / math.sqrt(inv_d2)
 
 
-def build_shell_map(inv_d2, valid, n_shells=10, min_pixels_per_shell=1000):
-    """Split the valid pixels into ``n_shells`` shells of (nearly) equal count.
+def build_shell_map(inv_d2, valid, n_shells=10, min_pixels_per_shell=1000, azimuth=None, n_sectors=1):
+    """Split the valid pixels into ``n_shells`` shells of (nearly) equal count,
+    each into ``n_sectors`` sectors of equal angle (experimental).
 
     inv_d2: per-panel arrays of 1/d^2 (any shape); valid: matching boolean
-    arrays.  When there are fewer than ``n_shells * min_pixels_per_shell``
-    valid pixels, fewer shells are made and a warning is logged.
+    arrays; azimuth: matching arrays of the azimuth in radians (any origin
+    and range), needed for n_sectors > 1 only.  When there are fewer than
+    ``n_shells * min_pixels_per_shell`` valid pixels, fewer shells are made
+    and a warning is logged; sectors may hold fewer pixels (a sector whose
+    fit fails is pooled with its neighbour).  Empty regions are not made.
     """
+    resolution, angle, is_valid = _flat_geometry(inv_d2, valid, azimuth, n_shells, n_sectors)
+    n_valid = int(is_valid.sum())
+    n_made = _number_of_shells(n_valid, n_shells, min_pixels_per_shell)
+    if n_made * n_sectors > n_valid:
+        raise ValueError(
+            f"n_sectors={n_sectors}: {n_made} shells of {n_sectors} sectors are more regions than"
+            f" the {n_valid} valid pixels"
+        )
+    valid_resolution = resolution[is_valid]
+    region = _equal_count_shells(valid_resolution, n_made)
+    if n_sectors > 1:
+        region = region * n_sectors + _sector(angle[is_valid], n_sectors)
+
+    counts = np.bincount(region, minlength=n_made * n_sectors)
+    keep = counts > 0  # ties (or the detector's outline) can empty a region: renumber the ones left
+    shell, sector = np.divmod(np.flatnonzero(keep), n_sectors)
+    shell = np.cumsum(np.bincount(shell, minlength=n_made) > 0)[shell] - 1
+    if not keep.all():
+        region = (np.cumsum(keep) - 1)[region]
+        counts = counts[keep]
+    n_final = len(counts)
+    labels = np.full(resolution.shape, INVALID, dtype=_label_dtype(n_final))
+    labels[is_valid] = region
+    lo = np.full(n_final, np.inf)
+    hi = np.full(n_final, -np.inf)
+    np.minimum.at(lo, region, valid_resolution)
+    np.maximum.at(hi, region, valid_resolution)
+    return ShellMap(
+        labels=labels,
+        panel_shapes=[np.shape(a) for a in inv_d2],
+        d_max=np.array([_d_from_inv_d2(x) for x in lo]),
+        d_min=np.array([_d_from_inv_d2(x) for x in hi]),
+        n_valid=counts,
+        requested_shells=n_shells,
+        shell=shell,
+        sector=sector,
+        n_sectors=n_sectors,
+    )
+
+
+def _flat_geometry(inv_d2, valid, azimuth, n_shells, n_sectors):
+    """(1/d^2, azimuth or None, validity) of all pixels, flattened in panel
+    order; pixels with a non-finite 1/d^2 (or azimuth) are not valid."""
     if n_shells < 1:
         raise ValueError("n_shells must be at least 1")
+    if n_sectors < 1:
+        raise ValueError("n_sectors must be at least 1")
     if len(inv_d2) != len(valid):
         raise ValueError("need one validity mask per panel")
-    shapes = [np.shape(a) for a in inv_d2]
-    for a, m in zip(inv_d2, valid):
-        if np.shape(a) != np.shape(m):
-            raise ValueError("resolution and mask arrays differ in shape")
+    if n_sectors > 1 and (azimuth is None or len(azimuth) != len(valid)):
+        raise ValueError("n_sectors > 1 needs one azimuth array per panel")
+    for k, (a, m) in enumerate(zip(inv_d2, valid)):
+        if np.shape(a) != np.shape(m) or (n_sectors > 1 and np.shape(azimuth[k]) != np.shape(m)):
+            raise ValueError("resolution, azimuth and mask arrays differ in shape")
     resolution = np.concatenate([np.asarray(a, dtype=float).ravel() for a in inv_d2])
     is_valid = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in valid])
     is_valid &= np.isfinite(resolution)
-    n_valid = int(is_valid.sum())
+    angle = None
+    if n_sectors > 1:
+        angle = np.concatenate([np.asarray(a, dtype=float).ravel() for a in azimuth])
+        is_valid &= np.isfinite(angle)
+    return resolution, angle, is_valid
 
+
+def _number_of_shells(n_valid, n_shells, min_pixels_per_shell):
     n_possible = n_valid // max(int(min_pixels_per_shell), 1)
     if n_possible < 1:
         raise ShellError(
@@ -97,29 +192,26 @@ def build_shell_map(inv_d2, valid, n_shells=10, min_pixels_per_shell=1000):
             n_made,
             n_shells,
         )
+    return n_made
 
-    valid_resolution = np.sort(resolution[is_valid])
-    ranks = (np.arange(1, n_made) * n_valid) // n_made
-    inner_edges = valid_resolution[ranks]
-    labels = np.full(resolution.shape, INVALID, dtype=np.int16)
-    labels[is_valid] = np.searchsorted(inner_edges, resolution[is_valid], side="right")
 
-    counts = np.bincount(labels[is_valid], minlength=n_made)
-    keep = counts > 0  # ties can empty a shell: renumber the ones left
-    if not keep.all():
-        remap = np.cumsum(keep) - 1
-        labels[is_valid] = remap[labels[is_valid]]
-        counts = counts[keep]
-    n_final = len(counts)
-    lo = np.full(n_final, np.inf)
-    hi = np.full(n_final, -np.inf)
-    np.minimum.at(lo, labels[is_valid], resolution[is_valid])
-    np.maximum.at(hi, labels[is_valid], resolution[is_valid])
-    return ShellMap(
-        labels=labels,
-        panel_shapes=shapes,
-        d_max=np.array([_d_from_inv_d2(x) for x in lo]),
-        d_min=np.array([_d_from_inv_d2(x) for x in hi]),
-        n_valid=counts,
-        requested_shells=n_shells,
-    )
+def _equal_count_shells(resolution, n_shells):
+    """Shell 0 .. n_shells - 1 of each value, at ranks of equal spacing."""
+    ranks = (np.arange(1, n_shells) * resolution.size) // n_shells
+    inner_edges = np.sort(resolution)[ranks]
+    return np.searchsorted(inner_edges, resolution, side="right")
+
+
+def _label_dtype(n_regions):
+    """The narrowest signed integer type for labels INVALID .. n_regions - 1
+    (narrow labels sort fast)."""
+    for dtype in (np.int16, np.int32):
+        if n_regions - 1 <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+def _sector(angle, n_sectors):
+    """Sector 0 .. n_sectors - 1 of each azimuth: [0, 2 pi) in equal parts."""
+    turns = np.mod(angle, 2 * np.pi) / (2 * np.pi)
+    return np.minimum((turns * n_sectors).astype(np.int64), n_sectors - 1)

@@ -1,0 +1,147 @@
+"""Speed of the numerical core alone: ``correct_image`` on synthetic
+2048x2048 images with the shell map cached, as the dxtbx adapter calls it
+(a private int32 copy corrected in place), for both assignment modes.
+
+Two images with known per-shell lognormal backgrounds and 400 spots:
+  * "realistic": about 16% zero pixels, as in real MicroED data;
+  * "heavy": about 59% zero pixels, the stress case of benchmarks/run.py.
+
+Prints the median time per image and where it goes: the time spent in each
+function of dials_truncfix.core that ``correct_image`` calls (totals per
+call of correct_image), the rest being correct_image's own array work
+(gathers, copies, scatters).  Run with
+
+    PYTHONPATH=. /usr/bin/python3 benchmarks/core_speed.py [--repeats N]
+
+The target is about 0.3 x dxtbx's read time of such an image (~90-120 ms on
+the reference machine, so ~30 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from devtools.synthetic import ShellTruth, add_spots, draw_true_values, falling_parameters, radial_inv_d2, truncate
+from dials_truncfix.core import correction
+from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.core.shells import build_shell_map
+
+SIZE = 2048
+N_SHELLS = 10
+#: added to the falling parameters' theta: ~16% and ~59% zeros
+THETA_SHIFT = {"realistic": 5.7, "heavy": 0.0}
+
+
+def synthetic_image(kind, shell_map, seed=7):
+    """A truncated 2048x2048 image (uint16) of the given kind."""
+    truth = falling_parameters(N_SHELLS)
+    truth = ShellTruth(truth.theta + THETA_SHIFT[kind], truth.mu, truth.sigma)
+    rng = np.random.default_rng(seed)
+    values = draw_true_values(shell_map.labels.reshape(SIZE, SIZE), truth, rng)
+    return truncate(add_spots(values, 400, rng))
+
+
+class StepTimer:
+    """Wraps the core functions correct_image calls, accumulating the time of
+    each; calls made inside another wrapped function count under "within"."""
+
+    def __init__(self):
+        self.totals = defaultdict(float)
+        self.within = defaultdict(float)
+        self.originals = {}
+        self.depth = 0
+
+    def __enter__(self):
+        for name, value in vars(correction).items():
+            if (
+                callable(value)
+                and not isinstance(value, type)
+                and getattr(value, "__module__", "").startswith("dials_truncfix.core")
+                and name != "correct_image"
+            ):
+                self.originals[name] = value
+                setattr(correction, name, self._timed(name, value))
+        return self
+
+    def __exit__(self, *exc):
+        for name, value in self.originals.items():
+            setattr(correction, name, value)
+
+    def _timed(self, name, function):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            totals = self.within if self.depth else self.totals
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - start
+                self.depth -= 1
+
+        return timed
+
+
+def median_correction_time(image, shell_map, params, repeats):
+    """Median seconds of correct_image on fresh int32 copies (the copy is not timed)."""
+    times = []
+    for k in range(repeats):
+        private = image.astype(np.int32)
+        start = time.perf_counter()
+        correction.correct_image([private], shell_map, params, f"bench#{k}", overwrite_input=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_times(image, shell_map, params, repeats):
+    """Mean seconds per image: in total, in each wrapped core function called
+    by correct_image, and in those called by them."""
+    total = 0.0
+    with StepTimer() as timer:
+        for k in range(repeats):
+            private = image.astype(np.int32)
+            start = time.perf_counter()
+            correction.correct_image([private], shell_map, params, f"bench#{k}", overwrite_input=True)
+            total += time.perf_counter() - start
+
+    def per_image(totals):
+        return {name: t / repeats for name, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+    return total / repeats, per_image(timer.totals), per_image(timer.within)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--modes", nargs="+", default=["distribution", "expectation"])
+    args = parser.parse_args(argv)
+
+    shape = (SIZE, SIZE)
+    inv_d2 = radial_inv_d2(shape, centre=(0.52 * SIZE, 0.49 * SIZE))
+    start = time.perf_counter()
+    shell_map = build_shell_map([inv_d2], [np.ones(shape, bool)], N_SHELLS)
+    shell_map.pixel_order()
+    print(f"shell map (built once per geometry): {1e3 * (time.perf_counter() - start):.0f} ms")
+    for kind in THETA_SHIFT:
+        image = synthetic_image(kind, shell_map)
+        print(f"\n{kind}: {np.count_nonzero(image == 0) / image.size:.1%} zero pixels")
+        for mode in args.modes:
+            params = CorrectionParameters(n_shells=N_SHELLS, assignment=mode)
+            median = median_correction_time(image, shell_map, params, args.repeats)
+            print(f"  {mode:12s} correct_image median {1e3 * median:6.1f} ms over {args.repeats} repeats")
+            total, steps, within = step_times(image, shell_map, params, max(3, args.repeats // 3))
+            print(f"    per step (mean of the timed runs, {1e3 * total:.1f} ms an image):")
+            for name, seconds in steps.items():
+                print(f"      {name:28s} {1e3 * seconds:6.1f} ms")
+            print(f"      {'correct_image itself':28s} {1e3 * (total - sum(steps.values())):6.1f} ms  (gathers, copies, scatters)")
+            print("      of which within the steps: " + ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in within.items()))
+
+
+if __name__ == "__main__":
+    main()
