@@ -31,7 +31,7 @@ class ImageCorrector:
 
     def __init__(self, geometry: ShellGeometry, params: CorrectionParameters):
         self.params = params
-        self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell)
+        self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell, params.n_sectors)
 
     def correct(self, raw_data, image_key):
         """(corrected raw data as a tuple of flex arrays, ImageCorrection).

@@ -204,6 +204,8 @@ class _CorrectingReader:
         )
         if result.status not in (CORRECTED, NO_ZEROS):
             _notice_once(path, "%s: passed through uncorrected (%s)", path, result.status)
+        elif result.damaged:
+            _notice_once(path, "%s: %s are all zero (a file cut short?): left as they were", path, result.damaged)
         return corrected if isinstance(raw, tuple) else corrected[0]
 
     def _geometry(self, index):

@@ -111,6 +111,18 @@ def imageset_shell_geometry(imageset, index, static_mask=None, user_mask=None):
     return shell_geometry(beam, detector, masks)
 
 
+def _pixel_centres(panel):
+    """Laboratory coordinates (mm) of the pixel centres of a panel, (slow, fast, 3)."""
+    fast, slow = panel.get_image_size()
+    size_fast, size_slow = panel.get_pixel_size()
+    origin = np.array(panel.get_origin())
+    f_axis = np.array(panel.get_fast_axis()) * size_fast
+    s_axis = np.array(panel.get_slow_axis()) * size_slow
+    j = np.arange(fast) + 0.5
+    i = np.arange(slow) + 0.5
+    return origin + i[:, None, None] * s_axis + j[None, :, None] * f_axis
+
+
 def inv_d2_per_panel(detector, s0):
     """1/d^2 (A^-2) at every pixel centre, one (slow, fast) array per panel,
     from the panel frames (any number of panels, tilts, beam position)."""
@@ -118,18 +130,22 @@ def inv_d2_per_panel(detector, s0):
     k = np.linalg.norm(s0)
     out = []
     for panel in detector:
-        fast, slow = panel.get_image_size()
-        size_fast, size_slow = panel.get_pixel_size()
-        origin = np.array(panel.get_origin())
-        f_axis = np.array(panel.get_fast_axis()) * size_fast
-        s_axis = np.array(panel.get_slow_axis()) * size_slow
-        j = np.arange(fast) + 0.5
-        i = np.arange(slow) + 0.5
-        lab = origin + i[:, None, None] * s_axis + j[None, :, None] * f_axis
+        lab = _pixel_centres(panel)
         s1 = lab * (k / np.linalg.norm(lab, axis=2))[:, :, None]
         # |s1 - s0| = 1/d
         out.append(np.sum((s1 - s0) ** 2, axis=2))
     return out
+
+
+def azimuth_per_panel(detector, s0):
+    """The azimuth (radians) of every pixel centre about the beam, one
+    (slow, fast) array per panel (for regions of annulus x sector)."""
+    beam = np.array(s0) / np.linalg.norm(s0)
+    helper = np.array([0.0, 1.0, 0.0]) if abs(beam[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    e1 = np.cross(helper, beam)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(beam, e1)
+    return [np.arctan2(_pixel_centres(panel) @ e2, _pixel_centres(panel) @ e1) for panel in detector]
 
 
 def mask_to_numpy(mask, detector):
@@ -170,16 +186,17 @@ def load_mask_file(path, detector):
         raise MaskFileError(f"{path}: {e}") from None
 
 
-def shell_map_for(geometry: ShellGeometry, n_shells, min_pixels_per_shell):
+def shell_map_for(geometry: ShellGeometry, n_shells, min_pixels_per_shell, n_sectors=1):
     """The shell map of this geometry and mask, computed once and reused."""
-    key = (geometry.digest, n_shells, min_pixels_per_shell)
+    key = (geometry.digest, n_shells, min_pixels_per_shell, n_sectors)
     if key in _shell_map_cache:
         _shell_map_cache.move_to_end(key)
         return _shell_map_cache[key]
     detector = geometry.detector_model()
     valid = geometry.valid or mask_to_numpy(None, detector)
+    azimuth = azimuth_per_panel(detector, geometry.s0) if n_sectors > 1 else None
     shell_map = build_shell_map(
-        inv_d2_per_panel(detector, geometry.s0), valid, n_shells, min_pixels_per_shell
+        inv_d2_per_panel(detector, geometry.s0), valid, n_shells, min_pixels_per_shell, azimuth, n_sectors
     )
     _shell_map_cache[key] = shell_map
     while len(_shell_map_cache) > _CACHE_SIZE:

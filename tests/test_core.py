@@ -13,7 +13,7 @@ from scipy import stats
 
 from dials_truncfix.core import assignment, correction
 from dials_truncfix.core.assignment import zero_assignment
-from dials_truncfix.core.correction import correct_image, sweep_offset
+from dials_truncfix.core.correction import correct_image
 from dials_truncfix.core.lognormal import cdf
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.lognormal import bin_probabilities, fit_lognormal, parameter_covariance, standard_errors
@@ -239,17 +239,28 @@ print(hashlib.sha256(out.data[0].tobytes()).hexdigest())
     assert other.status == correction.CORRECTED
 
 
-def test_sweep_offset(scene):
+def test_damaged_rows_and_columns_are_left_alone(scene):
+    """A file cut short (its last rows read as 0) and a dead column: those
+    pixels are neither fitted nor changed; the rest is corrected as if they
+    were masked."""
     params = CorrectionParameters(n_shells=N_SHELLS)
-    results = [correct_image([scene["image"]], scene["shell_map"], params, f"img{i}") for i in range(2)]
-    lowest = min(int(r.data[0].min()) for r in results)
-    assert lowest < 0
-    assert sweep_offset(r.min_value for r in results) == -lowest
-    unchanged = correct_image([np.ones(scene["shape"], np.uint16)], scene["shell_map"], params, "x")
-    assert unchanged.min_value is None and sweep_offset([unchanged.min_value]) == 0
-
-
-# --- the expectation mode ------------------------------------------------------
+    image = scene["image"].copy()
+    image[900:] = 0
+    image[:, 17] = 0
+    result = correct_image([image], scene["shell_map"], params, "cut")
+    assert result.status == correction.CORRECTED and result.damaged == "rows 900-1023 and columns 17"
+    out = result.data[0]
+    assert (out[900:] == 0).all() and (out[:, 17] == 0).all()
+    assert (out[:900] < 0).sum() > 100000
+    lost = np.zeros(scene["shape"], bool)
+    lost[900:] = lost[:, 17] = True
+    labels = scene["shell_map"].labels
+    expected = np.bincount(labels[(labels >= 0) & ~lost.ravel()], minlength=N_SHELLS)
+    assert [s.n_valid for s in result.shells] == expected.tolist()
+    blank = correct_image([np.zeros(scene["shape"], np.uint16)], scene["shell_map"], params, "blank")
+    assert blank.status == correction.BLANK and blank.n_changed == 0
+    intact = correct_image([scene["image"]], scene["shell_map"], params, "intact")
+    assert intact.damaged == ""
 
 
 def _rounded_conditional_mean(theta, mu, sigma):
@@ -529,12 +540,25 @@ def test_float_and_signed_images_pass_through(scene):
     assert np.array_equal(r.data[0], ints.data[0])
 
 
-def test_all_zero_image_is_left_unchanged_with_a_warning(scene, caplog):
+def test_all_zero_image_is_left_unchanged_with_a_notice(scene, caplog):
     image = np.zeros(scene["shape"], np.uint16)
-    result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "zero")
+    with caplog.at_level("INFO"):
+        result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "zero")
     assert np.array_equal(result.data[0], image)
-    assert all(s.status.startswith("fit failed") for s in result.shells)
-    assert "fit failed" in caplog.text
+    assert result.status == correction.BLANK and "blank or damaged" in caplog.text
+
+
+def test_a_shell_of_zeros_borrows_the_fit_of_its_neighbour(scene):
+    """Fits need positive counts: a shell whose pixels are all zero (in an
+    image that is not blank, without a whole zero line) is fitted together
+    with the next shell in, and its zeros corrected from that fit."""
+    image = scene["image"].copy()
+    outer = (scene["shell_map"].labels == N_SHELLS - 1).reshape(scene["shape"])
+    image[outer] = 0
+    result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "outer")
+    assert result.damaged == ""
+    assert result.shells[-1].fitted_regions == ((N_SHELLS - 2, 0), (N_SHELLS - 1, 0))
+    assert (result.data[0][outer] < 0).sum() > 0.5 * outer.sum()
 
 
 def test_all_pixels_masked_is_an_error():

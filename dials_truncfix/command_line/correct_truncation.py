@@ -194,7 +194,10 @@ def run(args=None, phil=phil_scope):
         check_format=True,
         epilog=help_message,
     )
-    params, options = parser.parse_args(args=args, show_diff_phil=False)
+    try:
+        params, options = parser.parse_args(args=args, show_diff_phil=False)
+    except RuntimeError as e:  # a PHIL value out of range or of the wrong type
+        raise Sorry(str(e)) from None
     experiments = flatten_experiments(params.input.experiments)
     if not experiments:
         parser.print_help()
@@ -291,6 +294,11 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
 def _log_summary(plans):
     n_changed = 0
     for p in plans:
+        for s in p.corrections:
+            if s["damaged"]:
+                logger.warning(
+                    "%s: %s are all zero (a file cut short, or a dead line?): left as they were", s["file"], s["damaged"]
+                )
         changed = sum(s["n_changed"] for s in p.corrections)
         n_changed += changed
         failed = sum(1 for s in p.corrections for sh in s["shells"] if sh["status"].startswith("fit failed"))

@@ -25,6 +25,14 @@ CORRECTED = "corrected"
 NO_ZEROS = "no zero pixels"
 NOT_TRUNCATED_NEGATIVE = "not truncated data: holds negative values"
 NOT_TRUNCATED_FLOAT = "not truncated data: holds non-integer values"
+BLANK = "blank or damaged image: most valid pixels lie in rows or columns that are all zero"
+
+#: a row or column is damaged when all of at least this many valid pixels
+#: are zero: a file cut short (dxtbx reads the missing rows as 0) or a dead
+#: line of the camera.  By chance that is all but impossible: 0.73**128 ~ 3e-18
+#: for a line entirely in a shell with the 73% zeros of a heavily truncated
+#: outer shell, and lines cross shells of fewer zeros.
+DAMAGED_LINE_MIN_PIXELS = 128
 
 
 @dataclass
@@ -59,6 +67,41 @@ class ShellResult:
         return out
 
 
+def _ranges(indices):
+    """'3, 200-255' from sorted integers."""
+    if not len(indices):
+        return ""
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts = np.concatenate(([indices[0]], indices[breaks + 1]))
+    ends = np.concatenate((indices[breaks], [indices[-1]]))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
+
+
+def damaged_lines(panels, shell_map):
+    """(flat boolean mask of the pixels in damaged rows and columns, or None;
+    their description, e.g. 'rows 200-255'), from the per-panel arrays.
+    Only integer data without negative values is checked (all the correction
+    ever changes)."""
+    damaged, described, offset = None, [], 0
+    for k, (panel, (per_row, per_column)) in enumerate(zip(panels, shell_map.valid_per_line())):
+        panel = np.asarray(panel)
+        rows = np.flatnonzero((panel.max(axis=1) == 0) & (per_row >= DAMAGED_LINE_MIN_PIXELS))
+        columns = np.flatnonzero((panel.max(axis=0) == 0) & (per_column >= DAMAGED_LINE_MIN_PIXELS))
+        if len(rows) or len(columns):
+            if damaged is None:
+                damaged = np.zeros(sum(int(np.prod(np.shape(p))) for p in panels), dtype=bool)
+            block = np.zeros(panel.shape, dtype=bool)
+            block[rows] = True
+            block[:, columns] = True
+            damaged[offset : offset + panel.size] = block.ravel()
+            where = " and ".join(
+                f"{name} {_ranges(lines)}" for name, lines in (("rows", rows), ("columns", columns)) if len(lines)
+            )
+            described.append(where if len(panels) == 1 else f"panel {k} {where}")
+        offset += panel.size
+    return damaged, "; ".join(described)
+
+
 @dataclass
 class ImageCorrection:
     """The corrected panels (same shapes as the input, int32 for integer
@@ -67,6 +110,7 @@ class ImageCorrection:
     data: list
     status: str
     shells: list = field(default_factory=list)
+    damaged: str = ""  # rows and columns left as they were
 
     @property
     def n_changed(self):
@@ -130,22 +174,32 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
         return ImageCorrection(data=list(panels), status=reason)
 
+    damaged, described = damaged_lines(panels, shell_map) if flat.dtype.kind != "f" else (None, "")
+    if damaged is not None:  # not valid pixels for this image
+        keep = ~damaged[order]
+        if keep.sum() < 0.5 * keep.size:
+            logger.info("Image %s passed through unchanged: %s (%s)", image_key, BLANK, described)
+            return ImageCorrection(data=list(panels), status=BLANK, damaged=described)
+        order, by_region = order[keep], by_region[keep]
+        region_starts = np.concatenate(([0], np.cumsum(np.add.reduceat(keep.astype(np.intp), region_starts[:-1]))))
+    n_valid = np.diff(region_starts)
+
     zero_rank = np.flatnonzero(by_region == 0)
     if zero_rank.size == 0 and not params.fit_all_shells:
-        return ImageCorrection(data=list(panels), status=NO_ZEROS)
+        return ImageCorrection(data=list(panels), status=NO_ZEROS, damaged=described)
     zero_positions = np.take(order, zero_rank, mode="clip")
     zero_starts = np.searchsorted(zero_rank, region_starts)
 
     histogram = partial(region_histogram, histogram_values(by_region), region_starts)
     n_zero = np.diff(zero_starts)
-    results = [_region_result(shell_map, r, n_zero[r]) for r in range(shell_map.n_regions)]
-    fits = _fit_regions(results, histogram, shell_map, params, image_key)
+    results = [_region_result(shell_map, r, n_valid[r], n_zero[r]) for r in range(shell_map.n_regions)]
+    fits = _fit_regions(results, histogram, shell_map, n_valid, params, image_key)
 
     out = _output(flat, panels, overwrite_input)
     rng = image_rng(params.seed, image_key)
     for r, fit in fits.items():
         _assign(out, zero_positions[zero_starts[r] : zero_starts[r + 1]], results[r], fit, params, rng)
-    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results)
+    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results, damaged=described)
 
 
 def _output(flat, panels, overwrite_input):
@@ -178,18 +232,18 @@ def _check_map(shapes, shell_map, params):
         )
 
 
-def _region_result(shell_map, region, n_zero):
+def _region_result(shell_map, region, n_valid, n_zero):
     return ShellResult(
         shell=int(shell_map.shell[region]),
         sector=int(shell_map.sector[region]),
         d_max=float(shell_map.d_max[region]),
         d_min=float(shell_map.d_min[region]),
-        n_valid=int(shell_map.n_valid[region]),
+        n_valid=int(n_valid),
         n_zero=int(n_zero),
     )
 
 
-def _fit_regions(results, histogram, shell_map, params, image_key):
+def _fit_regions(results, histogram, shell_map, n_valid, params, image_key):
     """Fit every region that has zero pixels (or all, with fit_all_shells);
     a failed fit is retried on the region pooled with each of its merge
     candidates in turn.  ``histogram(region)`` gives a region's histogram.
@@ -201,7 +255,7 @@ def _fit_regions(results, histogram, shell_map, params, image_key):
         result.imax, result.fit = _fit_shell(histogram(r), result.n_valid, params)
         result.fitted_regions = ((result.shell, result.sector),)
         if not result.fit.converged:
-            _fit_merged(result, r, histogram, shell_map, params, image_key)
+            _fit_merged(result, r, histogram, shell_map, n_valid, params, image_key)
         if result.n_zero == 0:
             continue
         if result.fit.converged:
@@ -214,11 +268,11 @@ def _fit_regions(results, histogram, shell_map, params, image_key):
     return fits
 
 
-def _fit_merged(result, region, histogram, shell_map, params, image_key):
+def _fit_merged(result, region, histogram, shell_map, n_valid, params, image_key):
     for other in shell_map.merge_candidates(region):
         merged_imax, merged_fit = _fit_shell(
             pooled_histogram(histogram(region), histogram(other)),
-            result.n_valid + int(shell_map.n_valid[other]),
+            result.n_valid + int(n_valid[other]),
             params,
         )
         if merged_fit.converged:
@@ -252,11 +306,3 @@ def _warn_once(image_key, region, message):
     if (image_key, region) not in _warned:
         _warned.add((image_key, region))
         logger.warning(message)
-
-
-def sweep_offset(min_values):
-    """The offset for unsigned output: minus the smallest corrected value over
-    all shells of all images (0 when nothing went below zero), from each
-    image's ``ImageCorrection.min_value`` (None for an unchanged image)."""
-    lowest = [v for v in min_values if v is not None]
-    return max(0, -min(lowest)) if lowest else 0

@@ -53,18 +53,6 @@ def pooled_histogram(first, second):
     return pooled
 
 
-def shell_histograms(by_shell, shell_starts):
-    """H(I) per region for I = 0..HISTOGRAM_CAP, counts above the cap in the
-    last column, from the valid pixel values sorted by region."""
-    values = histogram_values(by_shell)
-    n_regions = len(shell_starts) - 1
-    histograms = np.zeros((n_regions, HISTOGRAM_CAP + 2), dtype=np.int64)
-    for r in range(n_regions):
-        counts = region_histogram(values, shell_starts, r)
-        histograms[r, : len(counts)] = counts
-    return histograms
-
-
 def imax(histogram, n_valid, params):
     """Imax of one region by the rule above, from its histogram (which may
     end at the region's largest count)."""

@@ -47,6 +47,7 @@ class ShellMap:
     n_sectors: int = 1
     _order: tuple = field(default=None, repr=False)
     _keys: np.ndarray = field(default=None, repr=False)
+    _lines: list = field(default=None, repr=False)
 
     @property
     def n_regions(self):
@@ -70,6 +71,18 @@ class ShellMap:
             starts = np.concatenate(([0], np.cumsum(self.n_valid)))
             self._order = (order, starts)
         return self._order
+
+    def valid_per_line(self):
+        """Per panel, the number of valid pixels in each row and each column
+        (cached)."""
+        if self._lines is None:
+            self._lines, offset = [], 0
+            for shape in self.panel_shapes:
+                size = int(np.prod(shape))
+                valid = (self.labels[offset : offset + size] >= 0).reshape(shape)
+                self._lines.append((valid.sum(axis=1), valid.sum(axis=0)))
+                offset += size
+        return self._lines
 
     def merge_candidates(self, region):
         """The regions whose pixels a failed fit of ``region`` is pooled with,

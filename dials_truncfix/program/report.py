@@ -20,11 +20,16 @@ def _plotly_js():
         return '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
 
 
+def region_name(shell, n_sectors):
+    """'shell k' (from 1), with the sector where regions are sectors of shells."""
+    return f"shell {shell['shell'] + 1}" + (f" sector {shell['sector'] + 1}" if n_sectors > 1 else "")
+
+
 def _mid_inv_d2(shell):
     return 0.5 * (1 / shell["d_max"] ** 2 + 1 / shell["d_min"] ** 2) if shell["d_min"] > 0 else 0.0
 
 
-def histogram_graphs(plan):
+def histogram_graphs(plan, n_sectors):
     graphs = {}
     for s in plan.corrections:
         if "histograms" not in s:
@@ -32,7 +37,7 @@ def histogram_graphs(plan):
         data = []
         for shell, hist in zip(s["shells"], s["histograms"]):
             x = np.arange(len(hist))
-            name = f"shell {shell['shell'] + 1} ({shell['d_max']:.2f}-{shell['d_min']:.2f} A)"
+            name = f"{region_name(shell, n_sectors)} ({shell['d_max']:.2f}-{shell['d_min']:.2f} A)"
             data.append({"type": "scatter", "mode": "markers", "x": x.tolist(), "y": hist,
                          "name": name, "legendgroup": name})
             fit = shell.get("fit")
@@ -51,7 +56,7 @@ def histogram_graphs(plan):
     return graphs
 
 
-def parameter_graphs(plan):
+def parameter_graphs(plan, n_sectors):
     graphs = {}
     for par in ("theta", "mu", "sigma"):
         by_res = []
@@ -62,9 +67,10 @@ def parameter_graphs(plan):
                 if shell.get("fit") and shell["fit"]["converged"]:
                     xs.append(_mid_inv_d2(shell))
                     ys.append(shell["fit"][par])
-                    by_image.setdefault(shell["shell"], ([], []))
-                    by_image[shell["shell"]][0].append(s["image"])
-                    by_image[shell["shell"]][1].append(shell["fit"][par])
+                    key = (shell["shell"], shell.get("sector", 0))
+                    by_image.setdefault(key, (region_name(shell, n_sectors), [], []))
+                    by_image[key][1].append(s["image"])
+                    by_image[key][2].append(shell["fit"][par])
             if xs:
                 by_res.append({"type": "scatter", "mode": "lines+markers", "x": xs, "y": ys,
                                "name": f"image {s['image']}"})
@@ -74,8 +80,8 @@ def parameter_graphs(plan):
                        "xaxis": {"title": "1/d^2 (A^-2)"}, "yaxis": {"title": par}},
         }
         graphs[f"{par}_img_{plan.number}"] = {
-            "data": [{"type": "scatter", "mode": "lines+markers", "x": v[0], "y": v[1],
-                      "name": f"shell {k + 1}"} for k, v in sorted(by_image.items())],
+            "data": [{"type": "scatter", "mode": "lines+markers", "x": v[1], "y": v[2],
+                      "name": v[0]} for _, v in sorted(by_image.items())],
             "layout": {"title": f"Sweep {plan.number}: {par} against image number",
                        "xaxis": {"title": "image"}, "yaxis": {"title": par}},
         }
@@ -118,8 +124,8 @@ def summary_table(plans, record):
 def html_report(plans, record):
     graphs = {}
     for p in plans:
-        graphs.update(parameter_graphs(p))
-        graphs.update(histogram_graphs(p))
+        graphs.update(parameter_graphs(p, record["parameters"]["n_sectors"]))
+        graphs.update(histogram_graphs(p, record["parameters"]["n_sectors"]))
     divs = "\n".join(f'<div id="{k}" style="height:450px"></div>' for k in graphs)
     calls = "\n".join(
         f"Plotly.newPlot({json.dumps(k)}, {json.dumps(v['data'])}, {json.dumps(v['layout'])});"

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from dials_truncfix import compat
-from dials_truncfix.core.histogram import shell_histograms
+from dials_truncfix.core.histogram import counts_up_to, histogram_values, region_histogram
 from dials_truncfix.corrector import corrected_value_range, corrector_for, user_mask
 from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry
 from dials_truncfix.io import OutputFormatError
@@ -37,12 +37,13 @@ def shell_geometry_of(imageset, index, settings):
     return imageset_shell_geometry(imageset, index, static, mask)
 
 
-def low_count_histograms(panels, shell_map, imax):
-    """Raw H(0..imax) per shell (for the report); negative values of images
+def low_count_histograms(panels, shell_map, top):
+    """Raw H(0..top) per region (for the report); negative values of images
     passed through count as 0."""
     flat = np.concatenate([np.asarray(p).ravel() for p in panels])
     order, starts = shell_map.pixel_order()
-    return shell_histograms(np.clip(flat[order], 0, None), starts)[:, : imax + 1]
+    values = histogram_values(np.clip(flat[order], 0, None))
+    return [counts_up_to(region_histogram(values, starts, r), top).tolist() for r in range(len(starts) - 1)]
 
 
 def _as_integers(panels, path):
@@ -92,7 +93,7 @@ class CorrectTask:
         summary = self.summary(plan, index, corrector.shell_map, raw_np, panels, result)
         if result is not None and index in self.report_images.get(number, ()):
             top = max([s.imax or 0 for s in result.shells] + [20])
-            summary["histograms"] = low_count_histograms(raw_np, corrector.shell_map, top).tolist()
+            summary["histograms"] = low_count_histograms(raw_np, corrector.shell_map, top)
         if self.fmt == "cbf":
             detector = imageset.get_detector(index)
             ranges = [
@@ -117,6 +118,7 @@ class CorrectTask:
             "n_valid": int(valid.sum()),
             "zero_fraction": float(np.count_nonzero(flat_raw == 0) / max(1, flat_raw.size)),
             "negative_fraction": float(np.count_nonzero(flat_out < 0) / max(1, flat_out.size)),
+            "damaged": "" if result is None else result.damaged,
             "n_changed": 0 if result is None else result.n_changed,
             "min_value": None if result is None else result.min_value,
             "shells": [] if result is None else [s.as_dict() for s in result.shells],
