@@ -17,11 +17,11 @@ truncfix
   .help = "Modelling of pixel values truncated to zero (Hattne et al., 2016)"
 {
   n_shells = 10
-    .type = int(value_min=1, value_max=1000)
+    .type = int(value_min=1, value_max=1000, allow_none=False)
     .help = "Number of concentric resolution shells of equal valid-pixel count"
             "(about equal area) that are modelled separately."
   n_sectors = 1
-    .type = int(value_min=1)
+    .type = int(value_min=1, allow_none=False)
     .help = "Experimental: split every resolution shell into this many"
             "azimuthal sectors of equal angle, each modelled separately (for"
             "backgrounds that vary around the beam). A sector whose fit fails"
@@ -43,7 +43,7 @@ truncfix
             "0.5, as the integers floor(m) and floor(m)+1 in the proportions"
             "that keep the shell's total: the same sum, less noise per pixel."
   seed = 0
-    .type = int(value_min=0)
+    .type = int(value_min=0, allow_none=False)
     .help = "Seed for the random spatial arrangement of the assigned values."
             "Combined with each image's identity, so that an image is always"
             "corrected identically."
@@ -64,7 +64,7 @@ truncfix
               "for the paper's, which ignores the counts above Imax."
   }
   min_pixels_per_shell = 1000
-    .type = int(value_min=1)
+    .type = int(value_min=1, allow_none=False)
     .help = "Shells with fewer valid pixels are not made: fewer shells are used."
     .expert_level = 1
   fit_all_shells = False

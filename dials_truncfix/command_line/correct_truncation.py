@@ -62,7 +62,7 @@ mp {
     .help = "The cluster method to use (as for dials.find_spots)"
     .expert_level = 1
   njobs = 1
-    .type = int(value_min=1)
+    .type = int(value_min=1, allow_none=False)
     .help = "The number of cluster jobs to use"
     .expert_level = 1
   nproc = Auto
@@ -95,7 +95,7 @@ output {
     .type = path
     .help = "HTML report (plotly, works offline). None: no report."
   report_images = 3
-    .type = int(value_min=1)
+    .type = int(value_min=1, allow_none=False)
     .help = "Number of images per sweep whose histograms the report shows."
     .expert_level = 1
   log = dials.correct_truncation.log
