@@ -45,4 +45,4 @@ def test_no_private_names_imported_across_modules():
         for module, names in _imports(path):
             if module.startswith(("dials_truncfix", "devtools")):
                 private = [n for n in names if n.startswith("_") and not n.startswith("__")]
-            assert not private, (path, module, private)
+                assert not private, (path, module, private)
