@@ -654,10 +654,10 @@ def test_random_arrangement_exact_counts_and_no_positional_pattern(monkeypatch, 
 def test_newton_steps_out_of_range_fail_gracefully():
     """Found by hypothesis: a huge Newton step overflowed exp(); the fit must
     back-track (or report failure), never raise."""
-    from dials_truncfix.core.lognormal import _Objective
+    from dials_truncfix.core.lognormal import Objective
 
     hist = np.array([1, 3, 1, 0, 0, 0, 0, 0, 0, 700])
-    objective = _Objective(hist[:-1], hist[-1], "exact")
+    objective = Objective(hist[:-1], hist[-1], "exact")
     value, grad, hessian = objective.with_hessian(np.array([800.0, 1.0, 0.0]))
     assert value == 1e300 and not grad.any()
     fit = fit_lognormal(hist[:-1], hist[-1], "exact")
@@ -734,7 +734,7 @@ def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(
     hist, n_above = _fit_histogram(-3 + np.exp(1 + 0.8 * rng.standard_normal(20_000)))
     assert fit_lognormal(hist, n_above, likelihood).converged
     start = (0.0, 0.0, 1e-300)
-    objective = lognormal._Objective(hist, n_above, likelihood)
+    objective = lognormal.Objective(hist, n_above, likelihood)
     value, grad = objective(np.array([math.log(0.5 - start[0]), start[1], math.log(start[2])]))
     assert value == lognormal.NOT_FINITE and not grad.any()
     monkeypatch.setattr(lognormal, "starting_values", lambda h, n: start)
@@ -791,7 +791,7 @@ def test_a_large_imax_fits_on_the_occupied_bins_alone(monkeypatch):
 
     hist, n_above = _sparse_histogram()
     occupied = np.count_nonzero(hist) + (n_above > 0)
-    compressed = lognormal._Objective(hist, n_above, "exact")
+    compressed = lognormal.Objective(hist, n_above, "exact")
     assert len(compressed.offsets) <= 2 * occupied < len(hist) / 10
     rng = np.random.default_rng(0)
     counts = np.append(hist, n_above)
@@ -807,9 +807,9 @@ def test_a_large_imax_fits_on_the_occupied_bins_alone(monkeypatch):
         assert lognormal.log_likelihood(hist, n_above, theta, mu, sigma, "paper") == pytest.approx(paper, rel=1e-9)
     # a few empty bins are kept, so that the usual fits do not change by rounding
     few_empty = np.array([900, 500, 0, 0, 0, 300, 200, 100])
-    usual = lognormal._Objective(few_empty, 50, "exact")
+    usual = lognormal.Objective(few_empty, 50, "exact")
     assert np.array_equal(usual.offsets, np.arange(8)) and np.array_equal(usual.bin_counts, np.append(few_empty, 50))
-    assert np.array_equal(lognormal._Objective(few_empty, 50, "paper").offsets, np.arange(7) + 0.5)
+    assert np.array_equal(lognormal.Objective(few_empty, 50, "paper").offsets, np.arange(7) + 0.5)
     fit = fit_lognormal(hist, n_above, "exact")
     monkeypatch.setattr(lognormal, "_occupied_intervals", lambda b: (np.arange(len(b) - 1, dtype=float), b))
     every_edge = fit_lognormal(hist, n_above, "exact")

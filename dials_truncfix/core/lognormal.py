@@ -133,7 +133,7 @@ def _occupied_intervals(bin_counts):
     return kept.astype(float), interval_counts
 
 
-class _Objective:
+class Objective:
     """Negative mean log-likelihood and its gradient in (a, mu, s), with
     theta = 0.5 - exp(a) and sigma = exp(s)."""
 
@@ -298,7 +298,7 @@ def starting_values(histogram, n_above):
 
 def log_likelihood(histogram, n_above, theta, mu, sigma, likelihood="exact"):
     """The log-likelihood of (theta, mu, sigma) for a histogram."""
-    objective = _Objective(histogram, n_above, likelihood)
+    objective = Objective(histogram, n_above, likelihood)
     value, _ = objective((math.log(0.5 - theta), mu, math.log(sigma)))
     return -value * objective.n_total
 
@@ -314,7 +314,7 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
     if h[1:].sum() < 10:
         return _failed("fewer than 10 pixels with positive counts below Imax")
     theta0, mu0, sigma0 = starting_values(h, n_above)
-    objective = _Objective(h, n_above, likelihood)
+    objective = Objective(h, n_above, likelihood)
     x0 = np.array([math.log(0.5 - theta0), mu0, math.log(sigma0)])
     if likelihood == "exact":
         result = _newton(objective, x0, max_iterations)
@@ -402,7 +402,7 @@ def _failed(message):
 def parameter_covariance(histogram, n_above, fit, likelihood="exact", step=1e-4):
     """Asymptotic covariance of (theta, mu, sigma) from the observed
     information (finite-difference Hessian of the analytic gradient)."""
-    objective = _Objective(histogram, n_above, likelihood)
+    objective = Objective(histogram, n_above, likelihood)
     p = np.array([math.log(0.5 - fit.theta), fit.mu, math.log(fit.sigma)])
     hessian = np.empty((3, 3))
     for i in range(3):
