@@ -19,37 +19,41 @@ logger = logging.getLogger("dials.command_line.correct_truncation")
 help_message = """
 Correct diffraction images whose negative pixel values were truncated to 0,
 by modelling the low counts of each resolution shell with a shifted lognormal
-and giving the zero-valued pixels values <= 0 drawn from it (Hattne et al.,
+and giving the zero-valued pixels values <= 0 that follow it (Hattne et al.,
 2016, J. Appl. Cryst. 49, 1029-1034).
 
 Input: an experiment list (e.g. imported.expt) or image files, read as
-dials.import would read them. Every imageset (sweep) is corrected with its
-own offset. The inputs are never modified.
+dials.import would read them. The shells come from the experiment's beam and
+detector models and every mask it carries. Images of counting detectors
+(Pilatus, Eiger, TimePix...) are written unchanged (see truncfix.detector).
 
 Outputs:
   output.directory  one corrected image per input image:
-      cbf (default): signed 32-bit full CBF (byte offset); trusted range and
-           rotation scan in the header, so dials.import of these files gives
-           a sweep whose negative values are valid pixels.
-      smv: unsigned 16-bit ADSC SMV with the sweep's offset (minus the most
-           negative corrected value) added and recorded as IMAGE_PEDESTAL;
-           values above 65535-offset are clipped to 65535 (overloaded).
-      on_read: no images; corrected.expt names the original images as
-           truncfix:// URLs with the parameters recorded, so every DIALS
-           program with the plugin installed reads them corrected.
-  output.experiments (corrected.expt): the input models pointing at the new
-      images, readable by stock DIALS (no plugin needed); written last, so a
-      run that stops early leaves no corrected.expt.
+      cbf (default): signed 32-bit full CBF (byte offset) with the image's
+           models, so that dials.import of these files gives a sequence (or
+           stills) whose negative values are valid pixels.
+      smv: unsigned 16-bit ADSC SMV holding the corrected values plus a
+           pedestal (1 minus the imageset's lowest value) recorded as
+           IMAGE_PEDESTAL; values too high for 16 bits with it are stored as
+           65535 (overloaded).
+      on_read: no images; output.experiments names the original images as
+           truncfix:// URLs with the settings and shell geometry recorded, so
+           every DIALS program with the plugin installed reads them corrected.
+  output.experiments (corrected.expt): the input models and masks pointing at
+      the new images, readable by stock DIALS (no plugin needed); written
+      last.
   output.json, output.report (HTML), output.log.
 
-Existing outputs are never overwritten unless output.overwrite=True; an
-output path equal to an input image is always refused. Images without any
-zero pixel are written unchanged, and a run with no zero pixel anywhere
-reports "nothing to correct" and still writes all outputs (exit status 0).
+Nothing is lost: an input is never replaced, existing outputs only with
+output.overwrite=True, all checked before any work; one run at a time per
+output directory; images are staged and moved into place at the end, so an
+interrupted run leaves no partial output. Images without any zero pixel are
+written unchanged ("nothing to correct", exit status 0).
 
 Examples:
   dials.correct_truncation imported.expt
   dials.correct_truncation imported.expt nproc=4 output.format=smv
+  dials.correct_truncation imported.expt output.format=on_read
   dials.correct_truncation image_*.img phil/tvips_f416_rolling_shutter.phil
 """
 
@@ -140,24 +144,6 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _check_arguments(args):
-    """One-line errors for missing files and files that are not experiment
-    lists, before DIALS' importer turns them into tracebacks or help text."""
-    for arg in args:
-        if arg.startswith("-") or "=" in arg:
-            continue
-        if not os.path.exists(arg):
-            raise Sorry(f"{arg}: no such file")
-        if arg.endswith((".expt", ".json")):
-            try:
-                with open(arg, encoding="utf-8") as fh:
-                    data = json.load(fh)
-                if not isinstance(data, dict) or data.get("__id__") != "ExperimentList":
-                    raise ValueError
-            except (ValueError, UnicodeDecodeError):
-                raise Sorry(f"{arg}: not an experiment list") from None
 
 
 def _check_arguments(args):
