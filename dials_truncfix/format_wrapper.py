@@ -34,7 +34,10 @@ How: dxtbx keeps an imageset's format parameters pickled and unpickles them
 whenever it hands them out, also when dials.import writes the experiment
 list after applying overrides and masks.  The record made at import is a
 :class:`RecordAtImport`, whose unpickling completes it with the shell
-geometry of its imageset as it is at that moment.
+geometry of its imageset as it is at that moment.  Stills escape this:
+dials.import gives each still experiment a copy of the imageset and applies
+overrides to the copies, which the record cannot see; their geometry is left
+to the experiment list (below).
 
 The pixels are corrected by the imageset's reader, not by the format class,
 because only the imageset knows the experiment.  A record without a geometry
