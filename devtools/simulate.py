@@ -34,7 +34,8 @@ Outputs (in ``output.directory``)::
     truth.expt                the exact models used (no imageset)
     simulation.json           parameters and derived constants
 
-Run as ``python -m devtools.simulate image_size=512 n_images=20``.
+Run as ``python -m devtools.simulate image_size=512 n_images=20`` (add
+``preset=weak`` for the weak crystal).
 Everything is deterministic given ``seed``.
 """
 
@@ -76,7 +77,23 @@ ZETA_MIN = 0.05
 #: Epoch of the first image (2016-01-01T00:00:00Z) for deterministic headers.
 EPOCH0 = calendar.timegm((2016, 1, 1, 0, 0, 0, 0, 0, 0))
 
+#: Parameter values of each ``preset``; explicit parameters override them.
+#: strong: the defaults of the scope (outer-shell <I/sigI> ~1 at 2048 x 90
+#: images, stronger than typical MicroED data); weak: a tenth of the flux,
+#: outer-shell <I/sigI> ~0.2, closer to real MicroED data (the paper's
+#: overall <I/sigI> was 2.2).
+PRESETS = {
+    "strong": "",
+    "weak": "intensity_scale = 500",
+}
+
 phil_str = """
+preset = *strong weak
+  .type = choice
+  .help = "A simulated crystal: strong (the defaults of this scope) or weak"
+          "(intensity_scale=500, a tenth of the flux: outer-shell I/sigI"
+          "~0.2, closer to real MicroED data). Parameters given explicitly"
+          "override the preset."
 seed = 1
   .type = int(value_min=0)
   .help = "Random seed: crystal orientation, structure, camera calibration"
@@ -261,7 +278,8 @@ class SimulationResult:
 
 def get_params(args=None):
     """Parse command-line style phil arguments (list of strings) and return
-    the extracted parameters."""
+    the extracted parameters: the ``preset``'s values (PRESETS) first, then
+    the arguments, so that a parameter given explicitly wins."""
     sources = []
     interp = phil_scope.command_line_argument_interpreter(home_scope="")
     for arg in args or []:
@@ -269,7 +287,9 @@ def get_params(args=None):
             sources.append(iotbx.phil.parse(file_name=arg))
         else:
             sources.append(interp.process(arg=arg))
-    return phil_scope.fetch(sources=sources).extract()
+    preset = phil_scope.fetch(sources=sources).extract().preset
+    preset_source = libtbx.phil.parse(PRESETS[preset], converter_registry=iotbx.phil.default_converter_registry)
+    return phil_scope.fetch(sources=[preset_source] + sources).extract()
 
 
 def pixel_size_for(params):
