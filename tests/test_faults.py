@@ -169,6 +169,23 @@ def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum):
     assert len(os.listdir(tmp_path / "corrected")) == 200
 
 
+def test_a_swallowed_interruption_still_stops_the_commit():
+    """Row 8: a library that catches everything (libtbx's pool wrappers use
+    bare excepts) must not turn a signal into a completed run."""
+    from dials_truncfix.program.outputs import Interrupted, interruptible
+
+    with interruptible() as interruption:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException:
+            pass
+        with pytest.raises(Interrupted) as caught:
+            interruption.check()
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_cut_image_rows_are_left_as_they_are(tmp_path):
     """Row 9: a file cut short (stock dxtbx reads the missing rows as 0) is
     reported by name; those rows are not corrected, the rest is."""

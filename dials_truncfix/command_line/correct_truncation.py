@@ -123,8 +123,11 @@ def _atomic_text(path, text):
 
 
 class _Progress:
-    def __init__(self, total):
+    """A bar and a debug line every tenth; stops the run once interrupted."""
+
+    def __init__(self, total, check_interrupted):
         self.total = total
+        self.check_interrupted = check_interrupted
         self.done = 0
         self.step = max(1, total // 10)
         try:
@@ -135,6 +138,7 @@ class _Progress:
             self.bar = None
 
     def __call__(self, _result):
+        self.check_interrupted()
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -234,7 +238,7 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
     except (planning.TruncationInputError, outputs.OutputError) as e:
         raise Sorry(str(e)) from None
     directories = {os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p}
-    with outputs.run_lock(directories), outputs.interruptible():
+    with outputs.run_lock(directories), outputs.interruptible() as interruption:
         dials.util.log.config(options.verbose, logfile=params.output.log)
         logger.info("%s, dials-truncfix %s", dials_version(), __version__)
         if diff_phil:
@@ -243,7 +247,7 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
         where = os.path.abspath(params.output.directory) if images else params.output.experiments
         logger.info("Correcting %d image(s) in %d imageset(s) into %s (%s)", n_images, len(plans), where, fmt)
         staging = outputs.Staging(images) if images else None
-        progress = _Progress(n_images)
+        progress = _Progress(n_images, interruption.check)
         try:
             tasks.correct_sweeps(
                 plans, settings, fmt, params.mp, staging, n_report_images=params.output.report_images,
@@ -251,6 +255,7 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
             )
             progress.close()
             _log_summary(plans)
+            interruption.check()
             if staging:
                 staging.commit(images)
             run_record = record.run_record(plans, settings, fmt)
@@ -263,6 +268,7 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
                 _atomic_text(params.output.report, html_report(plans, run_record))
                 logger.info("Wrote %s", params.output.report)
             if params.output.experiments:
+                interruption.check()
                 if fmt == planning.ON_READ:
                     result = corrected.on_read_experiments(experiments, plans, settings)
                 else:

@@ -129,16 +129,32 @@ class Interrupted(SystemExit):
     """SIGTERM or SIGINT: unwind (so that staging is removed), exit 130/143."""
 
 
+class Interruption:
+    """The signal received, if any.  The handler raises at once, but code it
+    lands in may swallow the exception (a bare ``except`` in a library, a
+    ``__del__``), so the run also calls :meth:`check` before it commits."""
+
+    def __init__(self):
+        self.signum = None
+
+    def check(self):
+        if self.signum is not None:
+            raise Interrupted(128 + self.signum)
+
+
 @contextlib.contextmanager
 def interruptible():
-    """Turn SIGTERM and SIGINT into Interrupted while the run works."""
+    """Turn SIGTERM and SIGINT into Interrupted while the run works; yields
+    the :class:`Interruption` to check before committing."""
+    interruption = Interruption()
 
     def handler(signum, frame):
+        interruption.signum = signum
         raise Interrupted(128 + signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield interruption
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
