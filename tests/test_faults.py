@@ -149,19 +149,27 @@ def _wait_for_staging(directory, timeout=120):
     raise AssertionError("the run never started staging images")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum):
+@pytest.mark.parametrize(
+    "signum, whole_group",
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGINT", "Ctrl-C"],
+)
+def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum, whole_group):
     """Row 8: no staging, no partial files, no experiment list, no
-    traceback; a later run starts clean."""
+    traceback (of the run or of its workers, which Ctrl-C in a terminal
+    signals too); a later run starts clean."""
     tmp_path, _ = long_sweep
     process = subprocess.Popen(["dials.correct_truncation", "in.expt", *ARGS, "nproc=2"],
                                cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, start_new_session=whole_group)
     _wait_for_staging(tmp_path / "corrected")
-    process.send_signal(signum)
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert "Traceback" not in out + err and "interrupted" in err
+    assert "Traceback" not in out + err and "CAUGHT EXCEPTION" not in out and "interrupted" in err
     left = os.listdir(tmp_path / "corrected")
     assert left == [], left
     assert not (tmp_path / "corrected.expt").exists()

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import multiprocessing
 import os
 import shutil
 import signal
@@ -121,8 +122,20 @@ class Staging:
             os.replace(self.path(final), final)
 
     def remove(self):
+        """Remove the staging directories, once no worker of an interrupted
+        parallel run can still be writing into them."""
+        _stop_workers()
         for staging in self.directories.values():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stop_workers():
+    """Kill this process's multiprocessing children: the workers of an
+    interrupted parallel run would go on writing their images (a signal
+    they get is caught by DIALS' worker wrapper)."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
 
 
 class Interrupted(SystemExit):
