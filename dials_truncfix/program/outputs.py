@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
 LOCK_NAME = ".dials.correct_truncation.lock"
@@ -158,16 +159,24 @@ class Interruption:
 @contextlib.contextmanager
 def interruptible():
     """Turn SIGTERM and SIGINT into Interrupted while the run works; yields
-    the :class:`Interruption` to check before committing."""
+    the :class:`Interruption` to check before committing.  Where Python
+    cannot raise it (a fork handler, a ``__del__``), it would print it as
+    "Exception ignored": it stays silent there, and recorded."""
     interruption = Interruption()
 
     def handler(signum, frame):
         interruption.signum = signum
         raise Interrupted(128 + signum)
 
+    def unraisable(report):
+        if not isinstance(report.exc_value, Interrupted):
+            previous_hook(report)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield interruption
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
