@@ -235,6 +235,20 @@ def _interpreter(script):
     return first[2:].split()[0] if first.startswith("#!") else None
 
 
+def same_interpreter(a, b):
+    """Whether two interpreter paths are one Python environment: compared by
+    their resolved directories, since a virtualenv's python is a symlink to
+    the base interpreter that realpath would make identical to it."""
+    return bool(a and b) and os.path.realpath(os.path.dirname(a)) == os.path.realpath(os.path.dirname(b))
+
+
+def program_interpreters(search_path=None):
+    """{program: (its path, the interpreter of its #! line)} for PROGRAMS on
+    ``search_path`` (default: PATH); None for what is missing."""
+    paths = {name: shutil.which(name, path=search_path) for name in PROGRAMS}
+    return {name: (path, path and _interpreter(path)) for name, path in paths.items()}
+
+
 _PROBE = """
 import importlib.metadata as m, json, os, sys
 import dials_truncfix
@@ -257,13 +271,14 @@ def describe_lane(lane, env):
     """What ``lane`` runs: its programs' interpreter, DIALS and dxtbx versions
     and the plugin it imports.  Every program must be on the lane's PATH and
     run the same interpreter (else StepError)."""
-    paths = {name: shutil.which(name, path=env.get("PATH", "")) for name in PROGRAMS}
-    interpreters = {name: path and _interpreter(path) for name, path in paths.items()}
+    found = program_interpreters(env.get("PATH", ""))
+    paths = {name: path for name, (path, _) in found.items()}
+    interpreters = {name: interpreter for name, (_, interpreter) in found.items()}
     python = interpreters["dials.import"]
     wrong = [
         "%s: %s (runs %s)" % (name, paths[name] or "not on PATH", interpreters[name])
         for name in PROGRAMS
-        if not interpreters[name] or os.path.realpath(interpreters[name]) != os.path.realpath(python or "")
+        if not same_interpreter(interpreters[name], python)
     ]
     if wrong:
         raise StepError("lane %s: programs of different interpreters:\n  %s" % (lane, "\n  ".join(wrong)))

@@ -4,36 +4,17 @@ tests: in the current-DIALS lane a program found elsewhere on PATH (Debian's
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 
 import pytest
 
-PROGRAMS = (
-    "dials.import",
-    "dials.find_spots",
-    "dials.index",
-    "dials.refine",
-    "dials.integrate",
-    "dials.scale",
-    "dials.export",
-    "dials.correct_truncation",
-)
-
-
-def _interpreter(script):
-    with open(script, "rb") as fh:
-        first = fh.readline().decode(errors="replace").strip()
-    return first[2:].split()[0] if first.startswith("#!") else None
+from devtools.validate import program_interpreters, same_interpreter
 
 
 def pytest_sessionstart(session):
     wrong = []
-    for name in PROGRAMS:
-        path = shutil.which(name)
-        interpreter = path and _interpreter(path)
-        if not interpreter or os.path.realpath(interpreter) != os.path.realpath(sys.executable):
+    for name, (path, interpreter) in program_interpreters().items():
+        if not same_interpreter(interpreter, sys.executable):
             wrong.append(f"{name}: {path or 'not on PATH'} (runs {interpreter})")
     if wrong:
         pytest.exit(
