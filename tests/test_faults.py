@@ -131,9 +131,16 @@ def test_concurrent_runs_into_one_directory(long_sweep):
     first = subprocess.Popen(slow, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     _wait_for_staging(tmp_path / "corrected")
-    second = run(["dials.correct_truncation", "in.expt", *ARGS, "output.overwrite=True",
-                  "output.log=second.log", "output.json=second.json", "output.report=None",
-                  "output.experiments=second.expt"], tmp_path, ok=False)
+    # Paused, the first run surely still owns the directory while the second
+    # starts up (a first run that finished meanwhile failed this test in CI).
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before the second could start"
+        second = run(["dials.correct_truncation", "in.expt", *ARGS, "output.overwrite=True",
+                      "output.log=second.log", "output.json=second.json", "output.report=None",
+                      "output.experiments=second.expt"], tmp_path, ok=False)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert "another dials.correct_truncation is writing there" in one_line_error(second)
     assert first.wait(timeout=600) == 0, first.stderr
     assert not (tmp_path / "second.expt").exists() and not (tmp_path / "second.log").exists()
