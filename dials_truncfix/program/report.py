@@ -96,7 +96,7 @@ def left_alone_rows(plans, n_sectors: int) -> list:
         for s in p.corrections:
             if s["status"] not in DONE:
                 why[(p.number, "whole image", s["status"])].append(s["image"])
-            if s["damaged"]:
+            elif s["damaged"]:
                 why[(p.number, s["damaged"], "all zero (a file cut short, or a dead line?)")].append(s["image"])
             for shell in s["shells"]:
                 if shell["status"] not in DONE:
