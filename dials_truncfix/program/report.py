@@ -83,7 +83,7 @@ def shell_rows(plan, n_sectors: int) -> list:
         rows.append([
             region_name(shells[0], n_sectors), _d_range(shells[0]), f"{np.mean(zero):.1%}", f"{max(zero):.1%}",
             f"{before:.2f}", f"{after:.2f}", f"{after - before:+.3g}", sum(s["n_changed"] for s in shells),
-            f"{sum(s['status'] == CORRECTED for s in shells)}/{len(shells)}",
+            f"{sum(s['status'] == CORRECTED for s in shells)}/{len(plan.corrections)}",
         ])
     return rows if len(rows) > 1 else []
 
