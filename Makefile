@@ -14,7 +14,7 @@ CURRENT_EXTRAS = plotly==7.1.0 scikit-learn==1.9.1
 # runs a command in the current-DIALS environment (its programs first on PATH)
 IN_CURRENT = . $(CURRENT_VENV)/bin/current-dials-env.sh &&
 
-.PHONY: setup setup-current demo test test-current test-fast bench validate clean
+.PHONY: setup setup-current demo report-screenshot test test-current test-fast bench validate clean
 
 # Installs this checkout (editable) into $(1) unless that interpreter already
 # imports it from here; checked from / so that a clone elsewhere reinstalls.
@@ -49,6 +49,17 @@ setup-current:
 
 demo: setup
 	$(PYTHON) -m devtools.demo demo
+
+# The HTML report in headless Chromium (Debian's, installed if missing): its
+# graphs drawn, no JavaScript error, a screenshot of the top of the page.
+# The demo's report (made first if missing) unless REPORT=... names another.
+REPORT ?= demo/dials.correct_truncation.html
+report-screenshot:
+	@test -f $(REPORT) || $(MAKE) demo
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "Installing chromium (apt-get install chromium)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	$(PYTHON) -m devtools.browser $(REPORT) --screenshot $(REPORT:.html=.png)
 
 test: setup
 	$(PYTHON) -m pytest --junitxml=test-results.xml $(PYTEST_ARGS)

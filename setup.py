@@ -21,6 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     packages=find_packages(include=["dials_truncfix", "dials_truncfix.*"]),
+    package_data={"dials_truncfix": ["templates/*.html"]},
         python_requires=">=3.8",
     install_requires=["numpy", "scipy"],
     extras_require={"test": ["pytest", "hypothesis"]},

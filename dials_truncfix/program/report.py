@@ -1,148 +1,258 @@
-"""HTML report of dials.correct_truncation, in the style of dials.report:
-plotly graphs with plotly.js embedded, so that the file works offline."""
+"""HTML report of dials.correct_truncation, made as DIALS makes its own:
+DIALS' jinja2 report template (report_base.html, macros.html) with plotly
+graphs, plotly.js and Bootstrap's CSS embedded once so that the file works
+offline.  First what a user asks: how much of each shell was truncated, what
+the correction did to its mean background, what was left alone and why."""
 
 from __future__ import annotations
 
-import html
-import json
+from collections import defaultdict
 
 import numpy as np
+from plotly.colors import qualitative
 
+from dials_truncfix import __version__
+from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
 from dials_truncfix.core.lognormal import cdf
 
+#: what the report embeds is rounded to this many significant digits
+DIGITS = 4
+#: fitted curves are drawn where they predict at least this many pixels (log axis)
+CURVE_FLOOR = 0.1
+#: a region's histogram and fitted curve share a colour
+COLOURS = qualitative.Plotly
+#: statuses of images and regions that are not "left alone"
+DONE = (CORRECTED, NO_ZEROS)
 
-def _plotly_js():
-    try:
-        from plotly.offline import get_plotlyjs
 
-        return "<script>" + get_plotlyjs() + "</script>"
-    except ImportError:  # pragma: no cover - plotly python package absent
-        return '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
+def _rounded(values) -> list:
+    return [float(f"{v:.{DIGITS}g}") for v in values]
 
 
-def region_name(shell, n_sectors):
+def region_name(shell: dict, n_sectors: int) -> str:
     """'shell k' (from 1), with the sector where regions are sectors of shells."""
     return f"shell {shell['shell'] + 1}" + (f" sector {shell['sector'] + 1}" if n_sectors > 1 else "")
 
 
-def _mid_inv_d2(shell):
+def _image_ranges(images: list) -> str:
+    """'1-3, 7' from sorted image numbers."""
+    runs = []
+    for i in images:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _mid_inv_d2(shell: dict) -> float:
     return 0.5 * (1 / shell["d_max"] ** 2 + 1 / shell["d_min"] ** 2) if shell["d_min"] > 0 else 0.0
 
 
-def histogram_graphs(plan, n_sectors):
+def _d_range(shell: dict) -> str:
+    return f"{shell['d_max']:.2f}-{shell['d_min']:.2f}"
+
+
+def _graph(title: str, x_title: str, y_title: str, data: list, y_type: str = "linear") -> dict:
+    return {
+        "data": data,
+        "layout": {"title": {"text": title}, "xaxis": {"title": {"text": x_title}},
+                   "yaxis": {"title": {"text": y_title}, "type": y_type}},
+    }
+
+
+def _by_region(plan) -> dict:
+    """(shell, sector) -> [(image number, region dict)], in region order."""
+    regions = defaultdict(list)
+    for s in plan.corrections:
+        for shell in s["shells"]:
+            regions[(shell["shell"], shell["sector"])].append((s["image"], shell))
+    return dict(sorted(regions.items()))
+
+
+def shell_rows(plan, n_sectors: int) -> list:
+    """Per region over the images: d range, zero fraction, mean pixel value
+    before and after the correction, pixels changed, images corrected."""
+    rows = [["region", "d range (A)", "zero fraction (mean)", "zero fraction (max)", "mean before",
+             "mean after", "change", "pixels changed", "images corrected"]]
+    for per_image in _by_region(plan).values():
+        shells = [shell for _, shell in per_image]
+        before = np.mean([s["mean_before"] for s in shells])
+        after = np.mean([s["mean_after"] for s in shells])
+        zero = [s["zero_fraction"] for s in shells]
+        rows.append([
+            region_name(shells[0], n_sectors), _d_range(shells[0]), f"{np.mean(zero):.1%}", f"{max(zero):.1%}",
+            f"{before:.2f}", f"{after:.2f}", f"{after - before:+.3g}", sum(s["n_changed"] for s in shells),
+            f"{sum(s['status'] == CORRECTED for s in shells)}/{len(plan.corrections)}",
+        ])
+    return rows if len(rows) > 1 else []
+
+
+def left_alone_rows(plans, n_sectors: int) -> list:
+    """Imageset, images, region, why: every image or region that kept its
+    zero pixels for a reason other than having none."""
+    why = defaultdict(list)
+    for p in plans:
+        for s in p.corrections:
+            if s["status"] not in DONE:
+                why[(p.number, "whole image", s["status"])].append(s["image"])
+            elif s["damaged"]:
+                why[(p.number, s["damaged"], "all zero (a file cut short, or a dead line?)")].append(s["image"])
+            for shell in s["shells"]:
+                if shell["status"] not in DONE:
+                    why[(p.number, region_name(shell, n_sectors), shell["status"])].append(s["image"])
+    rows = [[number, _image_ranges(images), where, reason] for (number, where, reason), images in why.items()]
+    return [["imageset", "images", "pixels", "why"], *rows] if rows else []
+
+
+def summary_rows(plans) -> list:
+    rows = [["imageset", "status", "images", "pixels changed", "lowest value", "mean zero fraction",
+             "converged fits"]]
+    for p in plans:
+        c = p.corrections
+        fits = [sh["fit"] for s in c for sh in s["shells"] if sh.get("fit")]
+        rows.append([
+            p.number, p.refused or "corrected", len(c), sum(s["n_changed"] for s in c),
+            "-" if p.lowest_value is None else p.lowest_value,
+            f"{np.mean([s['zero_fraction'] for s in c]):.1%}" if c else "-",
+            f"{sum(1 for f in fits if f['converged'])}/{len(fits)}",
+        ])
+    return rows
+
+
+def parameter_rows(parameters: dict) -> list:
+    return [["parameter", "value"], *([name, value] for name, value in sorted(parameters.items()))]
+
+
+def shell_graphs(plan, n_sectors: int) -> dict:
+    """Zero fraction per region against image; change of the mean pixel value against resolution."""
+    regions = _by_region(plan)
+    if not regions:
+        return {}
+    n = plan.number
+    zero = [
+        {"type": "scatter", "mode": "lines+markers", "name": region_name(per_image[0][1], n_sectors),
+         "x": [image for image, _ in per_image], "y": _rounded(shell["zero_fraction"] for _, shell in per_image)}
+        for per_image in regions.values()
+    ]
+    change = [{
+        "type": "scatter", "mode": "lines+markers", "name": "after - before",
+        "x": _rounded(_mid_inv_d2(per_image[0][1]) for per_image in regions.values()),
+        "y": _rounded(np.mean([s["mean_after"] - s["mean_before"] for _, s in per_image]) for per_image in regions.values()),
+    }]
+    return {
+        f"zero_fraction_{n}": _graph("Truncated (zero) pixels per shell", "image", "fraction of valid pixels", zero),
+        f"mean_change_{n}": _graph("Change of the mean pixel value per shell", "1/d^2 (1/A^2)",
+                                   "mean after - mean before", change),
+    }
+
+
+def histogram_graphs(plan, n_sectors: int) -> dict:
+    """Low-count histograms of the report images with the fitted curves (the
+    expected pixels per value), as in Fig. 1 of Hattne et al. (2016)."""
     graphs = {}
     for s in plan.corrections:
         if "histograms" not in s:
             continue
         data = []
-        for shell, hist in zip(s["shells"], s["histograms"]):
-            x = np.arange(len(hist))
-            name = f"{region_name(shell, n_sectors)} ({shell['d_max']:.2f}-{shell['d_min']:.2f} A)"
-            data.append({"type": "scatter", "mode": "markers", "x": x.tolist(), "y": hist,
-                         "name": name, "legendgroup": name})
+        for k, (shell, hist) in enumerate(zip(s["shells"], s["histograms"])):
+            name = f"{region_name(shell, n_sectors)} ({_d_range(shell)} A)"
+            colour = COLOURS[k % len(COLOURS)]
+            data.append({"type": "scatter", "mode": "markers", "x": list(range(len(hist))), "y": hist,
+                         "name": name, "legendgroup": name, "marker": {"color": colour}})
             fit = shell.get("fit")
             if fit and fit["converged"]:
-                xs = np.arange(-10, len(hist))
-                upper = cdf(xs + 0.5, fit["theta"], fit["mu"], fit["sigma"])
-                lower = cdf(xs - 0.5, fit["theta"], fit["mu"], fit["sigma"])
-                y = shell["n_valid"] * (upper - lower)
-                data.append({"type": "scatter", "mode": "lines", "x": xs.tolist(), "y": y.tolist(),
-                             "name": name + " fit", "legendgroup": name, "showlegend": False})
-        graphs[f"hist_{plan.number}_{s['image']}"] = {
-            "data": data,
-            "layout": {"title": f"Sweep {plan.number}, image {s['image']}: low counts and fitted lognormals",
-                       "xaxis": {"title": "pixel value"}, "yaxis": {"title": "pixels", "type": "log"}},
-        }
+                xs = np.arange(max(int(np.floor(fit["theta"])), -10 * len(hist)), len(hist))
+                y = shell["n_valid"] * (cdf(xs + 0.5, fit["theta"], fit["mu"], fit["sigma"])
+                                        - cdf(xs - 0.5, fit["theta"], fit["mu"], fit["sigma"]))
+                drawn = y >= CURVE_FLOOR
+                data.append({"type": "scatter", "mode": "lines", "x": xs[drawn].tolist(), "y": _rounded(y[drawn]),
+                             "name": name + " fit", "legendgroup": name, "showlegend": False,
+                             "line": {"color": colour}})
+        graphs[f"histogram_{plan.number}_{s['image']}"] = _graph(
+            f"Image {s['image']}: low counts (points) and fitted lognormals (lines)", "pixel value", "pixels", data, "log"
+        )
     return graphs
 
 
-def parameter_graphs(plan, n_sectors):
+def parameter_graphs(plan, n_sectors: int) -> dict:
+    """theta, mu and sigma of the converged fits against resolution (one line
+    per image) and against image (one line per region)."""
     graphs = {}
     for par in ("theta", "mu", "sigma"):
-        by_res = []
-        by_image = {}
+        by_resolution = []
         for s in plan.corrections:
-            xs, ys = [], []
-            for shell in s["shells"]:
-                if shell.get("fit") and shell["fit"]["converged"]:
-                    xs.append(_mid_inv_d2(shell))
-                    ys.append(shell["fit"][par])
-                    key = (shell["shell"], shell.get("sector", 0))
-                    by_image.setdefault(key, (region_name(shell, n_sectors), [], []))
-                    by_image[key][1].append(s["image"])
-                    by_image[key][2].append(shell["fit"][par])
-            if xs:
-                by_res.append({"type": "scatter", "mode": "lines+markers", "x": xs, "y": ys,
-                               "name": f"image {s['image']}"})
-        graphs[f"{par}_res_{plan.number}"] = {
-            "data": by_res,
-            "layout": {"title": f"Sweep {plan.number}: {par} against resolution",
-                       "xaxis": {"title": "1/d^2 (A^-2)"}, "yaxis": {"title": par}},
-        }
-        graphs[f"{par}_img_{plan.number}"] = {
-            "data": [{"type": "scatter", "mode": "lines+markers", "x": v[1], "y": v[2],
-                      "name": v[0]} for _, v in sorted(by_image.items())],
-            "layout": {"title": f"Sweep {plan.number}: {par} against image number",
-                       "xaxis": {"title": "image"}, "yaxis": {"title": par}},
-        }
-    images = [s["image"] for s in plan.corrections]
-    graphs[f"fractions_{plan.number}"] = {
-        "data": [
-            {"type": "scatter", "mode": "lines+markers", "x": images,
-             "y": [s["zero_fraction"] for s in plan.corrections], "name": "zero (before)"},
-            {"type": "scatter", "mode": "lines+markers", "x": images,
-             "y": [s["negative_fraction"] for s in plan.corrections], "name": "negative (after)"},
-        ],
-        "layout": {"title": f"Sweep {plan.number}: fraction of zero and negative pixels",
-                   "xaxis": {"title": "image"}, "yaxis": {"title": "fraction of valid pixels"}},
-    }
+            fitted = [shell for shell in s["shells"] if shell.get("fit") and shell["fit"]["converged"]]
+            if fitted:
+                by_resolution.append({"type": "scatter", "mode": "lines+markers", "name": f"image {s['image']}",
+                                      "x": _rounded(_mid_inv_d2(shell) for shell in fitted),
+                                      "y": _rounded(shell["fit"][par] for shell in fitted)})
+        by_image = []
+        for per_image in _by_region(plan).values():
+            fitted = [(image, shell) for image, shell in per_image if shell.get("fit") and shell["fit"]["converged"]]
+            if fitted:
+                by_image.append({"type": "scatter", "mode": "lines+markers",
+                                 "name": region_name(fitted[0][1], n_sectors), "x": [image for image, _ in fitted],
+                                 "y": _rounded(shell["fit"][par] for _, shell in fitted)})
+        if by_resolution:
+            graphs[f"{par}_resolution_{plan.number}"] = _graph(f"{par} against resolution", "1/d^2 (1/A^2)", par,
+                                                               by_resolution)
+            graphs[f"{par}_image_{plan.number}"] = _graph(f"{par} against image", "image", par, by_image)
     return graphs
 
 
-def summary_table(plans, record):
-    rows = []
-    for p in plans:
-        c = p.corrections
-        fits = [sh for s in c for sh in s["shells"] if sh.get("fit")]
-        rows.append(
-            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-                p.number, p.description, p.refused or "corrected", len(c),
-                sum(s["n_changed"] for s in c),
-                "-" if p.lowest_value is None else p.lowest_value,
-                f"{np.mean([s['zero_fraction'] for s in c]):.4f}" if c else "-",
-                f"{sum(1 for f in fits if f['fit']['converged'])}/{len(fits)}",
-            )) + "</tr>"
-        )
-    head = "".join(f"<th>{h}</th>" for h in (
-        "sweep", "images", "status", "number", "pixels changed", "lowest value", "mean zero fraction",
-        "converged fits"))
-    params = html.escape(json.dumps(record["parameters"]))
-    return (f"<p>Parameters: <code>{params}</code></p>"
-            f"<table class='table'><tr>{head}</tr>{''.join(rows)}</table>")
+def image_graphs(plan) -> dict:
+    images = [s["image"] for s in plan.corrections]
+    data = [
+        {"type": "scatter", "mode": "lines+markers", "x": images, "name": name,
+         "y": _rounded(s[key] for s in plan.corrections)}
+        for name, key in (("zero (before)", "zero_fraction"), ("negative (after)", "negative_fraction"))
+    ]
+    return {f"fractions_{plan.number}": _graph("Zero and negative pixels", "image", "fraction of valid pixels", data)}
 
 
-def html_report(plans, record):
-    graphs = {}
+def _environment():
+    """DIALS' templates and static files behind this package's template."""
+    from jinja2 import ChoiceLoader, Environment, PackageLoader, select_autoescape
+
+    loader = ChoiceLoader([
+        PackageLoader("dials_truncfix", "templates"),
+        PackageLoader("dials", "templates"),
+        PackageLoader("dials", "static", encoding="utf-8"),
+    ])
+    return Environment(loader=loader, autoescape=select_autoescape(["html"]))
+
+
+def html_report(plans, record: dict) -> str:
+    """The report page of a run: ``plans`` with their corrections (and the
+    histograms of the report images), ``record`` the run's JSON record."""
+    from markupsafe import Markup
+    from plotly.offline import get_plotlyjs
+
+    n_sectors = record["parameters"]["n_sectors"]
+    sweeps = []
     for p in plans:
-        graphs.update(parameter_graphs(p, record["parameters"]["n_sectors"]))
-        graphs.update(histogram_graphs(p, record["parameters"]["n_sectors"]))
-    divs = "\n".join(f'<div id="{k}" style="height:450px"></div>' for k in graphs)
-    calls = "\n".join(
-        f"Plotly.newPlot({json.dumps(k)}, {json.dumps(v['data'])}, {json.dumps(v['layout'])});"
-        for k, v in graphs.items()
+        histograms = histogram_graphs(p, n_sectors)
+        sweeps.append({
+            "number": p.number, "description": p.description,
+            "status": f"not corrected: {p.refused}" if p.refused else "no image had a zero pixel",
+            "shell_rows": shell_rows(p, n_sectors),
+            "shell_graphs": shell_graphs(p, n_sectors),
+            "histogram_graphs": histograms, "wide": dict.fromkeys(histograms, "wide-plot"),
+            "parameter_graphs": parameter_graphs(p, n_sectors),
+            "image_graphs": image_graphs(p),
+        })
+    n_images = sum(len(p.corrections) for p in plans)
+    n_changed = sum(s["n_changed"] for p in plans for s in p.corrections)
+    template = _environment().get_template("correct_truncation_report.html")
+    return template.render(
+        page_title="dials.correct_truncation report",
+        version=__version__,
+        overview=f"{n_images} image(s) in {len(plans)} imageset(s), {n_changed} pixels given new values, "
+                 f"output format {record['parameters']['format']}",
+        plotly_js=Markup(get_plotlyjs()),
+        sweeps=sweeps,
+        left_alone_rows=left_alone_rows(plans, n_sectors),
+        summary_rows=summary_rows(plans),
+        parameter_rows=parameter_rows(record["parameters"]),
     )
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>dials.correct_truncation report</title>
-{_plotly_js()}
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:0 1em;text-align:right}}</style>
-</head><body>
-<h1>dials.correct_truncation report</h1>
-<h2>Summary</h2>
-{summary_table(plans, record)}
-<h2>Graphs</h2>
-{divs}
-<script>
-{calls}
-</script>
-</body></html>
-"""

@@ -110,6 +110,15 @@ class CorrectTask:
         valid = shell_map.labels >= 0
         flat_raw = np.concatenate([p.ravel() for p in raw])[valid]
         flat_out = np.concatenate([p.ravel() for p in panels])[valid]
+        shells = [] if result is None else [s.as_dict() for s in result.shells]
+        if shells:
+            # the mean background per region, which the correction lowers
+            labels = shell_map.labels[valid]
+            n = np.maximum(np.bincount(labels, minlength=shell_map.n_regions), 1)
+            before = np.bincount(labels, weights=flat_raw, minlength=shell_map.n_regions) / n
+            after = np.bincount(labels, weights=flat_out, minlength=shell_map.n_regions) / n
+            for shell, mean_before, mean_after in zip(shells, before, after):
+                shell["mean_before"], shell["mean_after"] = float(mean_before), float(mean_after)
         return {
             "image": index + 1,
             "file": plan.imageset.get_path(index),
@@ -121,7 +130,7 @@ class CorrectTask:
             "damaged": "" if result is None else result.damaged,
             "n_changed": 0 if result is None else result.n_changed,
             "min_value": None if result is None else result.min_value,
-            "shells": [] if result is None else [s.as_dict() for s in result.shells],
+            "shells": shells,
         }
 
 
