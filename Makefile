@@ -76,7 +76,7 @@ bench: setup
 # both crystals (strong, weak), both lanes (Debian's DIALS 3.12 and the
 # current DIALS of setup-current); about an hour on 2 cores
 validate: setup setup-current
-	$(PYTHON) -m devtools.validate --current-venv $(CURRENT_VENV) --output benchmarks/results/validation.md
+	$(PYTHON) -m devtools.validation current_venv=$(CURRENT_VENV) output=benchmarks/results/validation.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis demo benchmarks/work test-results*.xml

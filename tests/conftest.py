@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from devtools.validate import program_interpreters, same_interpreter
+from devtools.validation.lanes import program_interpreters, same_interpreter
 
 
 def pytest_sessionstart(session):

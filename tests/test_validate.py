@@ -1,6 +1,6 @@
-"""The validation of issues 5 and 12 in small: a simulated sweep processed by
+"""The validation in small: a simulated sweep processed by
 the DIALS programs of the interpreter running the tests (the lane ``this``
-of devtools.validate: the programs on PATH, which conftest.py has checked
+of devtools.validation: the programs on PATH, which conftest.py has checked
 belong to this interpreter) as truth, truncated and corrected images with
 the default assignment, checked against the known truth (the full-size
 table, both crystals and both DIALS versions, is `make validate`)."""
@@ -16,7 +16,11 @@ import pytest
 
 pytest.importorskip("dials")
 
-from devtools import validate  # noqa: E402
+from devtools.validation.datasets import default_assignment  # noqa: E402
+from devtools.validation.driver import run_validation  # noqa: E402
+from devtools.validation.report import report  # noqa: E402
+from devtools.validation.rules import OUTER, zeros_masked  # noqa: E402
+from devtools.validation.statistics import TRUTH_SHELLS  # noqa: E402
 
 #: Small enough to run in about 3 minutes on 2 cores, large enough to index
 #: reliably (512 x 512 is too crowded for dials.index) and to have ~100
@@ -26,13 +30,8 @@ SMALL = dict(image_size=1024, n_images=16, seed=1, nproc=2, d_min=1.3)
 # DIALS 3.25.dev)
 
 #: The corrected column: the default assignment mode (dials_truncfix.phil)
-MODE = validate.default_assignment()
+MODE = default_assignment()
 DATASETS = ("truth", "truncated", MODE)
-
-#: Outer truth-comparison shells (of validate.TRUTH_SHELLS) over which the
-#: per-shell metrics are averaged: the truncation bias grows with resolution
-#: and is negligible below ~1.8 A.
-OUTER = validate.OUTER
 
 pytestmark = pytest.mark.skipif(shutil.which("dials.scale") is None, reason="DIALS programs not on PATH")
 
@@ -49,10 +48,11 @@ def _scale_ratio(result, shells):
 
 def compared_shells(results, masked):
     """The truth-comparison shells the direction is checked in: the OUTER
-    outermost ones; with a masked baseline, the shells beyond the first in
+    outermost ones (the truncation bias grows with resolution and is
+    negligible below ~1.8 A); with a masked baseline, the shells beyond the first in
     which the truncated data still have at least 100 matched reflections
     (the outer shells are empty there, see check_direction)."""
-    n = validate.TRUTH_SHELLS
+    n = TRUTH_SHELLS
     if not masked:
         return list(range(n - OUTER, n))
     shells = results["truncated"]["truth"]["shells"]
@@ -61,7 +61,7 @@ def compared_shells(results, masked):
 
 def check_direction(results, corrected=MODE, masked=False):
     """The assertions of the CI test, separate so that they can be applied to
-    any validation results ({dataset: validate.statistics dict} of one
+    any validation results ({dataset: dataset_statistics dict} of one
     lane).  ``masked``: the truncated baseline has its zero pixels masked
     (current dxtbx)."""
     truth, trunc, corr = (results[n] for n in ("truth", "truncated", corrected))
@@ -125,7 +125,7 @@ def check_direction(results, corrected=MODE, masked=False):
 @pytest.mark.slow
 def test_small_validation(tmp_path):
     start = time.time()
-    results, info = validate.run_validation(
+    results, info = run_validation(
         str(tmp_path / "work"), crystals=("strong",), lanes=("this",), datasets=DATASETS, **SMALL
     )
     elapsed = time.time() - start
@@ -134,7 +134,7 @@ def test_small_validation(tmp_path):
 
     # masked: whether this dxtbx masks the truncated images' zero pixels
     # (from the trusted range dials.import recorded: current dxtbx)
-    masked = validate.zeros_masked(lane["truncated"], info["lanes"]["this"])
+    masked = zeros_masked(lane["truncated"], info["lanes"]["this"])
     assert masked is not None
     for name in DATASETS:
         r = lane[name]
@@ -145,13 +145,13 @@ def test_small_validation(tmp_path):
         assert r["overall"]["n_obs"] > 10000, name
         assert r["highest_shell"]["n_uniq"] > 30, name
 
-    text = validate.report(results, info, "test")
+    text = report(results, info, "test")
     assert "| <I/sigI> |" in text and "What improves" in text and "Gap removed" in text
     (tmp_path / "validation.md").write_text(text)
     (tmp_path / "results.json").write_text(json.dumps(results))
 
     check_direction(lane, MODE, masked=masked)
-    # the budget of the issue is 5 minutes for the whole test on 2 cores
+    # the budget is 5 minutes for the whole test on 2 cores
     print(
         "small validation (%s, %s, zeros %s) took %.0f s"
         % (info["lanes"]["this"]["dials_version"], MODE, "masked" if masked else "valid", elapsed)
