@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 CHROMIUM = "chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+#: the virtual time budget lets the page's asynchronous work (decompressing
+#: plotly.js, drawing) finish before the DOM is dumped or the screenshot taken
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=60000"]
 #: a page that has not rendered by then is reported as hanging
 TIMEOUT_SECONDS = 300
 #: Chromium's console lines on stderr with --enable-logging=stderr

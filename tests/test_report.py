@@ -5,7 +5,9 @@ draws its graphs without a JavaScript error."""
 
 from __future__ import annotations
 
+import base64
 import glob
+import gzip
 import json
 import re
 from html.parser import HTMLParser
@@ -13,6 +15,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from dxtbx.model.experiment_list import ExperimentListFactory
+from plotly.offline import get_plotlyjs
 from helpers import run
 from test_command import ARGS, PARAMS, SHAPE, make_smv_sweep
 
@@ -131,7 +134,10 @@ def test_report_first_tells_per_shell_truncation_and_background_then_what_was_le
 @pytest.mark.slow
 def test_report_is_self_contained(report_run):
     page = report_run[3]
-    assert page.count("Plotly.newPlot") >= 5 and page.count("plotly.js v") == 1, "one plotly.js copy"
+    embedded = re.findall(r'<script type="application/gzip;base64" id="plotly-js-gzip">([^<]*)</script>', page)
+    assert len(embedded) == 1 and page.count("Plotly.newPlot") >= 5, "one plotly.js copy"
+    assert gzip.decompress(base64.b64decode(embedded[0])).decode("utf-8") == get_plotlyjs()
+    assert len(page) < 0.4 * len(get_plotlyjs()), "plotly.js embedded compressed"
     assert not re.search(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=", page), "nothing loaded from elsewhere"
 
 
