@@ -27,6 +27,13 @@ define install_checkout
 		$(1) -m pip install --quiet --no-deps --no-build-isolation $(2) -e $(CURDIR); }
 endef
 
+# headless Chromium renders the HTML report in the tests (devtools/browser.py)
+define install_chromium
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "Installing chromium (apt-get install chromium)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+endef
+
 # Idempotent: installs only what is missing.
 setup:
 	@$(PYTHON) -c "import dials, dxtbx, scipy" 2>/dev/null || { \
@@ -35,6 +42,7 @@ setup:
 	@{ $(PYTHON) -c "import setuptools, pytest, hypothesis" && $(PYTHON) -m pip --version; } >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			python3-pytest python3-hypothesis python3-pip python3-setuptools; }
+	$(install_chromium)
 	$(call install_checkout,$(PYTHON),--break-system-packages)
 
 # Idempotent: the build script reuses a finished build in seconds.
@@ -56,9 +64,7 @@ demo: setup
 REPORT ?= demo/dials.correct_truncation.html
 report-screenshot:
 	@test -f $(REPORT) || $(MAKE) demo
-	@command -v chromium >/dev/null 2>&1 || { \
-		echo "Installing chromium (apt-get install chromium)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	$(install_chromium)
 	$(PYTHON) -m devtools.browser $(REPORT) --screenshot $(REPORT:.html=.png)
 
 test: setup
