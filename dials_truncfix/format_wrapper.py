@@ -72,6 +72,7 @@ from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
+from dials_truncfix.compat import valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
 from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, user_mask
 from dials_truncfix.detectors import correction_refused
@@ -357,7 +358,10 @@ class _CorrectOnRead:
         return self._truncfix_name
 
     def _detector(self):
-        return set_corrected_trusted_ranges(super()._detector())
+        detector = super()._detector()
+        #: a stock trusted range admitting negative values: signed data, whose zeros are not truncation
+        self.holds_signed_data = any(valid_integer_range(panel.get_trusted_range())[0] < 0 for panel in detector)
+        return detector if self.holds_signed_data else set_corrected_trusted_ranges(detector)
 
     @classmethod
     def get_reader(cls):
@@ -442,6 +446,22 @@ class _StockChoice:
 
 
 _stock_choice = _StockChoice()
+#: whether a file's detector admits negative values (signed data), by file, once it was opened
+_signed_by_file = {}
+
+
+def _file_key(path):
+    path = os.fspath(path)
+    return os.path.abspath(path), os.stat(path).st_mtime_ns
+
+
+def _holds_signed_data(stock, path):
+    """Whether the stock trusted range of this file's detector admits
+    negative values: signed data, whose zeros are not truncated counts."""
+    key = _file_key(path)
+    if key not in _signed_by_file:
+        _signed_by_file[key] = wrapped_class(stock.__name__)(path).holds_signed_data
+    return _signed_by_file[key]
 
 
 def uncorrected_because(stock, settings) -> str | None:
@@ -465,8 +485,10 @@ def _claim(name, multi):
     elif get_url_scheme(name):
         return None
     else:
+        if not images_becoming_imagesets():
+            return None
         settings = environment_settings()
-        if settings is None or not images_becoming_imagesets():
+        if settings is None:
             return None
         stock = _stock_choice(name)
         if stock is None or stock.is_abstract():
@@ -499,7 +521,13 @@ class _Dispatcher:
         if claim is None:
             raise TruncfixError(f"{image_file}: not a file the truncation correction can read")
         stock, why = claim
-        return (stock if why else wrapped_class(stock.__name__))(image_file, **kwargs)
+        if why:
+            return stock(image_file, **kwargs)
+        instance = wrapped_class(stock.__name__)(image_file, **kwargs)
+        if is_truncfix_name(image_file):
+            return instance
+        _signed_by_file[_file_key(image_file)] = instance.holds_signed_data
+        return stock(image_file, **kwargs) if instance.holds_signed_data else instance
 
     @classmethod
     def get_imageset(cls, input_filenames, *args, **kwargs):
@@ -514,6 +542,8 @@ class _Dispatcher:
                 "import them separately"
             )
         stock, why = claims.pop()
+        if why is None and not is_truncfix_name(names[0]) and _holds_signed_data(stock, names[0]):
+            why = f"{stock.__name__} holds signed data (its zeros are not truncated counts)"
         if why:
             logger.warning(
                 "%s: %s read uncorrected: %s", ENVIRONMENT_VARIABLE, _description(names, kwargs.get("template")), why
