@@ -358,10 +358,14 @@ class _CorrectOnRead:
         return self._truncfix_name
 
     def _detector(self):
+        """The stock trusted ranges, widened to admit the corrected values
+        where they admit no negative value (a class that admits some, such
+        as a dark-subtracted XFEL camera's, may hold signed data, which the
+        correction passes through: its mask stays stock)."""
         detector = super()._detector()
-        #: a stock trusted range admitting negative values: signed data, whose zeros are not truncation
-        self.holds_signed_data = any(valid_integer_range(panel.get_trusted_range())[0] < 0 for panel in detector)
-        return detector if self.holds_signed_data else set_corrected_trusted_ranges(detector)
+        if all(valid_integer_range(panel.get_trusted_range())[0] >= 0 for panel in detector):
+            set_corrected_trusted_ranges(detector)
+        return detector
 
     @classmethod
     def get_reader(cls):
@@ -446,24 +450,6 @@ class _StockChoice:
 
 
 _stock_choice = _StockChoice()
-#: whether a file's detector admits negative values (signed data), by file, once it was opened
-_signed_by_file = {}
-
-
-def _file_key(path):
-    path = os.fspath(path)
-    return os.path.abspath(path), os.stat(path).st_mtime_ns
-
-
-def _holds_signed_data(stock, path):
-    """Whether the stock trusted range of this file's detector admits
-    negative values: signed data, whose zeros are not truncated counts."""
-    key = _file_key(path)
-    if key not in _signed_by_file:
-        _signed_by_file[key] = wrapped_class(stock.__name__)(path).holds_signed_data
-    return _signed_by_file[key]
-
-
 def uncorrected_because(stock, settings) -> str | None:
     """Why images of this stock class stay as stock reads them, or None."""
     return correction_refused(stock, settings.detector) or (
@@ -523,11 +509,7 @@ class _Dispatcher:
         stock, why = claim
         if why:
             return stock(image_file, **kwargs)
-        instance = wrapped_class(stock.__name__)(image_file, **kwargs)
-        if is_truncfix_name(image_file):
-            return instance
-        _signed_by_file[_file_key(image_file)] = instance.holds_signed_data
-        return stock(image_file, **kwargs) if instance.holds_signed_data else instance
+        return wrapped_class(stock.__name__)(image_file, **kwargs)
 
     @classmethod
     def get_imageset(cls, input_filenames, *args, **kwargs):
@@ -542,8 +524,6 @@ class _Dispatcher:
                 "import them separately"
             )
         stock, why = claims.pop()
-        if why is None and not is_truncfix_name(names[0]) and _holds_signed_data(stock, names[0]):
-            why = f"{stock.__name__} holds signed data (its zeros are not truncated counts)"
         if why:
             logger.warning(
                 "%s: %s read uncorrected: %s", ENVIRONMENT_VARIABLE, _description(names, kwargs.get("template")), why

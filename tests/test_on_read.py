@@ -181,8 +181,10 @@ def test_mixed_import_corrects_every_truncating_imageset(mixed_files, tmp_path, 
     assert len(corrected) == len(stock)
     notices = [line for line in result.stdout.splitlines() if line.startswith(f"{ENVIRONMENT_VARIABLE}: ")]
     n_counting = 0
-    for on_read, plain in zip(corrected, stock):
+    by_file = {format_wrapper.to_path(i.get("template") or i["images"][0]): i for i in corrected}
+    for plain in stock:  # stock dxtbx lists them by format class, the plugin in file order
         name = plain.get("template") or plain["images"][0]
+        on_read = by_file[name]
         kind = os.path.basename(os.path.dirname(name))
         if kind in TRUNCATING:
             assert (on_read.get("template") or on_read["images"][0]).startswith("truncfix://"), name
