@@ -3,12 +3,21 @@ corrected pixels of an experiment's images.
 
 The switch, and why it stays on
 -------------------------------
-* Only ``dials.import`` reads ``DIALS_TRUNCFIX`` (``1`` for the default
-  parameters, or a PHIL file).  There the two dispatcher classes below claim
-  the image files, unless their most specific stock class is one that cannot
-  be wrapped or belongs to a counting detector (see detectors.py).  Every
-  other program ignores the variable: an experiment list imported without it
-  reads exactly as stock.
+* ``DIALS_TRUNCFIX`` (``1`` for the default parameters, or a PHIL file) is
+  read only while dxtbx turns image files into imagesets, that is while
+  ``ExperimentListFactory.from_filenames`` or ``from_templates`` (public
+  dxtbx API, called by dials.import and by every DIALS program given image
+  files) is on the call stack.  Decoding an experiment list goes through
+  neither, so an experiment list reads as it was written.
+* There the two dispatcher classes below claim every file stock dxtbx can
+  read (single-image and multi-image files respectively, so they never both
+  claim one).  dxtbx's FormatChecker hands the previous file's class to the
+  next lookup as a hint and the registry tries that class's ancestors first:
+  claiming only the files to be corrected would let a counting-detector file
+  hide the dispatchers from the truncating files after it.  Files that stay
+  uncorrected (a counting detector, see detectors.py; a class that builds its
+  own imagesets; ``truncfix.detector=counting``) are handed back to their
+  stock class, which builds the imageset, with one console line per imageset.
 * A dispatcher wraps the very class stock dxtbx would choose for the file,
   so nothing is taken from a more specific stock class.  Any integer format
   can be wrapped (SMV, CBF, MRC, Gatan DM4, SER, third-party plugin classes);

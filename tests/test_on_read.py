@@ -582,3 +582,41 @@ def test_phil_file_parameters_are_used_and_recorded(tmp_path, smv_sweep):
     info, pixels, _ = read_back("imported.expt", tmp_path)
     expected, _ = header_correction(smv_sweep[0], params=CorrectionParameters(n_shells=4, seed=9))
     assert np.array_equal(pixels[0], expected)
+
+
+@pytest.mark.slow
+def test_compressed_images(smv_sweep, tmp_path):
+    """dxtbx reads gzip and bzip2 images: corrected on read like the plain
+    files, and dials.correct_truncation names its outputs without the inner
+    extension (trunc_00001.cbf, not trunc_00001.img.cbf)."""
+    import bz2
+    import gzip
+    import shutil
+
+    from dials_truncfix.io.cbf import write_full_cbf
+
+    (tmp_path / "gz").mkdir()
+    gz = []
+    for path in smv_sweep:
+        gz.append(str(tmp_path / "gz" / (os.path.basename(path) + ".gz")))
+        with open(path, "rb") as src, gzip.open(gz[-1], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    import_on_read(gz, tmp_path, "Truncfix_FormatSMVADSC")
+    imageset = ExperimentListFactory.from_filenames(smv_sweep)[0].imageset
+    (tmp_path / "bz2").mkdir()
+    cbfs = []
+    for k in range(len(imageset)):
+        plain = str(tmp_path / f"full_{k + 1:05d}.cbf")
+        write_full_cbf(plain, imageset, k, [imageset.get_raw_data(k)[0].as_numpy_array().astype(np.int32)], [(0, 65534)])
+        cbfs.append(str(tmp_path / "bz2" / f"full_{k + 1:05d}.cbf.bz2"))
+        with open(plain, "rb") as src, bz2.open(cbfs[-1], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    stock = format_wrapper.stock_format_class(cbfs[0])
+    run(["dials.import", *cbfs, "output.experiments=bz2.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    info, pixels, _ = read_back("bz2.expt", tmp_path)
+    assert info["format"] == f"Truncfix_{stock.__name__}" and min(p.min() for p in pixels) < 0
+    for files, name in ((gz, "trunc"), (cbfs, "full")):
+        run(["dials.import", *files, f"output.experiments={name}.expt"], tmp_path)
+        run(["dials.correct_truncation", f"{name}.expt", f"output.directory={name}_out", "output.report=None",
+             f"output.experiments={name}_out.expt", f"output.json={name}.json", f"output.log={name}.log"], tmp_path)
+        assert sorted(os.listdir(tmp_path / f"{name}_out")) == [f"{name}_{k:05d}.cbf" for k in range(1, len(files) + 1)]
