@@ -3,12 +3,21 @@ corrected pixels of an experiment's images.
 
 The switch, and why it stays on
 -------------------------------
-* Only ``dials.import`` reads ``DIALS_TRUNCFIX`` (``1`` for the default
-  parameters, or a PHIL file).  There the two dispatcher classes below claim
-  the image files, unless their most specific stock class is one that cannot
-  be wrapped or belongs to a counting detector (see detectors.py).  Every
-  other program ignores the variable: an experiment list imported without it
-  reads exactly as stock.
+* ``DIALS_TRUNCFIX`` (``1`` for the default parameters, or a PHIL file) is
+  read only while dxtbx turns image files into imagesets, that is while
+  ``ExperimentListFactory.from_filenames`` or ``from_templates`` (public
+  dxtbx API, called by dials.import and by every DIALS program given image
+  files) is on the call stack.  Decoding an experiment list goes through
+  neither, so an experiment list reads as it was written.
+* There the two dispatcher classes below claim every file stock dxtbx can
+  read (single-image and multi-image files respectively, so they never both
+  claim one).  dxtbx's FormatChecker hands the previous file's class to the
+  next lookup as a hint and the registry tries that class's ancestors first:
+  claiming only the files to be corrected would let a counting-detector file
+  hide the dispatchers from the truncating files after it.  Files that stay
+  uncorrected (a counting detector, see detectors.py; a class that builds its
+  own imagesets; ``truncfix.detector=counting``) are handed back to their
+  stock class, which builds the imageset, with one console line per imageset.
 * A dispatcher wraps the very class stock dxtbx would choose for the file,
   so nothing is taken from a more specific stock class.  Any integer format
   can be wrapped (SMV, CBF, MRC, Gatan DM4, SER, third-party plugin classes);
@@ -60,6 +69,7 @@ import functools
 import logging
 import os
 import re
+import sys
 import threading
 import uuid
 import weakref
@@ -71,6 +81,7 @@ from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
+from dials_truncfix.compat import valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
 from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, user_mask
 from dials_truncfix.detectors import correction_refused
@@ -80,8 +91,6 @@ from dials_truncfix.settings import (
     FORMAT_KWARG,
     Settings,
     TruncfixError,
-    is_import,
-    running_program,
     settings_from_environment,
 )
 
@@ -123,33 +132,44 @@ def _environment_settings(value):
     return settings_from_environment({ENVIRONMENT_VARIABLE: value})
 
 
-def import_settings():
-    """The settings DIALS_TRUNCFIX asks for if this process imports images,
-    else None (once with a notice when the variable is set)."""
+def environment_settings() -> Settings | None:
+    """The settings DIALS_TRUNCFIX asks for, or None when it is unset."""
     value = os.environ.get(ENVIRONMENT_VARIABLE, "")
     if not value.strip() or value.strip() == "0":
         return None
-    if not is_import():
-        _notice_once(
-            "elsewhere",
-            "%s is only read by dials.import; %s reads its experiment lists as they were imported",
-            ENVIRONMENT_VARIABLE,
-            running_program(),
-        )
-        return None
     return _environment_settings(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _image_import_code():
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    return frozenset(f.__code__ for f in (ExperimentListFactory.from_filenames, ExperimentListFactory.from_templates))
+
+
+def images_becoming_imagesets() -> bool:
+    """Whether dxtbx is now turning image files into imagesets
+    (``ExperimentListFactory.from_filenames`` or ``from_templates`` is
+    running), as opposed to decoding an experiment list."""
+    codes = _image_import_code()
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # --- the stock class behind a file ----------------------------------------------
 
 
-def stock_format_class(path):
+def stock_format_class(path, format_hint=None):
     """The class stock dxtbx would choose for ``path`` (the dispatchers step aside)."""
     from dxtbx.format.Registry import get_format_class_for_file
 
     _resolving.active = True
     try:
-        return get_format_class_for_file(path)
+        return get_format_class_for_file(path, format_hint=format_hint)
     finally:
         _resolving.active = False
 
@@ -347,7 +367,14 @@ class _CorrectOnRead:
         return self._truncfix_name
 
     def _detector(self):
-        return set_corrected_trusted_ranges(super()._detector())
+        """The stock trusted ranges, widened to admit the corrected values
+        where they admit no negative value (a class that admits some, such
+        as a dark-subtracted XFEL camera's, may hold signed data, which the
+        correction passes through: its mask stays stock)."""
+        detector = super()._detector()
+        if all(valid_integer_range(panel.get_trusted_range())[0] >= 0 for panel in detector):
+            set_corrected_trusted_ranges(detector)
+        return detector
 
     @classmethod
     def get_reader(cls):
@@ -362,7 +389,7 @@ class _CorrectOnRead:
         filenames = [to_url(f) for f in input_filenames]
         token = None
         if FORMAT_KWARG not in format_kwargs:  # images imported now: settings from the environment
-            settings = import_settings()
+            settings = environment_settings()
             if settings is None:
                 raise TruncfixError(f"{to_path(filenames[0])}: correction on read needs recorded settings")
             _check_user_mask(settings, filenames[0])
@@ -410,34 +437,74 @@ def __getattr__(name):
 # --- the registered dispatchers -------------------------------------------------
 
 
+class _StockChoice:
+    """What stock dxtbx reads a file with, resolved once per file: the
+    previous file's class is the hint, as dxtbx's own FormatChecker does, so
+    the choice is exactly the one stock dxtbx makes in the same sequence."""
+
+    def __init__(self):
+        self._by_file = {}
+        self._previous = None
+
+    def __call__(self, path):
+        try:
+            key = (path, os.stat(path).st_mtime_ns)
+        except OSError:
+            return None
+        if key not in self._by_file:
+            stock = stock_format_class(path, self._previous)
+            self._by_file[key] = stock
+            self._previous = stock.__name__ if stock is not None else None
+        return self._by_file[key]
+
+
+_stock_choice = _StockChoice()
+def uncorrected_because(stock, settings) -> str | None:
+    """Why images of this stock class stay as stock reads them, or None."""
+    return correction_refused(stock, settings.detector) or (
+        None if can_wrap(stock) else f"{stock.__name__} builds its own imagesets"
+    )
+
+
 def _claim(name, multi):
-    """The stock class to wrap if this dispatcher should take ``name``."""
+    """(stock class, why it stays uncorrected or None) if this dispatcher
+    reads ``name``: a truncfix URL, or, with DIALS_TRUNCFIX set, any image
+    file that is becoming an imageset (see the module docstring)."""
     if getattr(_resolving, "active", False):
         return None
     name = os.fspath(name)
     if is_truncfix_name(name):
-        stock = stock_format_class(to_path(name))
+        stock, why = stock_format_class(to_path(name)), None
+        if stock is None or not can_wrap(stock):
+            return None
     elif get_url_scheme(name):
         return None
     else:
-        settings = import_settings()
+        if not images_becoming_imagesets():
+            return None
+        settings = environment_settings()
         if settings is None:
             return None
-        stock = stock_format_class(name)
-        if stock is None:
+        stock = _stock_choice(name)
+        if stock is None or stock.is_abstract():
             return None
-        why = correction_refused(stock, settings.detector) or (
-            None if can_wrap(stock) else f"{stock.__name__} builds its own imagesets"
-        )
-        if why:
-            _notice_once(stock, "%s: %s images are read uncorrected: %s", ENVIRONMENT_VARIABLE, stock.__name__, why)
-            return None
-    if not can_wrap(stock) or issubclass(stock, FormatMultiImage) != multi:
+        why = uncorrected_because(stock, settings)
+    if issubclass(stock, FormatMultiImage) != multi:
         return None
-    return stock
+    return stock, why
+
+
+def _description(names, template):
+    if template is not None:
+        return f"{template} ({len(names)} images)" if len(names) > 1 else to_path(names[0])
+    return to_path(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 class _Dispatcher:
+    """Reads what it claims through the wrapped class of the file's stock
+    class, or through the stock class itself where the images stay
+    uncorrected (the imageset, and the experiment list, are then stock)."""
+
     _multi = False
 
     @classmethod
@@ -445,15 +512,32 @@ class _Dispatcher:
         return _claim(image_file, cls._multi) is not None
 
     def __new__(cls, image_file, **kwargs):
-        stock = _claim(image_file, cls._multi)
-        if stock is None:
+        claim = _claim(image_file, cls._multi)
+        if claim is None:
             raise TruncfixError(f"{image_file}: not a file the truncation correction can read")
+        stock, why = claim
+        if why:
+            return stock(image_file, **kwargs)
         return wrapped_class(stock.__name__)(image_file, **kwargs)
 
     @classmethod
     def get_imageset(cls, input_filenames, *args, **kwargs):
-        first = input_filenames if isinstance(input_filenames, str) else input_filenames[0]
-        stock = _claim(first, cls._multi)
+        names = [input_filenames] if isinstance(input_filenames, (str, bytes, os.PathLike)) else list(input_filenames)
+        claims = {_claim(name, cls._multi) for name in names}
+        if None in claims:
+            raise TruncfixError(f"{names[0]}: not a file the truncation correction can read")
+        if len(claims) > 1:
+            classes = ", ".join(sorted({stock.__name__ for stock, _ in claims}))
+            raise TruncfixError(
+                f"{_description(names, None)}: images of different formats ({classes}) in one imageset: "
+                "import them separately"
+            )
+        stock, why = claims.pop()
+        if why:
+            logger.warning(
+                "%s: %s read uncorrected: %s", ENVIRONMENT_VARIABLE, _description(names, kwargs.get("template")), why
+            )
+            return stock.get_imageset(input_filenames, *args, **kwargs)
         return wrapped_class(stock.__name__).get_imageset(input_filenames, *args, **kwargs)
 
 

@@ -1,5 +1,6 @@
 """The correction settings as recorded in an experiment list, and the
-``DIALS_TRUNCFIX`` environment variable that asks for them at import.
+``DIALS_TRUNCFIX`` environment variable that asks for them where image
+files become imagesets (format_wrapper.py says when that is).
 
 An imageset corrected on read carries its settings in its format parameters
 (``imageset.params()["truncfix"]``), which dxtbx writes into every .expt and
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 from libtbx.utils import Sorry
@@ -30,9 +30,6 @@ ENVIRONMENT_VARIABLE = "DIALS_TRUNCFIX"
 #: the key of the record in an imageset's format parameters
 FORMAT_KWARG = "truncfix"
 RECORD_VERSION = 2
-#: the programs that import images into a new experiment list, the only
-#: ones that read DIALS_TRUNCFIX
-IMPORTING_PROGRAMS = ("dials.import",)
 
 
 class TruncfixError(Sorry):
@@ -98,19 +95,3 @@ def settings_from_environment(environ=os.environ):
         return Settings.from_phil(read_phil_file(value)[1].truncfix)
     except ValueError as e:
         raise TruncfixError(f"{ENVIRONMENT_VARIABLE}: {e}") from None
-
-
-def running_program(argv=None, environ=os.environ):
-    """The DIALS program this process runs (``dials.import``), from its
-    console script, libtbx dispatcher or module name."""
-    if environ.get("LIBTBX_DISPATCHER_NAME"):
-        return environ["LIBTBX_DISPATCHER_NAME"]
-    name = os.path.basename((argv or sys.argv or [""])[0])
-    if name.endswith(".py"):  # python -m dials.command_line.dials_import
-        name = "dials." + name[: -len(".py")].replace("dials_", "", 1)
-    return name
-
-
-def is_import():
-    """Whether this process imports images into a new experiment list."""
-    return running_program() in IMPORTING_PROGRAMS

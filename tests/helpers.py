@@ -73,3 +73,17 @@ def record_of(expt):
     """The settings record of the first imageset of an .expt file."""
     with open(expt) as fh:
         return json.load(fh)["imageset"][0]["params"].get("truncfix")
+
+
+#: real images from public DIALS test data, beside the clone (see its README)
+REALDATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "realdata")
+
+
+def realdata(name):
+    """The path of a real image, or a skip saying where it was looked for."""
+    import pytest
+
+    path = os.path.normpath(os.path.join(REALDATA, name))
+    if not os.path.exists(path):
+        pytest.skip(f"real images not found: {path} (the public DIALS test data beside the clone)")
+    return path

@@ -89,14 +89,142 @@ def test_variable_unset_reads_exactly_as_stock(smv_sweep, monkeypatch):
     assert np.array_equal(image.get_raw_data().as_numpy_array(), reference.get_raw_data().as_numpy_array())
 
 
-@pytest.mark.parametrize("value", ["1", "yes"])
-def test_variable_is_ignored_outside_dials_import(smv_sweep, monkeypatch, value):
-    """Here the program is pytest: images are read as stock, even with a
-    value that dials.import would refuse."""
-    monkeypatch.setenv(ENVIRONMENT_VARIABLE, value)
+def test_image_files_become_corrected_imagesets_in_any_program(smv_sweep, tmp_path, monkeypatch):
+    """Here the program is pytest: image files made into imagesets are
+    corrected; a format instance on its own and an experiment list written
+    without the variable are read as stock."""
+    expt = str(tmp_path / "stock.expt")
+    ExperimentListFactory.from_filenames(smv_sweep).as_file(expt)
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
     assert type(dxtbx.load(smv_sweep[0])).__name__ == "FormatSMVADSC"
     iset = ExperimentListFactory.from_filenames(smv_sweep)[0].imageset
-    assert iset.get_format_class().__name__ == "FormatSMVADSC"
+    assert iset.get_format_class().__name__ == "Truncfix_FormatSMVADSC"
+    expected, _ = header_correction(smv_sweep[0])
+    assert np.array_equal(iset.get_raw_data(0)[0].as_numpy_array().ravel(), expected)
+    from dxtbx.model.experiment_list import ExperimentList
+
+    assert ExperimentList.from_file(expt)[0].imageset.get_format_class().__name__ == "FormatSMVADSC"
+
+
+def test_experiment_list_reads_as_written_whatever_the_variable_says(smv_sweep, tmp_path, monkeypatch):
+    """Even a value dials.import would refuse is not read when an experiment list is decoded."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    expt = str(tmp_path / "stock.expt")
+    ExperimentListFactory.from_filenames(smv_sweep).as_file(expt)
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "yes")
+    assert ExperimentList.from_file(expt)[0].imageset.get_format_class().__name__ == "FormatSMVADSC"
+
+
+# --- mixed imports: each truncating imageset corrected, in any company and order ---
+
+
+@pytest.fixture(scope="module")
+def mixed_files(tmp_path_factory):
+    """Named so that dials.import's sorting puts them in the order of each case:
+    copies of a real TimePix frame, truncated ADSC sweeps, an MRC stack, Pilatus CBFs."""
+    import mrcfile
+
+    from helpers import realdata
+
+    timepix = realdata("TIMEPIX_SU_512-stdgoni_0001.img")
+    root = tmp_path_factory.mktemp("mixed")
+    files = {}
+    (root / "m_tpx").mkdir()
+    files["tpx"] = []
+    for k in (1, 2):
+        path = root / "m_tpx" / f"timepix_{k:05d}.img"
+        path.write_bytes(open(timepix, "rb").read())
+        files["tpx"].append(str(path))
+    for name in ("a_adsc", "z_adsc"):
+        files[name], _ = write_truncated_smv_sweep(root / name, n_images=2, size=256, seed=len(files))
+    (root / "s_mrc").mkdir()
+    files["s_mrc"] = [str(root / "s_mrc" / "stack.mrc")]
+    with mrcfile.new(files["s_mrc"][0]) as mrc:
+        mrc.set_data(np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((128, 128))))
+                               for k in range(2)]))
+    (root / "b_pilatus").mkdir()
+    files["b_pilatus"] = write_pilatus_cbfs(root / "b_pilatus")
+    return root, files
+
+
+#: (files by kind, in dials.import's sorted order) per case; ADSC and MRC truncate, TimePix and Pilatus count
+MIXED_CASES = {
+    "adsc_last": ["tpx", "z_adsc"],
+    "adsc_first": ["a_adsc", "tpx"],
+    "adsc_middle": ["b_pilatus", "tpx", "z_adsc"],
+    "single_adsc_last": ["tpx", "z_adsc:1"],
+    "single_timepix_first": ["tpx:1", "z_adsc"],
+    "mrc_between": ["tpx", "s_mrc", "z_adsc"],
+    "pilatus_cbf_first": ["b_pilatus", "z_adsc:1"],
+    "both_adsc_around": ["a_adsc", "tpx", "z_adsc:1"],
+}
+TRUNCATING = ("a_adsc", "z_adsc", "s_mrc")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(MIXED_CASES))
+def test_mixed_import_corrects_every_truncating_imageset(mixed_files, tmp_path, case):
+    """Counting-detector files sorting before, after or between truncated
+    ones: each truncating imageset is corrected, each counting one reads as
+    stock, and one console line names each uncorrected imageset."""
+    root, files = mixed_files
+    chosen = []
+    for item in MIXED_CASES[case]:
+        kind, _, count = item.partition(":")
+        chosen.append((kind, files[kind][: int(count)] if count else files[kind]))
+    paths = [p for _, kind_paths in chosen for p in kind_paths]
+    assert paths == sorted(paths)
+    result = run(["dials.import", *paths, "output.experiments=mixed.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    run(["dials.import", *paths, "output.experiments=stock.expt"], tmp_path)
+    corrected, stock = (json.loads((tmp_path / f"{n}.expt").read_text())["imageset"] for n in ("mixed", "stock"))
+    assert len(corrected) == len(stock)
+    notices = [line for line in result.stdout.splitlines() if line.startswith(f"{ENVIRONMENT_VARIABLE}: ")]
+    n_counting = 0
+    by_file = {format_wrapper.to_path(i.get("template") or i["images"][0]): i for i in corrected}
+    for plain in stock:  # stock dxtbx lists them by format class, the plugin in file order
+        name = plain.get("template") or plain["images"][0]
+        on_read = by_file[name]
+        kind = os.path.basename(os.path.dirname(name))
+        if kind in TRUNCATING:
+            assert (on_read.get("template") or on_read["images"][0]).startswith("truncfix://"), name
+            assert on_read["params"]["truncfix"]["version"] == 2
+        else:
+            n_counting += 1
+            assert on_read == plain
+    assert len(notices) == n_counting and all("counting detector" in line for line in notices), notices
+    assert any(k in TRUNCATING for k, _ in chosen) and n_counting > 0
+
+
+@pytest.mark.slow
+def test_images_given_to_find_spots_read_as_imported(simulated_sweep, tmp_path):
+    """Image files handed straight to a DIALS program are corrected as
+    dials.import would: the same strong spots."""
+    env = {ENVIRONMENT_VARIABLE: "1"}
+    run(["dials.import", *simulated_sweep, "output.experiments=imported.expt"], tmp_path, **env)
+    common = ["nproc=2", "max_strong_pixel_fraction=1"]
+    imported = run(["dials.find_spots", "imported.expt", *common, "output.reflections=imported.refl"], tmp_path, **env)
+    direct = run(["dials.find_spots", *simulated_sweep, *common, "output.reflections=direct.refl"], tmp_path, **env)
+    stock = run(["dials.find_spots", *simulated_sweep, *common, "output.reflections=stock.refl"], tmp_path)
+    assert spot_count(direct) == spot_count(imported) != spot_count(stock)
+    from dials.array_family import flex
+
+    a, b = (flex.reflection_table.from_file(str(tmp_path / f"{n}.refl")) for n in ("direct", "imported"))
+    assert np.array_equal(np.array(a["xyzobs.px.value"]), np.array(b["xyzobs.px.value"]))
+
+
+@pytest.mark.slow
+def test_stills_given_to_find_spots_read_as_imported(tmp_path):
+    """Stills (zero-width images) handed straight to dials.find_spots: the
+    shell geometry comes from the imageset the program builds."""
+    paths, _ = write_truncated_smv_sweep(tmp_path / "data", n_images=2, size=256, seed=6, osc_width=0.0, spots=80)
+    env = {ENVIRONMENT_VARIABLE: "1"}
+    run(["dials.import", *paths, "output.experiments=imported.expt"], tmp_path, **env)
+    common = ["nproc=1", "max_strong_pixel_fraction=1"]
+    imported = run(["dials.find_spots", "imported.expt", *common, "output.reflections=imported.refl"], tmp_path, **env)
+    direct = run(["dials.find_spots", *paths, *common, "output.reflections=direct.refl"], tmp_path, **env)
+    stock = run(["dials.find_spots", *paths, *common, "output.reflections=stock.refl"], tmp_path)
+    assert spot_count(direct) == spot_count(imported) != spot_count(stock)
 
 
 @pytest.mark.slow
@@ -455,3 +583,41 @@ def test_phil_file_parameters_are_used_and_recorded(tmp_path, smv_sweep):
     info, pixels, _ = read_back("imported.expt", tmp_path)
     expected, _ = header_correction(smv_sweep[0], params=CorrectionParameters(n_shells=4, seed=9))
     assert np.array_equal(pixels[0], expected)
+
+
+@pytest.mark.slow
+def test_compressed_images(smv_sweep, tmp_path):
+    """dxtbx reads gzip and bzip2 images: corrected on read like the plain
+    files, and dials.correct_truncation names its outputs without the inner
+    extension (trunc_00001.cbf, not trunc_00001.img.cbf)."""
+    import bz2
+    import gzip
+    import shutil
+
+    from dials_truncfix.io.cbf import write_full_cbf
+
+    (tmp_path / "gz").mkdir()
+    gz = []
+    for path in smv_sweep:
+        gz.append(str(tmp_path / "gz" / (os.path.basename(path) + ".gz")))
+        with open(path, "rb") as src, gzip.open(gz[-1], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    import_on_read(gz, tmp_path, "Truncfix_FormatSMVADSC")
+    imageset = ExperimentListFactory.from_filenames(smv_sweep)[0].imageset
+    (tmp_path / "bz2").mkdir()
+    cbfs = []
+    for k in range(len(imageset)):
+        plain = str(tmp_path / f"full_{k + 1:05d}.cbf")
+        write_full_cbf(plain, imageset, k, [imageset.get_raw_data(k)[0].as_numpy_array().astype(np.int32)], [(0, 65534)])
+        cbfs.append(str(tmp_path / "bz2" / f"full_{k + 1:05d}.cbf.bz2"))
+        with open(plain, "rb") as src, bz2.open(cbfs[-1], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    stock = format_wrapper.stock_format_class(cbfs[0])
+    run(["dials.import", *cbfs, "output.experiments=bz2.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    info, pixels, _ = read_back("bz2.expt", tmp_path)
+    assert info["format"] == f"Truncfix_{stock.__name__}" and min(p.min() for p in pixels) < 0
+    for files, name in ((gz, "trunc"), (cbfs, "full")):
+        run(["dials.import", *files, f"output.experiments={name}.expt"], tmp_path)
+        run(["dials.correct_truncation", f"{name}.expt", f"output.directory={name}_out", "output.report=None",
+             f"output.experiments={name}_out.expt", f"output.json={name}.json", f"output.log={name}.log"], tmp_path)
+        assert sorted(os.listdir(tmp_path / f"{name}_out")) == [f"{name}_{k:05d}.cbf" for k in range(1, len(files) + 1)]

@@ -4,7 +4,7 @@ image's correction, its output file, and why it is not corrected, if so.
 
 Output names: a sequence keeps its image numbers, so that its corrected
 images form a template that a fresh ``dials.import`` reads as a sequence
-(``x_#####.img`` -> ``x_#####.cbf``; a multi-image or unnumbered file
+(``x_#####.img`` or ``x_#####.img.gz`` -> ``x_#####.cbf``; a multi-image or unnumbered file
 ``stack.mrc`` -> ``stack_#####.cbf``); stills keep their file names, with
 ``_#####`` added where a name has no number of its own (dxtbx reads a scan
 only from a numbered file).  Two imagesets whose names would collide go into
@@ -21,6 +21,8 @@ from dials_truncfix.corrector import image_identity
 from dials_truncfix.detectors import correction_refused
 
 EXTENSIONS = {"cbf": ".cbf", "smv": ".img"}
+#: compressions dxtbx reads transparently (``x_00001.img.gz``)
+COMPRESSIONS = (".gz", ".bz2")
 ON_READ = "on_read"
 
 
@@ -81,13 +83,21 @@ def _is_multi_image(imageset):
     return issubclass(imageset.get_format_class(), FormatMultiImage)
 
 
+def _stem(path):
+    """A file name without directory, compression suffix and extension."""
+    name = os.path.basename(path)
+    if name.endswith(COMPRESSIONS):
+        name = os.path.splitext(name)[0]
+    return os.path.splitext(name)[0]
+
+
 def _template(imageset, multi):
     """The name template (no directory, no extension) of a sequence's images."""
     if not multi:
-        template = os.path.splitext(os.path.basename(imageset.get_template()))[0]
+        template = _stem(imageset.get_template())
         if "#" in template:
             return template
-    return os.path.splitext(os.path.basename(imageset.get_path(0)))[0] + "_#####"
+    return _stem(imageset.get_path(0)) + "_#####"
 
 
 def _names(imageset, template):
@@ -97,7 +107,7 @@ def _names(imageset, template):
     if template is not None:
         width = template.count("#")
         return [template.replace("#" * width, f"{n:0{width}d}") for n in numbers]
-    stems = [os.path.splitext(os.path.basename(imageset.get_path(i)))[0] for i in range(len(imageset))]
+    stems = [_stem(imageset.get_path(i)) for i in range(len(imageset))]
     return [stem if re.search(r"\d$", stem) and len(set(stems)) == len(stems) else f"{stem}_{n:05d}"
             for stem, n in zip(stems, numbers)]
 
