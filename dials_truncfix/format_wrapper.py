@@ -459,6 +459,8 @@ class _StockChoice:
 
 
 _stock_choice = _StockChoice()
+
+
 def uncorrected_because(stock, settings) -> str | None:
     """Why images of this stock class stay as stock reads them, or None."""
     return correction_refused(stock, settings.detector) or (
