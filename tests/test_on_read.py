@@ -57,6 +57,13 @@ def header_correction(path, index=0, params=CorrectionParameters()):
     )
 
 
+def stock_class_name(path):
+    """The class stock dxtbx reads ``path`` with, chosen without the plugin's
+    help (the variable unset: the dispatchers claim nothing)."""
+    assert not os.environ.get(ENVIRONMENT_VARIABLE)
+    return type(dxtbx.load(path)).__name__
+
+
 def import_on_read(files, workdir, expected_format, images=None, **env):
     """DIALS_TRUNCFIX=1 dials.import, then dials.find_spots and a read-back in
     new processes without the variable: the core's correction of the raw
@@ -372,8 +379,9 @@ def test_electron_camera_formats_are_corrected(tmp_path, kind):
     data = np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((256, 256))))
                      for k in range(3)])
     (write_dm4 if kind == "dm4" else write_ser)(path, data)
-    stock = format_wrapper.stock_format_class(path)
-    import_on_read([path], tmp_path, f"Truncfix_{stock.__name__}", images=[(path, i) for i in range(3)])
+    expected = {"dm4": "FormatGatanDM4", "ser": "FormatSER"}[kind]
+    assert stock_class_name(path).startswith(expected)
+    import_on_read([path], tmp_path, f"Truncfix_{stock_class_name(path)}", images=[(path, i) for i in range(3)])
 
 
 PLUGIN = '''
@@ -446,8 +454,8 @@ def test_mrc_stack(tmp_path):
     with mrcfile.new(path) as mrc:
         mrc.set_data(np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((256, 256))))
                                for k in range(3)]))
-    import_on_read([path], tmp_path, "Truncfix_FormatMRCstack" if "stack" in format_wrapper.stock_format_class(path).__name__
-                   else f"Truncfix_{format_wrapper.stock_format_class(path).__name__}", images=[(path, i) for i in range(3)])
+    assert stock_class_name(path).startswith("FormatMRC")
+    import_on_read([path], tmp_path, f"Truncfix_{stock_class_name(path)}", images=[(path, i) for i in range(3)])
 
 
 @pytest.mark.slow
@@ -461,18 +469,16 @@ def test_full_cbf(smv_sweep, tmp_path):
         cbfs.append(str(tmp_path / f"full_{k + 1:05d}.cbf"))
         write_full_cbf(cbfs[-1], imageset, k, [imageset.get_raw_data(k)[0].as_numpy_array().astype(np.int32)],
                        [(0, 65534)])
-    stock = format_wrapper.stock_format_class(cbfs[0])
-    assert stock.__name__.startswith("FormatCBFFull")
-    import_on_read(cbfs, tmp_path, f"Truncfix_{stock.__name__}")
+    assert stock_class_name(cbfs[0]).startswith("FormatCBFFull")
+    import_on_read(cbfs, tmp_path, f"Truncfix_{stock_class_name(cbfs[0])}")
 
 
 @pytest.mark.slow
 def test_more_specific_stock_class_is_the_one_wrapped(tmp_path):
     """An ADSC file with a serial number is read by the wrapper of that class."""
     paths, _ = write_truncated_smv_sweep(tmp_path / "sn", n_images=2, size=256, seed=3, DETECTOR_SN=4242)
-    stock = format_wrapper.stock_format_class(paths[0])
-    assert stock.__name__ != "FormatSMVADSC" and issubclass(stock, format_wrapper.stock_format_class.__globals__["Format"])
-    import_on_read(paths, tmp_path, f"Truncfix_{stock.__name__}")
+    assert stock_class_name(paths[0]) == "FormatSMVADSCSN"
+    import_on_read(paths, tmp_path, "Truncfix_FormatSMVADSCSN")
 
 
 # --- records, settings, bad input ----------------------------------------------------
@@ -536,9 +542,11 @@ def test_version_1_record_is_migrated_and_a_newer_one_refused(smv_sweep):
 def test_corrupt_file_gives_the_normal_dxtbx_error(smv_sweep, tmp_path):
     bad = tmp_path / "trunc_00001.img"
     bad.write_bytes(open(smv_sweep[0], "rb").read().replace(b"SIZE1=384", b"SIZE1=3x4"))
-    with pytest.raises(Exception) as stock_error:
-        format_wrapper.stock_format_class(str(bad))(str(bad))
-    with pytest.raises(type(stock_error.value)):
+    from dxtbx.format.FormatSMVADSC import FormatSMVADSC
+
+    with pytest.raises(ValueError, match="could not convert string to float: '3x4'"):
+        FormatSMVADSC(str(bad))
+    with pytest.raises(ValueError, match="could not convert string to float: '3x4'"):
         format_wrapper.wrapped_class("FormatSMVADSC")(str(bad))
 
 
@@ -612,10 +620,9 @@ def test_compressed_images(smv_sweep, tmp_path):
         cbfs.append(str(tmp_path / "bz2" / f"full_{k + 1:05d}.cbf.bz2"))
         with open(plain, "rb") as src, bz2.open(cbfs[-1], "wb") as dst:
             shutil.copyfileobj(src, dst)
-    stock = format_wrapper.stock_format_class(cbfs[0])
     run(["dials.import", *cbfs, "output.experiments=bz2.expt"], tmp_path, DIALS_TRUNCFIX="1")
     info, pixels, _ = read_back("bz2.expt", tmp_path)
-    assert info["format"] == f"Truncfix_{stock.__name__}" and min(p.min() for p in pixels) < 0
+    assert info["format"] == f"Truncfix_{stock_class_name(cbfs[0])}" and min(p.min() for p in pixels) < 0
     for files, name in ((gz, "trunc"), (cbfs, "full")):
         run(["dials.import", *files, f"output.experiments={name}.expt"], tmp_path)
         run(["dials.correct_truncation", f"{name}.expt", f"output.directory={name}_out", "output.report=None",
