@@ -98,14 +98,12 @@ def measure(paths, mode, targets):
     stock_iset = ExperimentListFactory.from_filenames(paths)[0].imageset
     corrector = corrector_for(shell_geometry_of(stock_iset, 0, settings), settings.parameters)
     raws = [stock_class(p).get_raw_data() for p in paths]
-    zeros = []  # (zero pixels, valid pixels) per image; not the images themselves
-
-    def correct(k):
-        result = corrector.correct(raws[k % n], image_identity(paths[k % n]))[1]
-        zeros.append((sum(s.n_zero for s in result.shells), sum(s.n_valid for s in result.shells)))
-
-    correction = _median_time(correct, 3 * n)
-    zero_fraction = sum(z for z, _ in zeros[:n]) / max(1, sum(v for _, v in zeros[:n]))
+    correction = _median_time(lambda k: corrector.correct(raws[k % n], image_identity(paths[k % n])), 3 * n)
+    zeros = []  # (zero pixels, valid pixels) per image, not timed
+    for k in range(n):
+        shells = corrector.correct(raws[k], image_identity(paths[k]))[1].shells
+        zeros.append((sum(s.n_zero for s in shells), sum(s.n_valid for s in shells)))
+    zero_fraction = sum(z for z, _ in zeros) / max(1, sum(v for _, v in zeros))
 
     corrected_iset = wrapped_class(stock_class.__name__).get_imageset(
         paths, as_sequence=True, format_kwargs={"truncfix": settings.to_record()}

@@ -127,8 +127,19 @@ class ImageCorrection:
 
     data: list
     status: str
-    shells: list = field(default_factory=list)
+    _shells: list = field(default_factory=list)
     damaged: str = ""  # rows and columns left as they were
+    #: fills in the regions' n_changed and min_value when first asked (the
+    #: correction on read never asks: it saves two passes over the zeros)
+    _tally: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def shells(self) -> list:
+        """The ShellResult of every region."""
+        if self._tally is not None:
+            tally, self._tally = self._tally, None
+            tally()
+        return self._shells
 
     @property
     def n_changed(self):
@@ -163,18 +174,14 @@ def _flatten(panels):
 
 
 def _not_truncated(flat, labels):
-    """(why the valid pixels cannot be truncated data or None, whether masked
-    pixels hold negative values).  Masked pixels (detector gaps flagged with
-    negative values, say) do not count."""
+    """Why the valid pixels cannot be truncated data, or None, for float
+    data (negative values are found with the zeros).  Masked pixels
+    (detector gaps flagged with negative values, say) do not count."""
     if flat.dtype.kind == "f":
         valid_values = flat[labels != INVALID]
         if not np.all(np.isfinite(valid_values)) or not np.array_equal(valid_values, np.floor(valid_values)):
-            return NOT_TRUNCATED_FLOAT, False
-    if flat.dtype.kind == "u" or not flat.size or flat.min() >= 0:
-        return None, False
-    if np.any(labels[flat < 0] != INVALID):
-        return NOT_TRUNCATED_NEGATIVE, True
-    return None, True
+            return NOT_TRUNCATED_FLOAT
+    return None
 
 
 def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, image_key,
@@ -188,10 +195,15 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     _check_map(shapes, shell_map, params)
     flat = _flatten(panels)
     labels = shell_map.labels
-    reason, negative_masked = _not_truncated(flat, labels)
+    non_positive = np.flatnonzero(flat <= 0) if flat.dtype.kind != "u" else None
+    negative = non_positive[np.take(flat, non_positive) < 0] if non_positive is not None else ()
+    reason = _not_truncated(flat, labels) or (
+        NOT_TRUNCATED_NEGATIVE if np.any(np.take(labels, negative) != INVALID) else None
+    )
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
         return ImageCorrection(data=list(panels), status=reason)
+    negative_masked = len(negative) > 0
 
     stride, base, n_sampled = shell_map.histogram_sample()
     n_valid = shell_map.n_valid
@@ -204,7 +216,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
             return ImageCorrection(data=list(panels), status=BLANK, damaged=described)
         base, n_sampled = sample_keys(labels, stride, shell_map.n_regions)
 
-    zero_positions, zero_regions, n_zero = find_zeros(flat, labels, shell_map.n_regions)
+    zero_positions, zero_regions, n_zero = find_zeros(flat, labels, shell_map.n_regions, non_positive, negative_masked)
     if not n_zero.any() and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS, damaged=described)
 
@@ -213,15 +225,20 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     fits = _fit_regions(results, histograms, shell_map, params, image_key)
 
     out = _output(flat, panels, overwrite_input)
+    tally = None
     if fits:
-        _assign(out, zero_positions, zero_regions, results, fits, params, image_rng(params.seed, image_key))
-    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results, damaged=described)
+        tally = _assign(out, zero_positions, zero_regions, results, fits, params, image_rng(params.seed, image_key))
+    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, _shells=results, damaged=described, _tally=tally)
 
 
-def find_zeros(flat, labels, n_regions):
+def find_zeros(flat, labels, n_regions, non_positive=None, negative=False):
     """(flat positions of every zero pixel, masked ones too; their regions,
-    INVALID for masked pixels; the number of zero pixels per region)."""
-    positions = np.flatnonzero(flat == 0)
+    INVALID for masked pixels; the number of zero pixels per region), from
+    the positions of the pixels <= 0 if known."""
+    if non_positive is None:
+        positions = np.flatnonzero(flat == 0)
+    else:
+        positions = non_positive[np.take(flat, non_positive) == 0] if negative else non_positive
     regions = np.take(labels, positions)
     if regions.dtype == np.int16:  # INVALID counts in the last of 65536 bins
         n_zero = np.bincount(regions.view(np.uint16), minlength=n_regions)[:n_regions]
@@ -263,10 +280,8 @@ def lookup_tables(batch, results, fits, params):
         distributions.append((values, slot_ends(probabilities)))
     first_code = np.cumsum([1] + [len(v) for v, _ in distributions])
     code_type = np.int16 if first_code[-1] <= 2**15 else np.int32
-    codes = np.zeros((len(batch) + 1) * TABLE_SIZE, dtype=code_type)
-    for row, ((values, ends), start) in enumerate(zip(distributions, first_code), start=1):
-        runs = np.diff(ends, prepend=0)
-        codes[row * TABLE_SIZE : (row + 1) * TABLE_SIZE] = np.repeat(np.arange(start, start + len(values)), runs)
+    runs = np.concatenate([[TABLE_SIZE]] + [np.diff(ends, prepend=0) for _, ends in distributions])
+    codes = np.repeat(np.arange(first_code[-1], dtype=code_type), runs)
     code_values = np.concatenate([[0]] + [v for v, _ in distributions]).astype(np.int32)
     return codes, code_values, first_code, distributions
 
@@ -275,9 +290,11 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
     """Give the zero pixels of the fitted regions their values: one 16-bit
     random integer per zero pixel (raster order) picks a slot of its region's
     lookup table (value_distribution, slot_ends); the slot's code gives the
-    value and, counted, how many pixels got each value."""
+    value and, counted, how many pixels got each value (the returned tally,
+    run when the regions' results are first asked for)."""
     slots = uniform_slots(rng, len(zero_positions))
     fitted = sorted(fits)
+    tallies = []
     for first in range(0, len(fitted), TABLE_ROWS):
         batch = fitted[first : first + TABLE_ROWS]
         codes, code_values, first_code, distributions = lookup_tables(batch, results, fits, params)
@@ -289,11 +306,18 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
             positions, keys = positions[chosen], keys[chosen]
         drawn = np.take(codes, keys)
         out[positions] = np.take(code_values, drawn)
-        counts = np.bincount(drawn, minlength=len(code_values))
-        for r, (values, _), start in zip(batch, distributions, first_code):
-            given = counts[start : start + len(values)]
-            results[r].n_changed = int(given[values != 0].sum())
-            results[r].min_value = int(values[np.flatnonzero(given)[-1]])
+        tallies.append((batch, distributions, first_code, drawn))
+
+    def tally():
+        """Each fitted region's n_changed and min_value, from the codes drawn."""
+        for batch, distributions, first_code, drawn in tallies:
+            counts = np.bincount(drawn, minlength=int(first_code[-1]))
+            for r, (values, _), start in zip(batch, distributions, first_code):
+                given = counts[start : start + len(values)]
+                results[r].n_changed = int(given[values != 0].sum())
+                results[r].min_value = int(values[np.flatnonzero(given)[-1]])
+
+    return tally
 
 
 def _check_map(shapes, shell_map, params):
