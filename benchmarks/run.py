@@ -47,13 +47,17 @@ def shell_map_bytes_per_pixel(shell_map):
     return sum(a.nbytes for a in arrays) / shell_map.n_pixels
 
 
-def _median_time(function, repeats):
-    times = []
+def _median_times(functions, repeats):
+    """Median seconds of each function(k), k = 0 .. repeats - 1, the calls
+    interleaved so that a changing machine load affects all alike (their
+    ratios are what the targets are about)."""
+    times = [[] for _ in functions]
     for k in range(repeats):
-        start = time.perf_counter()
-        function(k)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, spent in zip(functions, times):
+            start = time.perf_counter()
+            function(k)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _sweep(kind, workdir, n_images, size):
@@ -93,12 +97,14 @@ def measure(paths, mode, targets):
     n = len(paths)
     for p in paths:  # warm the page cache
         stock_class(p).get_raw_data()
-    read = _median_time(lambda k: stock_class(paths[k % n]).get_raw_data(), 3 * n)
-
     stock_iset = ExperimentListFactory.from_filenames(paths)[0].imageset
     corrector = corrector_for(shell_geometry_of(stock_iset, 0, settings), settings.parameters)
     raws = [stock_class(p).get_raw_data() for p in paths]
-    correction = _median_time(lambda k: corrector.correct(raws[k % n], image_identity(paths[k % n])), 3 * n)
+    read, correction = _median_times(
+        [lambda k: stock_class(paths[k % n]).get_raw_data(),
+         lambda k: corrector.correct(raws[k % n], image_identity(paths[k % n]))],
+        3 * n,
+    )
     zeros = []  # (zero pixels, valid pixels) per image, not timed
     for k in range(n):
         shells = corrector.correct(raws[k], image_identity(paths[k]))[1].shells
@@ -109,8 +115,9 @@ def measure(paths, mode, targets):
         paths, as_sequence=True, format_kwargs={"truncfix": settings.to_record()}
     )
     corrected_iset.get_raw_data(0)  # the shell map is built once per geometry
-    stock_read = _median_time(lambda k: stock_iset.get_raw_data(k % n), 2 * n)
-    corrected_read = _median_time(lambda k: corrected_iset.get_raw_data(k % n), 2 * n)
+    stock_read, corrected_read = _median_times(
+        [lambda k: stock_iset.get_raw_data(k % n), lambda k: corrected_iset.get_raw_data(k % n)], 3 * n
+    )
 
     rss = []
     for k in range(4 * n):
