@@ -195,8 +195,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     _check_map(shapes, shell_map, params)
     flat = _flatten(panels)
     labels = shell_map.labels
-    non_positive = np.flatnonzero(flat <= 0) if flat.dtype.kind != "u" else None
-    negative = non_positive[np.take(flat, non_positive) < 0] if non_positive is not None else ()
+    non_positive, negative = find_non_positive(flat)
     reason = _not_truncated(flat, labels) or (
         NOT_TRUNCATED_NEGATIVE if np.any(np.take(labels, negative) != INVALID) else None
     )
@@ -229,6 +228,15 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     if fits:
         tally = _assign(out, zero_positions, zero_regions, results, fits, params, image_rng(params.seed, image_key))
     return ImageCorrection(data=_split(out, shapes), status=CORRECTED, _shells=results, damaged=described, _tally=tally)
+
+
+def find_non_positive(flat):
+    """(positions of the pixels <= 0, of those < 0) of signed or float data
+    (one comparison); (None, ()) for unsigned data."""
+    if flat.dtype.kind == "u":
+        return None, ()
+    non_positive = np.flatnonzero(flat <= 0)
+    return non_positive, non_positive[np.take(flat, non_positive) < 0]
 
 
 def find_zeros(flat, labels, n_regions, non_positive=None, negative=False):
