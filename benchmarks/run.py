@@ -9,11 +9,13 @@ Two sweeps of 2048x2048 unsigned 16-bit SMV images:
 
 For each sweep and each assignment mode:
 1. median time to read an image with the stock dxtbx class;
-2. median time to correct it, shell map cached (target: at most 0.3 x 1);
+2. median time to correct it, shell map cached (target: at most 0.3 x 1 for
+   the MicroED sweep, 0.7 x 1 for the heavy one);
 3. median time to read an image through an imageset corrected on read,
-   against the stock imageset (target: at most 1.3);
+   against the stock imageset (target: at most 1.3, heavy 1.7);
 4. peak resident memory after N, 2N and 4N corrections in sequence (must not
    grow; a growth of more than 16 MiB fails the benchmark).
+Also the memory the cached shell map holds per panel pixel.
 """
 
 from __future__ import annotations
@@ -31,16 +33,31 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODES = ("distribution", "expectation")
-TARGETS = {"correct_over_read": 0.3, "corrected_over_stock_read": 1.3}
+TARGETS = {
+    "microed": {"correct_over_read": 0.3, "corrected_over_stock_read": 1.3},
+    "heavy": {"correct_over_read": 0.7, "corrected_over_stock_read": 1.7},
+}
 
 
-def _median_time(function, repeats):
-    times = []
+def shell_map_bytes_per_pixel(shell_map):
+    """What the cached shell map of the correction holds (labels, the fit
+    subsample's histogram keys, per-line counts), per panel pixel."""
+    arrays = [shell_map.labels, *shell_map.histogram_sample()[1:]]
+    arrays += [a for lines in shell_map.valid_per_line() for a in lines]
+    return sum(a.nbytes for a in arrays) / shell_map.n_pixels
+
+
+def _median_times(functions, repeats):
+    """Median seconds of each function(k), k = 0 .. repeats - 1, the calls
+    interleaved so that a changing machine load affects all alike (their
+    ratios are what the targets are about)."""
+    times = [[] for _ in functions]
     for k in range(repeats):
-        start = time.perf_counter()
-        function(k)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, spent in zip(functions, times):
+            start = time.perf_counter()
+            function(k)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _sweep(kind, workdir, n_images, size):
@@ -65,7 +82,7 @@ def _sweep(kind, workdir, n_images, size):
     return paths
 
 
-def measure(paths, mode):
+def measure(paths, mode, targets):
     import dxtbx
     from dxtbx.model.experiment_list import ExperimentListFactory
 
@@ -80,26 +97,27 @@ def measure(paths, mode):
     n = len(paths)
     for p in paths:  # warm the page cache
         stock_class(p).get_raw_data()
-    read = _median_time(lambda k: stock_class(paths[k % n]).get_raw_data(), 3 * n)
-
     stock_iset = ExperimentListFactory.from_filenames(paths)[0].imageset
     corrector = corrector_for(shell_geometry_of(stock_iset, 0, settings), settings.parameters)
     raws = [stock_class(p).get_raw_data() for p in paths]
-    zeros = []  # (zero pixels, valid pixels) per image; not the images themselves
-
-    def correct(k):
-        result = corrector.correct(raws[k % n], image_identity(paths[k % n]))[1]
-        zeros.append((sum(s.n_zero for s in result.shells), sum(s.n_valid for s in result.shells)))
-
-    correction = _median_time(correct, 3 * n)
-    zero_fraction = sum(z for z, _ in zeros[:n]) / max(1, sum(v for _, v in zeros[:n]))
+    read, correction = _median_times(
+        [lambda k: stock_class(paths[k % n]).get_raw_data(),
+         lambda k: corrector.correct(raws[k % n], image_identity(paths[k % n]))],
+        3 * n,
+    )
+    zeros = []  # (zero pixels, valid pixels) per image, not timed
+    for k in range(n):
+        shells = corrector.correct(raws[k], image_identity(paths[k]))[1].shells
+        zeros.append((sum(s.n_zero for s in shells), sum(s.n_valid for s in shells)))
+    zero_fraction = sum(z for z, _ in zeros) / max(1, sum(v for _, v in zeros))
 
     corrected_iset = wrapped_class(stock_class.__name__).get_imageset(
         paths, as_sequence=True, format_kwargs={"truncfix": settings.to_record()}
     )
     corrected_iset.get_raw_data(0)  # the shell map is built once per geometry
-    stock_read = _median_time(lambda k: stock_iset.get_raw_data(k % n), 2 * n)
-    corrected_read = _median_time(lambda k: corrected_iset.get_raw_data(k % n), 2 * n)
+    stock_read, corrected_read = _median_times(
+        [lambda k: stock_iset.get_raw_data(k % n), lambda k: corrected_iset.get_raw_data(k % n)], 3 * n
+    )
 
     rss = []
     for k in range(4 * n):
@@ -116,8 +134,9 @@ def measure(paths, mode):
         "corrected_over_stock_read": round(corrected_read / stock_read, 2),
         "peak_rss_mib_after_corrections": {str(i + 1): round(rss[i], 1) for i in (n - 1, 2 * n - 1, 4 * n - 1)},
         "peak_rss_growth_mib": round(rss[-1] - rss[n - 1], 1),
+        "shell_map_bytes_per_pixel": round(shell_map_bytes_per_pixel(corrector.shell_map), 2),
     }
-    figures["targets_met"] = all(figures[k] <= v for k, v in TARGETS.items())
+    figures["targets_met"] = all(figures[k] <= v for k, v in targets.items())
     return figures
 
 
@@ -134,12 +153,14 @@ def main(argv=None):
     for kind in ("microed", "heavy"):
         paths = _sweep(kind, args.workdir, args.images, args.size)
         for mode in MODES:
-            f = figures[f"{kind}/{mode}"] = measure(paths, mode)
+            targets = TARGETS[kind]
+            f = figures[f"{kind}/{mode}"] = measure(paths, mode, targets)
             print(
                 f"{kind:8s} {mode:12s} zeros {f['zero_fraction']:.0%}: read {f['read_ms']} ms, correction"
-                f" {f['correct_ms']} ms -> {f['correct_over_read']} (target <= 0.3); corrected/stock imageset"
-                f" read {f['corrected_over_stock_read']} (target <= 1.3); peak RSS growth"
-                f" {f['peak_rss_growth_mib']} MiB over {3 * f['images']} more corrections",
+                f" {f['correct_ms']} ms -> {f['correct_over_read']} (target <= {targets['correct_over_read']});"
+                f" corrected/stock imageset read {f['corrected_over_stock_read']} (target <="
+                f" {targets['corrected_over_stock_read']}); peak RSS growth {f['peak_rss_growth_mib']} MiB over"
+                f" {3 * f['images']} more corrections; shell map {f['shell_map_bytes_per_pixel']} bytes/pixel",
                 flush=True,
             )
     figures["load_average_after"] = os.getloadavg()[0]

@@ -39,6 +39,10 @@ class ImageCorrector:
         Images that need no correction come back as the very same objects."""
         if not isinstance(raw_data, tuple):
             raw_data = (raw_data,)
+        # two copies of a corrected image, flex -> numpy and back: scitbx flex
+        # arrays offer no buffer numpy could view (memoryview() refuses them,
+        # np.asarray iterates element by element), and a flex deep_copy with
+        # set_selected of the zero pixels is no faster than flex.int(numpy)
         panels = [p.as_numpy_array() for p in raw_data]
         # the numpy arrays are private copies of the flex data: correct them in place
         result = correct_image(panels, self.shell_map, self.params, image_key, overwrite_input=True)

@@ -36,15 +36,15 @@ truncfix
             "the distribution lies above Imax."
   assignment = *distribution expectation
     .type = choice
-    .help = "What the zero pixels of a fitted shell receive. distribution:"
-            "the values v <= 0 in the proportions the fitted distribution"
-            "gives them (the truncated part of the distribution restored)."
-            "expectation: the fitted conditional mean m of the values below"
-            "0.5, as the integers floor(m) and floor(m)+1 in the proportions"
-            "that keep the shell's total: the same sum, less noise per pixel."
+    .help = "What the zero pixels of a fitted shell receive, each drawn"
+            "independently. distribution: a value v <= 0 with the probability"
+            "the fitted distribution gives it (the truncated part of the"
+            "distribution restored). expectation: floor(m)+1 with probability"
+            "m-floor(m), else floor(m), for the fitted conditional mean m of"
+            "the values below 0.5: the same expectation, less noise per pixel."
   seed = 0
     .type = int(value_min=0, allow_none=False)
-    .help = "Seed for the random spatial arrangement of the assigned values."
+    .help = "Seed for the random draws of the assigned values."
             "Combined with each image's identity, so that an image is always"
             "corrected identically."
   histogram

@@ -12,16 +12,25 @@ detector choice and, optionally, the shell geometry fixed when the record was
 written (``dials.correct_truncation output.format=on_read`` fixes it; a record
 made at import leaves it to the experiment list).  Older records are migrated
 on read; a record of a newer release is refused with a clear message.
+
+The record also names the correction algorithm that wrote it (``algorithm``;
+records of dials-truncfix 0.1-0.2 have none: algorithm 1).  A record of
+another algorithm is read with the current one, and one warning per process
+and record says that its corrected pixels may differ from what earlier
+processing steps saw.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from dataclasses import dataclass
 
 from libtbx.utils import Sorry
 
+from dials_truncfix.core import ALGORITHM
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry
 from dials_truncfix.phil import correction_parameters, correction_phil_scope, read_phil_file
@@ -30,6 +39,10 @@ ENVIRONMENT_VARIABLE = "DIALS_TRUNCFIX"
 #: the key of the record in an imageset's format parameters
 FORMAT_KWARG = "truncfix"
 RECORD_VERSION = 2
+#: the algorithm of records that do not name one (dials-truncfix 0.1-0.2)
+FIRST_ALGORITHM = 1
+
+logger = logging.getLogger(f"dials.{__name__}")
 
 
 class TruncfixError(Sorry):
@@ -50,6 +63,7 @@ class Settings:
         """The JSON-able record kept in the experiment list."""
         return {
             "version": RECORD_VERSION,
+            "algorithm": ALGORITHM,
             "parameters": dataclasses.asdict(self.parameters),
             "mask": os.path.abspath(self.mask) if self.mask else None,
             "detector": self.detector,
@@ -59,6 +73,8 @@ class Settings:
     @classmethod
     def from_record(cls, record):
         record = dict(record)
+        _note_algorithm(record)
+        record.pop("algorithm", None)
         version = record.pop("version", 1)
         if version == 1:
             mask = record.pop("mask", None)
@@ -81,6 +97,26 @@ class Settings:
         """From an extracted ``truncfix`` PHIL scope."""
         mask = os.path.abspath(truncfix.mask) if truncfix.mask else None
         return cls(correction_parameters(truncfix), mask, truncfix.detector)
+
+
+_noted_records: set = set()
+
+
+def _note_algorithm(record):
+    """One warning per process and record written by another correction
+    algorithm than this release's (its pixels are corrected with this one)."""
+    algorithm = record.get("algorithm", FIRST_ALGORITHM)
+    if algorithm == ALGORITHM:
+        return
+    key = json.dumps(record, sort_keys=True, default=str)
+    if key not in _noted_records:
+        _noted_records.add(key)
+        logger.warning(
+            "This experiment list was made with truncation-correction algorithm %s; its images are now corrected"
+            " with algorithm %s, so corrected pixels may differ from what earlier processing steps saw:"
+            " re-import the images (dials.import) for consistent results",
+            algorithm, ALGORITHM,
+        )
 
 
 def settings_from_environment(environ=os.environ):

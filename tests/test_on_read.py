@@ -539,6 +539,31 @@ def test_version_1_record_is_migrated_and_a_newer_one_refused(smv_sweep):
         Settings.from_record({**Settings(CorrectionParameters()).to_record(), "version": 3})
 
 
+def test_a_record_of_the_earlier_algorithm_is_read_with_the_current_one_and_one_warning(smv_sweep, caplog):
+    """An experiment list written by dials-truncfix 0.2 (a version-2 record
+    without ``algorithm``) reads the pixels of the current algorithm, and a
+    user sees one warning per record however often it is read; a record of
+    the current algorithm gives none."""
+    from dials_truncfix import settings as settings_module
+
+    current = Settings(CorrectionParameters(seed=11)).to_record()
+    assert current["algorithm"] == settings_module.ALGORITHM
+    earlier = {k: v for k, v in current.items() if k != "algorithm"}
+    stock = format_wrapper.stock_format_class(smv_sweep[0])
+    expected, _ = header_correction(smv_sweep[0], params=CorrectionParameters(seed=11))
+    with caplog.at_level("WARNING"):
+        for record in (current, current, earlier, earlier):  # two imagesets of each, all images read
+            iset = format_wrapper.wrapped_class(stock.__name__).get_imageset(
+                smv_sweep, as_sequence=True, format_kwargs={"truncfix": record}
+            )
+            for i in range(len(iset)):
+                iset.get_raw_data(i)
+            assert np.array_equal(iset.get_raw_data(0)[0].as_numpy_array().ravel(), expected)
+    notes = [r for r in caplog.records if "re-import" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelname == "WARNING"
+    assert "algorithm 1" in notes[0].getMessage() and f"algorithm {settings_module.ALGORITHM}" in notes[0].getMessage()
+
+
 def test_corrupt_file_gives_the_normal_dxtbx_error(smv_sweep, tmp_path):
     bad = tmp_path / "trunc_00001.img"
     bad.write_bytes(open(smv_sweep[0], "rb").read().replace(b"SIZE1=384", b"SIZE1=3x4"))

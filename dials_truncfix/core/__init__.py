@@ -4,7 +4,14 @@
   split into azimuthal sectors): the regions modelled separately;
 * :mod:`.histogram`: low-count histograms per region and the choice of Imax;
 * :mod:`.lognormal`: the maximum-likelihood fit of a shifted lognormal;
-* :mod:`.assignment`: the values given to the zero pixels and their arrangement;
+* :mod:`.assignment`: the values given to the zero pixels (independent draws);
 * :mod:`.parameters`: what controls the correction;
 * :mod:`.correction`: one image, end to end, and the sweep offset.
 """
+
+#: the version of the correction algorithm: same input, settings and seed give
+#: the same pixels within one version; recorded with the settings.
+#: 1: dials-truncfix 0.1-0.2 (exact per-region counts by largest remainder,
+#: shuffled); 2: fits on a fixed pixel subsample, independent draws through
+#: 65536-slot lookup tables, Newton stopped at the objective's rounding.
+ALGORITHM = 2

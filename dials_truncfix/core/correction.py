@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import numpy as np
 
-from dials_truncfix.core.assignment import image_rng, random_arrangement, zero_assignment
-from dials_truncfix.core.histogram import counts_up_to, histogram_values, imax, pooled_histogram, region_histogram
+from dials_truncfix.core.assignment import TABLE_SIZE, image_rng, slot_ends, uniform_slots, value_distribution
+from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
-from dials_truncfix.core.shells import ShellMap
+from dials_truncfix.core.shells import INVALID, ShellMap, sample_keys
 
 logger = logging.getLogger(f"dials.{__name__}")
 
@@ -46,6 +45,7 @@ class ShellResult:
     n_valid: int
     n_zero: int
     sector: int = 0
+    n_sampled: int = 0  # valid pixels of the fixed subsample the fit saw
     imax: int | None = None
     fit: LognormalFit | None = None
     fitted_regions: tuple = ()  # the (shell, sector) pairs whose pixels the fit used
@@ -77,6 +77,24 @@ def _ranges(indices):
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
 
 
+#: rows (columns) checked first: a line can be all zero only where these
+#: columns (rows) are zero, so only such candidates are checked in full
+PROBE_LINES = 16
+
+
+def _zero_lines(panel, axis, n_valid_per_line):
+    """Indices of the lines along ``axis`` (1: rows, 0: columns) that are all
+    zero and hold enough valid pixels to count as damaged."""
+    across = panel.shape[axis]
+    probes = np.linspace(0, across - 1, min(PROBE_LINES, across)).astype(np.intp)
+    probe = np.take(panel, probes, axis=axis)
+    candidates = np.flatnonzero((probe == 0).all(axis=axis) & (n_valid_per_line >= DAMAGED_LINE_MIN_PIXELS))
+    if not len(candidates):
+        return candidates
+    lines = np.take(panel, candidates, axis=1 - axis)
+    return candidates[lines.max(axis=axis) == 0]
+
+
 def damaged_lines(panels, shell_map):
     """(flat boolean mask of the pixels in damaged rows and columns, or None;
     their description, e.g. 'rows 200-255'), from the per-panel arrays.
@@ -85,8 +103,8 @@ def damaged_lines(panels, shell_map):
     damaged, described, offset = None, [], 0
     for k, (panel, (per_row, per_column)) in enumerate(zip(panels, shell_map.valid_per_line())):
         panel = np.asarray(panel)
-        rows = np.flatnonzero((panel.max(axis=1) == 0) & (per_row >= DAMAGED_LINE_MIN_PIXELS))
-        columns = np.flatnonzero((panel.max(axis=0) == 0) & (per_column >= DAMAGED_LINE_MIN_PIXELS))
+        rows = _zero_lines(panel, 1, per_row)
+        columns = _zero_lines(panel, 0, per_column)
         if len(rows) or len(columns):
             if damaged is None:
                 damaged = np.zeros(sum(int(np.prod(np.shape(p))) for p in panels), dtype=bool)
@@ -109,8 +127,19 @@ class ImageCorrection:
 
     data: list
     status: str
-    shells: list = field(default_factory=list)
+    _shells: list = field(default_factory=list)
     damaged: str = ""  # rows and columns left as they were
+    #: fills in the regions' n_changed and min_value when first asked (the
+    #: correction on read never asks: it saves two passes over the zeros)
+    _tally: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def shells(self) -> list:
+        """The ShellResult of every region."""
+        if self._tally is not None:
+            tally, self._tally = self._tally, None
+            tally()
+        return self._shells
 
     @property
     def n_changed(self):
@@ -144,19 +173,19 @@ def _flatten(panels):
     return flat
 
 
-def _not_truncated(valid_values):
-    """Why the valid pixels cannot be truncated data, or None.  Masked pixels
+def _not_truncated(flat, labels):
+    """Why the valid pixels cannot be truncated data, or None, for float
+    data (negative values are found with the zeros).  Masked pixels
     (detector gaps flagged with negative values, say) do not count."""
-    if valid_values.dtype.kind == "f":
+    if flat.dtype.kind == "f":
+        valid_values = flat[labels != INVALID]
         if not np.all(np.isfinite(valid_values)) or not np.array_equal(valid_values, np.floor(valid_values)):
             return NOT_TRUNCATED_FLOAT
-    if valid_values.dtype.kind != "u" and valid_values.size and valid_values.min() < 0:
-        return NOT_TRUNCATED_NEGATIVE
     return None
 
 
 def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, image_key,
-                  overwrite_input=False):
+                  overwrite_input: bool = False) -> ImageCorrection:
     """Correct one image given as a list of per-panel integer arrays.
 
     With ``overwrite_input`` (for callers that own a private int32 or float64
@@ -165,41 +194,70 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     shapes = [np.shape(p) for p in panels]
     _check_map(shapes, shell_map, params)
     flat = _flatten(panels)
-    # valid pixels sorted by region, raster order within a region (take
-    # without bounds checks: the indices are the map's own)
-    order, region_starts = shell_map.pixel_order()
-    by_region = np.take(flat, order, mode="clip")
-    reason = _not_truncated(by_region)
+    labels = shell_map.labels
+    non_positive, negative = find_non_positive(flat)
+    reason = _not_truncated(flat, labels) or (
+        NOT_TRUNCATED_NEGATIVE if np.any(np.take(labels, negative) != INVALID) else None
+    )
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
         return ImageCorrection(data=list(panels), status=reason)
+    negative_masked = len(negative) > 0
 
+    stride, base, n_sampled = shell_map.histogram_sample()
+    n_valid = shell_map.n_valid
     damaged, described = damaged_lines(panels, shell_map) if flat.dtype.kind != "f" else (None, "")
     if damaged is not None:  # not valid pixels for this image
-        keep = ~damaged[order]
-        if keep.sum() < 0.5 * keep.size:
+        labels = np.where(damaged, INVALID, labels).astype(labels.dtype)
+        n_valid = np.bincount(labels[labels != INVALID], minlength=shell_map.n_regions)
+        if n_valid.sum() < 0.5 * shell_map.n_valid.sum():
             logger.info("Image %s passed through unchanged: %s (%s)", image_key, BLANK, described)
             return ImageCorrection(data=list(panels), status=BLANK, damaged=described)
-        order, by_region = order[keep], by_region[keep]
-        region_starts = np.concatenate(([0], np.cumsum(np.add.reduceat(keep.astype(np.intp), region_starts[:-1]))))
-    n_valid = np.diff(region_starts)
+        base, n_sampled = sample_keys(labels, stride, shell_map.n_regions)
 
-    zero_rank = np.flatnonzero(by_region == 0)
-    if zero_rank.size == 0 and not params.fit_all_shells:
+    zero_positions, zero_regions, n_zero = find_zeros(flat, labels, shell_map.n_regions, non_positive, negative_masked)
+    if not n_zero.any() and not params.fit_all_shells:
         return ImageCorrection(data=list(panels), status=NO_ZEROS, damaged=described)
-    zero_positions = np.take(order, zero_rank, mode="clip")
-    zero_starts = np.searchsorted(zero_rank, region_starts)
 
-    histogram = partial(region_histogram, histogram_values(by_region), region_starts)
-    n_zero = np.diff(zero_starts)
-    results = [_region_result(shell_map, r, n_valid[r], n_zero[r]) for r in range(shell_map.n_regions)]
-    fits = _fit_regions(results, histogram, shell_map, n_valid, params, image_key)
+    histograms = region_histograms(flat, labels, stride, base, n_sampled, negative_masked)
+    results = [_region_result(shell_map, r, n_valid[r], n_zero[r], n_sampled[r]) for r in range(shell_map.n_regions)]
+    fits = _fit_regions(results, histograms, shell_map, params, image_key)
 
     out = _output(flat, panels, overwrite_input)
-    rng = image_rng(params.seed, image_key)
-    for r, fit in fits.items():
-        _assign(out, zero_positions[zero_starts[r] : zero_starts[r + 1]], results[r], fit, params, rng)
-    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results, damaged=described)
+    tally = None
+    if fits:
+        tally = _assign(out, zero_positions, zero_regions, results, fits, params, image_rng(params.seed, image_key))
+    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, _shells=results, damaged=described, _tally=tally)
+
+
+def find_non_positive(flat):
+    """(positions of the pixels <= 0, of those < 0) of signed or float data
+    (one comparison); (None, ()) for unsigned data."""
+    if flat.dtype.kind == "u":
+        return None, ()
+    non_positive = np.flatnonzero(flat <= 0)
+    return non_positive, non_positive[np.take(flat, non_positive) < 0]
+
+
+def find_zeros(flat, labels, n_regions, non_positive=None, negative=False):
+    """(flat positions of every zero pixel, masked ones too; their regions,
+    INVALID for masked pixels; the number of zero pixels per region), from
+    the positions of the pixels <= 0 if known."""
+    if non_positive is None:
+        positions = np.flatnonzero(flat == 0)
+    else:
+        positions = non_positive[np.take(flat, non_positive) == 0] if negative else non_positive
+    regions = np.take(labels, positions)
+    if regions.dtype == np.int16:  # INVALID counts in the last of 65536 bins
+        n_zero = np.bincount(regions.view(np.uint16), minlength=n_regions)[:n_regions]
+    else:
+        n_zero = np.bincount(regions + 1, minlength=n_regions + 1)[1:]
+    return positions, regions, n_zero
+
+
+def region_histograms(flat, labels, stride, base, n_sampled, negative_masked):
+    """The RegionHistograms of this image (one bincount)."""
+    return RegionHistograms(flat, labels, stride, base, n_sampled, clip_negative=negative_masked)
 
 
 def _output(flat, panels, overwrite_input):
@@ -211,15 +269,63 @@ def _output(flat, panels, overwrite_input):
     return flat.astype(dtype, copy=True)
 
 
-def _assign(out, positions, result, fit, params, rng):
-    """Give a fitted region's zero pixels (``positions``) their values."""
-    values, counts, result.conditional_mean = zero_assignment(
-        params.assignment, result.n_zero, fit.theta, fit.mu, fit.sigma
-    )
-    result.assignment = params.assignment
-    out[positions] = random_arrangement(values.astype(out.dtype), counts, rng)
-    result.n_changed = int(counts[values != 0].sum())
-    result.min_value = int(values[np.flatnonzero(counts)[-1]])
+#: regions whose lookup tables are gathered from at once (64 x 65536 slots)
+TABLE_ROWS = 64
+
+
+def lookup_tables(batch, results, fits, params):
+    """(slot -> code table, code -> value table, code of each region's first
+    value, values and slot ends per region) of a batch of fitted regions.
+    Row 0 of the tables (code 0, value 0) is for the pixels left as they are:
+    masked ones and those of regions not in the batch."""
+    distributions = []
+    for r in batch:
+        fit = fits[r]
+        values, probabilities, results[r].conditional_mean = value_distribution(
+            params.assignment, results[r].n_zero, fit.theta, fit.mu, fit.sigma
+        )
+        results[r].assignment = params.assignment
+        distributions.append((values, slot_ends(probabilities)))
+    first_code = np.cumsum([1] + [len(v) for v, _ in distributions])
+    code_type = np.int16 if first_code[-1] <= 2**15 else np.int32
+    runs = np.concatenate([[TABLE_SIZE]] + [np.diff(ends, prepend=0) for _, ends in distributions])
+    codes = np.repeat(np.arange(first_code[-1], dtype=code_type), runs)
+    code_values = np.concatenate([[0]] + [v for v, _ in distributions]).astype(np.int32)
+    return codes, code_values, first_code, distributions
+
+
+def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
+    """Give the zero pixels of the fitted regions their values: one 16-bit
+    random integer per zero pixel (raster order) picks a slot of its region's
+    lookup table (value_distribution, slot_ends); the slot's code gives the
+    value and, counted, how many pixels got each value (the returned tally,
+    run when the regions' results are first asked for)."""
+    slots = uniform_slots(rng, len(zero_positions))
+    fitted = sorted(fits)
+    tallies = []
+    for first in range(0, len(fitted), TABLE_ROWS):
+        batch = fitted[first : first + TABLE_ROWS]
+        codes, code_values, first_code, distributions = lookup_tables(batch, results, fits, params)
+        row_start = np.zeros(len(results) + 1, dtype=np.intp)  # the last entry: INVALID
+        row_start[batch] = np.arange(1, len(batch) + 1) * TABLE_SIZE
+        positions, keys = zero_positions, np.take(row_start, zero_regions) + slots
+        if len(fitted) > TABLE_ROWS:
+            chosen = np.flatnonzero(np.take(row_start, zero_regions))
+            positions, keys = positions[chosen], keys[chosen]
+        drawn = np.take(codes, keys)
+        out[positions] = np.take(code_values, drawn)
+        tallies.append((batch, distributions, first_code, drawn))
+
+    def tally():
+        """Each fitted region's n_changed and min_value, from the codes drawn."""
+        for batch, distributions, first_code, drawn in tallies:
+            counts = np.bincount(drawn, minlength=int(first_code[-1]))
+            for r, (values, _), start in zip(batch, distributions, first_code):
+                given = counts[start : start + len(values)]
+                results[r].n_changed = int(given[values != 0].sum())
+                results[r].min_value = int(values[np.flatnonzero(given)[-1]])
+
+    return tally
 
 
 def _check_map(shapes, shell_map, params):
@@ -232,8 +338,9 @@ def _check_map(shapes, shell_map, params):
         )
 
 
-def _region_result(shell_map, region, n_valid, n_zero):
+def _region_result(shell_map, region, n_valid, n_zero, n_sampled):
     return ShellResult(
+        n_sampled=int(n_sampled),
         shell=int(shell_map.shell[region]),
         sector=int(shell_map.sector[region]),
         d_max=float(shell_map.d_max[region]),
@@ -243,19 +350,20 @@ def _region_result(shell_map, region, n_valid, n_zero):
     )
 
 
-def _fit_regions(results, histogram, shell_map, n_valid, params, image_key):
+def _fit_regions(results, histograms, shell_map, params, image_key):
     """Fit every region that has zero pixels (or all, with fit_all_shells);
     a failed fit is retried on the region pooled with each of its merge
-    candidates in turn.  ``histogram(region)`` gives a region's histogram.
-    Returns {region: fit} of the regions to correct."""
+    candidates in turn.  ``histograms.of(regions, params)`` gives the
+    histogram of regions together.  Returns {region: fit} of the regions to
+    correct."""
     fits = {}
     for r, result in enumerate(results):
         if result.n_zero == 0 and not params.fit_all_shells:
             continue
-        result.imax, result.fit = _fit_shell(histogram(r), result.n_valid, params)
+        result.imax, result.fit = _fit_shell(*histograms.of([r], params), params)
         result.fitted_regions = ((result.shell, result.sector),)
         if not result.fit.converged:
-            _fit_merged(result, r, histogram, shell_map, n_valid, params, image_key)
+            _fit_merged(result, r, histograms, shell_map, params, image_key)
         if result.n_zero == 0:
             continue
         if result.fit.converged:
@@ -268,13 +376,9 @@ def _fit_regions(results, histogram, shell_map, n_valid, params, image_key):
     return fits
 
 
-def _fit_merged(result, region, histogram, shell_map, n_valid, params, image_key):
+def _fit_merged(result, region, histograms, shell_map, params, image_key):
     for other in shell_map.merge_candidates(region):
-        merged_imax, merged_fit = _fit_shell(
-            pooled_histogram(histogram(region), histogram(other)),
-            result.n_valid + int(n_valid[other]),
-            params,
-        )
+        merged_imax, merged_fit = _fit_shell(*histograms.of([region, other], params), params)
         if merged_fit.converged:
             first, second = sorted((region, other))
             logger.info(

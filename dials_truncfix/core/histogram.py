@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dials_truncfix.core.shells import histogram_bins
+
 #: counts above this are all "above Imax" for histogramming
 HISTOGRAM_CAP = 65535
 
@@ -44,13 +46,37 @@ def region_histogram(values, region_starts, region):
     return np.bincount(values[region_starts[region] : region_starts[region + 1]])
 
 
-def pooled_histogram(first, second):
-    """The histogram of two regions together."""
-    if len(first) < len(second):
-        first, second = second, first
-    pooled = first.copy()
-    pooled[: len(second)] += second
-    return pooled
+class RegionHistograms:
+    """The low-count histograms of every region's sampled pixels, from one
+    bincount over the image (counts above ``bins - 2`` share the last bin of
+    a region); a region whose Imax lies above that gets its full histogram.
+
+    ``flat``: the pixels; ``labels``: their regions (INVALID for masked or
+    damaged pixels); ``stride``, ``base``, ``n_sampled``: the fixed subsample
+    (ShellMap.histogram_sample); ``clip_negative``: whether masked pixels may
+    hold negative values."""
+
+    def __init__(self, flat, labels, stride, base, n_sampled, clip_negative=False):
+        self.n_regions = len(n_sampled)
+        self.bins = histogram_bins(self.n_regions)
+        self.flat, self.labels, self.stride, self.n_sampled = flat, labels, stride, n_sampled
+        sampled = flat[::stride]
+        top = self.bins - 1
+        capped = np.clip(sampled, 0, top) if clip_negative else np.minimum(sampled, top)
+        keys = base + (capped if capped.dtype.kind != "f" else capped.astype(np.intp))
+        counts = np.bincount(keys, minlength=(self.n_regions + 1) * self.bins)
+        self.capped = counts[: self.n_regions * self.bins].reshape(self.n_regions, self.bins)
+
+    def of(self, regions, params):
+        """(H(0 .. at least Imax), number of sampled pixels) of these regions
+        together."""
+        regions = list(regions)
+        n = int(self.n_sampled[regions].sum())
+        exact = self.capped[regions].sum(axis=0)[:-1]
+        if imax(exact, n, params) < len(exact):
+            return exact, n
+        sampled = self.flat[:: self.stride][np.isin(self.labels[:: self.stride], regions)]
+        return np.bincount(histogram_values(np.clip(sampled, 0, None))), n
 
 
 def imax(histogram, n_valid, params):

@@ -347,9 +347,17 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
     )
 
 
+#: a change of the objective (a mean negative log-likelihood) below this
+#: many units in the last place of its value is rounding, not progress
+ROUNDING_ULPS = 64
+
+
 def _newton(objective, x, max_iterations, gtol=1e-9):
     """Damped Newton with backtracking for the exact likelihood: a handful of
-    iterations instead of BFGS's dozens of evaluations."""
+    iterations instead of BFGS's dozens of evaluations.  It stops as
+    converged when the gradient vanishes or when the decrease a full step
+    predicts (or a back-tracked step could still achieve) is below the
+    objective's rounding: further steps can only shuffle the last bits."""
     value, grad, hessian = objective.with_hessian(x)
     damping = 0.0
     message = "maximum number of iterations reached"
@@ -359,6 +367,7 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
         if np.max(np.abs(grad)) < gtol:
             success, message = True, "converged"
             break
+        rounding = ROUNDING_ULPS * np.spacing(abs(value))
         iteration += 1
         while True:
             try:
@@ -374,15 +383,20 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
                     message="no descent direction",
                 )
         slope = np.dot(grad, step)
+        if -0.5 * slope < rounding and damping == 0.0:
+            success, message = True, "converged (the next step is below rounding)"
+            break
         new_value, new_grad, new_hessian = objective.with_hessian(x + step)
         t = 1.0
-        while new_value > value + 1e-4 * t * slope and t > 1e-10:
+        while new_value > value + 1e-4 * t * slope and -t * slope >= rounding:
             t *= 0.5
             new_value, new_grad = objective(x + t * step)
             new_hessian = None
         if new_value > value + 1e-4 * t * slope:
-            message = "line search failed"
+            message = "converged (no step changes the objective beyond rounding)"
             success = bool(np.max(np.abs(grad)) < 1e-6)
+            if not success:
+                message = "line search failed"
             break
         x = x + t * step
         value, grad = new_value, new_grad

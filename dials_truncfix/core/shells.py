@@ -46,6 +46,7 @@ class ShellMap:
     sector: np.ndarray
     n_sectors: int = 1
     _order: tuple = field(default=None, repr=False)
+    _sample: tuple = field(default=None, repr=False)
     _keys: np.ndarray = field(default=None, repr=False)
     _lines: list = field(default=None, repr=False)
 
@@ -71,6 +72,15 @@ class ShellMap:
             starts = np.concatenate(([0], np.cumsum(self.n_valid)))
             self._order = (order, starts)
         return self._order
+
+    def histogram_sample(self):
+        """(stride s, histogram key base of every s-th pixel, valid pixels of
+        each region among them) of the fixed pixel subsample the fits see,
+        cached (see sample_keys)."""
+        if self._sample is None:
+            stride = fit_sample_stride(self.n_valid)
+            self._sample = (stride, *sample_keys(self.labels, stride, self.n_regions))
+        return self._sample
 
     def valid_per_line(self):
         """Per panel, the number of valid pixels in each row and each column
@@ -110,6 +120,42 @@ class ShellMap:
         """How logs name a region: "shell 3", or "shell 3 sector 1"."""
         name = f"shell {self.shell[region]}"
         return name if self.n_sectors == 1 else f"{name} sector {self.sector[region]}"
+
+
+#: the fits see every SAMPLE_STRIDE-th pixel (in flat order: on a detector
+#: whose width is not a multiple of 3 the sampled pixels run diagonally, so
+#: no column or row is favoured) when every region keeps at least
+#: MIN_SAMPLED_PIXELS of its valid pixels; else every pixel.  The zero
+#: pixels are always all found and all assigned.
+SAMPLE_STRIDE = 3
+MIN_SAMPLED_PIXELS = 30_000
+#: the one bincount of the low-count histograms has at most this many bins
+MAX_HISTOGRAM_BINS = 2**20
+
+
+def fit_sample_stride(n_valid_per_region):
+    """The stride of the fixed pixel subsample the fits use."""
+    if len(n_valid_per_region) and min(n_valid_per_region) >= SAMPLE_STRIDE * MIN_SAMPLED_PIXELS:
+        return SAMPLE_STRIDE
+    return 1
+
+
+def histogram_bins(n_regions):
+    """Bins per region of the capped low-count histograms: counts 0 .. bins - 2
+    and one bin for all higher counts (at most 1024, fewer with many regions)."""
+    return int(max(8, min(1024, MAX_HISTOGRAM_BINS // (n_regions + 1))))
+
+
+def sample_keys(labels, stride, n_regions):
+    """(key base of every ``stride``-th pixel, valid pixels of each region
+    among them): a sampled pixel of region r with capped value v counts in
+    bin ``r * histogram_bins(n_regions) + v`` of one bincount, a masked
+    pixel in bins from ``n_regions * histogram_bins(n_regions)`` on."""
+    bins = histogram_bins(n_regions)
+    sampled = labels[::stride]
+    base = sampled.astype(np.intp) * bins
+    base[sampled == INVALID] = n_regions * bins
+    return base, np.bincount(sampled[sampled >= 0], minlength=n_regions)
 
 
 def _d_from_inv_d2(inv_d2):
