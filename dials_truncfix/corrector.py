@@ -33,18 +33,43 @@ class ImageCorrector:
         self.params = params
         self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell, params.n_sectors)
 
-    def correct(self, raw_data, image_key):
+    def correct(self, raw_data, image_key, zeros_valid=True):
         """(corrected raw data as a tuple of flex arrays, ImageCorrection).
 
-        Images that need no correction come back as the very same objects."""
+        Images that need no correction come back as the very same objects.
+        Without ``zeros_valid`` (the stock format masks zero pixels) the zeros
+        of regions left alone as not truncation become NOT_VALID, so that
+        they stay masked under the corrected trusted range."""
         if not isinstance(raw_data, tuple):
             raw_data = (raw_data,)
         panels = [p.as_numpy_array() for p in raw_data]
         # the numpy arrays are private copies of the flex data: correct them in place
         result = correct_image(panels, self.shell_map, self.params, image_key, overwrite_input=True)
+        if not zeros_valid and result.not_truncation is not None:
+            _set_flat(result.data, result.not_truncation, NOT_VALID)
         if all(a is b for a, b in zip(result.data, panels)):
             return raw_data, result
         return tuple(_to_flex(a, like) for a, like in zip(result.data, raw_data)), result
+
+
+#: what the zero pixels of regions left alone hold where the stock format
+#: masks zeros: below the corrected trusted range, so still masked
+NOT_VALID = LOWEST_VALUE - 1
+
+
+def _set_flat(panels, positions, value):
+    """Set the pixels at flat positions over the concatenated panels."""
+    offset = 0
+    for panel in panels:
+        inside = positions[(positions >= offset) & (positions < offset + panel.size)]
+        panel.reshape(-1)[inside - offset] = value
+        offset += panel.size
+
+
+def stock_zeros_valid(detector):
+    """Whether a stock detector model counts a zero pixel as valid (current
+    dxtbx's ADSC trusted range starts at 1)."""
+    return all(compat.valid_integer_range(panel.get_trusted_range())[0] <= 0 for panel in detector)
 
 
 def corrector_for(geometry: ShellGeometry, params: CorrectionParameters):

@@ -18,6 +18,7 @@ from dials_truncfix.core.histogram import counts_up_to, histogram_values, imax, 
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import ShellMap
+from dials_truncfix.core.truncation import why_not_truncation
 
 logger = logging.getLogger(f"dials.{__name__}")
 
@@ -25,6 +26,7 @@ CORRECTED = "corrected"
 NO_ZEROS = "no zero pixels"
 NOT_TRUNCATED_NEGATIVE = "not truncated data: holds negative values"
 NOT_TRUNCATED_FLOAT = "not truncated data: holds non-integer values"
+NOT_TRUNCATION = "not truncation"
 BLANK = "blank or damaged image: most valid pixels lie in rows or columns that are all zero"
 
 #: a row or column is damaged when all of at least this many valid pixels
@@ -111,6 +113,9 @@ class ImageCorrection:
     status: str
     shells: list = field(default_factory=list)
     damaged: str = ""  # rows and columns left as they were
+    #: flat positions (over the concatenated panels) of the zero pixels left
+    #: alone because their region's zeros are not truncation, or None
+    not_truncation: np.ndarray | None = None
 
     @property
     def n_changed(self):
@@ -199,7 +204,10 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     rng = image_rng(params.seed, image_key)
     for r, fit in fits.items():
         _assign(out, zero_positions[zero_starts[r] : zero_starts[r + 1]], results[r], fit, params, rng)
-    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results, damaged=described)
+    left_alone = [zero_positions[zero_starts[r] : zero_starts[r + 1]]
+                  for r, result in enumerate(results) if result.status.startswith(NOT_TRUNCATION)]
+    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, shells=results, damaged=described,
+                           not_truncation=np.concatenate(left_alone) if left_alone else None)
 
 
 def _output(flat, panels, overwrite_input):
@@ -258,14 +266,27 @@ def _fit_regions(results, histogram, shell_map, n_valid, params, image_key):
             _fit_merged(result, r, histogram, shell_map, n_valid, params, image_key)
         if result.n_zero == 0:
             continue
-        if result.fit.converged:
+        reason = why_not_truncation(histogram(r), result.n_valid, result.fit)
+        if reason:
+            result.status = f"{NOT_TRUNCATION}: {reason}; zero pixels left alone"
+        elif result.fit.converged:
             fits[r] = result.fit
             result.status = CORRECTED
         else:
             result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
             _warn_once(image_key, r, "Image %s %s (%.2f-%.2f A): %s" % (
                 image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status))
+    _summarise_left_alone(results, image_key)
     return fits
+
+
+def _summarise_left_alone(results, image_key):
+    """One line per image for the regions whose zeros are not truncation."""
+    left_alone = [s for s in results if s.status.startswith(NOT_TRUNCATION)]
+    if left_alone:
+        reasons = sorted({s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone})
+        _say_once(image_key, "not truncation", "Image %s: %d of %d regions: zeros left alone, not truncation (%s)" % (
+            image_key, len(left_alone), len(results), "; ".join(reasons)), logging.INFO)
 
 
 def _fit_merged(result, region, histogram, shell_map, n_valid, params, image_key):
@@ -303,6 +324,10 @@ _warned = set()
 
 def _warn_once(image_key, region, message):
     """Images are read repeatedly by DIALS programs: say each problem once."""
-    if (image_key, region) not in _warned:
-        _warned.add((image_key, region))
-        logger.warning(message)
+    _say_once(image_key, region, message, logging.WARNING)
+
+
+def _say_once(image_key, topic, message, level):
+    if (image_key, topic) not in _warned:
+        _warned.add((image_key, topic))
+        logger.log(level, message)
