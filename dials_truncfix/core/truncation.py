@@ -9,24 +9,25 @@ fit's expected count of bin I (bin 0 is everything below 0.5):
   where the fit expects at least GAP_EXPECTED counts is decisive: zeros cut
   off from the populated counts by a gap are dead pixels, borders or a beam
   stop of a camera with a positive offset, not a censored tail;
-* otherwise each of H(0), H(1), ..., H(LOW_BINS) and their sum must lie within
-  TOLERANCE standard deviations of its expectation, the variance being
-  E + (MODEL_ERROR E)^2: Poisson (multinomial) noise plus a relative
-  allowance for what a shifted lognormal cannot describe (the spread of
-  resolution within a shell, spots, a gain image).
+* otherwise each of H(0), H(1), ..., H(LOW_BINS) and their sum must agree
+  with its expectation: a bin may differ from it by up to a factor
+  MODEL_FACTOR (what a shifted lognormal cannot describe: the spread of
+  resolution within a shell, spots, a gain image), and beyond that band by no
+  more than TOLERANCE standard deviations of Poisson (multinomial) noise,
+  measured as the signed root of the Poisson deviance from the band's edge.
 
 Thresholds: GAP_EXPECTED = 20 makes a gap by chance a p < 1e-4 event even if
 the fit overestimates the low counts twofold (Poisson P(0 | 10) = 4.5e-5).
-TOLERANCE = 5 is p ~ 6e-7 per bin for pure noise; MODEL_ERROR = 0.25 lets
-well-populated bins deviate by up to 5 x 0.25 = 125% of their expectation,
-above what fits of truncated shells show (devtools/truncation_rates.py
-measures it), while a fit that puts the zeros' mass where the low bins are
-empty, or misses them by more than twofold, is rejected.
+TOLERANCE = 5 is p ~ 6e-7 per bin for pure noise; MODEL_FACTOR = 2 is well
+beyond what fits of truncated shells show (devtools/truncation_rates.py
+measures the rejection rate), while a fit that puts the zeros' mass where the
+low bins are empty, or misses them several-fold, is rejected.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
 from dials_truncfix.core.lognormal import LognormalFit, bin_probabilities
 
@@ -34,23 +35,27 @@ from dials_truncfix.core.lognormal import LognormalFit, bin_probabilities
 LOW_BINS = 3
 #: expected counts in an empty run above 0 that make it a gap
 GAP_EXPECTED = 20.0
-#: standard deviations an observed low bin may be from its expectation
+#: Poisson standard deviations a low bin may lie beyond the model-error band
 TOLERANCE = 5.0
-#: relative model error allowed on top of Poisson noise
-MODEL_ERROR = 0.25
+#: the factor by which a low bin may differ from its expectation (model error)
+MODEL_FACTOR = 2.0
 
 
-def low_bin_deviations(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> np.ndarray:
-    """(H - E) / sqrt(E + (MODEL_ERROR E)^2) for the bins 0, 1, ..., LOW_BINS
-    and, last, for the sum of the bins 1..LOW_BINS."""
+def low_bin_excess(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> np.ndarray:
+    """How far H(0), H(1), ..., H(LOW_BINS) and, last, their sum over
+    1..LOW_BINS lie outside the band E / MODEL_FACTOR .. E * MODEL_FACTOR
+    of their expectations E, in Poisson standard deviations (signed root
+    deviance from the band's nearer edge; 0 inside, inf for counts where
+    the fit expects none)."""
     observed = _counts(histogram, LOW_BINS)
     expected = n_valid * bin_probabilities(fit.theta, fit.mu, fit.sigma, LOW_BINS)[:-1]
     observed = np.append(observed, observed[1:].sum())
     expected = np.append(expected, expected[1:].sum())
+    edge = np.clip(observed, expected / MODEL_FACTOR, expected * MODEL_FACTOR)
     with np.errstate(divide="ignore", invalid="ignore"):
-        deviation = (observed - expected) / np.sqrt(expected + (MODEL_ERROR * expected) ** 2)
-    # an empty bin the fit also leaves empty agrees; a count where it expects none does not
-    return np.where(expected > 0, deviation, np.where(observed > 0, np.inf, 0.0))
+        deviance = 2 * (special.xlogy(observed, observed / edge) - (observed - edge))
+    return np.where(edge > 0, np.sign(observed - edge) * np.sqrt(np.maximum(deviance, 0)),
+                    np.where(observed > 0, np.inf, 0.0))
 
 
 def why_not_truncation(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> str | None:
@@ -71,9 +76,9 @@ def why_not_truncation(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -
             return f"gap of empty bins above 0 ({lowest}; the fit expects {expected:.0f} counts in 1-{gap})"
     if not fit.converged:
         return None
-    deviation = low_bin_deviations(h, n_valid, fit)
-    worst = int(np.argmax(np.abs(deviation)))
-    if abs(deviation[worst]) > TOLERANCE:
+    excess = low_bin_excess(h, n_valid, fit)
+    worst = int(np.argmax(np.abs(excess)))
+    if abs(excess[worst]) > TOLERANCE:
         which = f"H({worst})" if worst <= LOW_BINS else f"H(1..{LOW_BINS})"
         observed = _counts(h, LOW_BINS)
         expected = n_valid * bin_probabilities(fit.theta, fit.mu, fit.sigma, LOW_BINS)[:-1]
