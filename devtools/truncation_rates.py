@@ -100,9 +100,9 @@ def simulated_sweep(preset, n_images, size, directory):
 
 def row(name, images, counts, expect_rejected=False):
     n, corrected, rejected, other = counts
-    wrong = (n - rejected) if expect_rejected else rejected
+    wrong = corrected if expect_rejected else rejected
     rate = wrong / n if n else float("nan")
-    label = "not left alone" if expect_rejected else "rejected"
+    label = "corrected" if expect_rejected else "rejected"
     print(f"{name:<34} {images:>6} {n:>8} {corrected:>9} {rejected:>9} {other:>6}   {label} {rate:.4%}")
     return counts
 

@@ -163,6 +163,6 @@ def test_offset_shells_read_as_stock_after_correct_truncation(offset_sweep, fmt)
          f"output.log={out}.log"], directory)
     _assert_stock_where_left_alone(read_back(f"{out}.expt", directory), stock, offset_region)
     record = json.loads((directory / f"{out}.json").read_text())
-    shells = [s for sweep in record["imagesets"] for image in sweep["images"] for s in image["shells"]]
+    shells = [s for sweep in record["sweeps"] for image in sweep["images"] for s in image["shells"]]
     assert {s["status"].split(":")[0] for s in shells if s["shell"] < OFFSET_SHELLS} == {"not truncation"}
     assert {s["status"] for s in shells if s["shell"] >= OFFSET_SHELLS} == {CORRECTED}
