@@ -33,10 +33,13 @@ class ImageCorrector:
         self.params = params
         self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell, params.n_sectors)
 
-    def correct(self, raw_data, image_key):
+    def correct(self, raw_data, image_key: str, zeros_valid: bool = True):
         """(corrected raw data as a tuple of flex arrays, ImageCorrection).
 
-        Images that need no correction come back as the very same objects."""
+        Images that need no correction come back as the very same objects.
+        Without ``zeros_valid`` (the stock format class masks zero pixels)
+        every zero pixel the correction gives no value becomes NOT_VALID, so
+        that it stays masked under the corrected trusted range."""
         if not isinstance(raw_data, tuple):
             raw_data = (raw_data,)
         # two copies of a corrected image, flex -> numpy and back: scitbx flex
@@ -46,9 +49,32 @@ class ImageCorrector:
         panels = [p.as_numpy_array() for p in raw_data]
         # the numpy arrays are private copies of the flex data: correct them in place
         result = correct_image(panels, self.shell_map, self.params, image_key, overwrite_input=True)
-        if all(a is b for a, b in zip(result.data, panels)):
+        masked_zeros = () if zeros_valid else result.zeros_left()
+        if len(masked_zeros):
+            _set_flat(result.data, masked_zeros, NOT_VALID)
+        elif all(a is b for a, b in zip(result.data, panels)):
             return raw_data, result
         return tuple(_to_flex(a, like) for a, like in zip(result.data, raw_data)), result
+
+
+#: what the zero pixels given no value hold where the stock format class
+#: masks zeros: below the corrected trusted range, so still masked
+NOT_VALID = LOWEST_VALUE - 1
+
+
+def _set_flat(panels, positions, value):
+    """Set the pixels at flat positions over the concatenated panels."""
+    offset = 0
+    for panel in panels:
+        inside = positions[(positions >= offset) & (positions < offset + panel.size)]
+        panel.reshape(-1)[inside - offset] = value
+        offset += panel.size
+
+
+def stock_zeros_valid(detector):
+    """Whether a stock detector model counts a zero pixel as valid (current
+    dxtbx's ADSC trusted range starts at 1)."""
+    return detector is None or all(compat.valid_integer_range(p.get_trusted_range())[0] <= 0 for p in detector)
 
 
 def corrector_for(geometry: ShellGeometry, params: CorrectionParameters):

@@ -83,7 +83,9 @@ from dxtbx.util import get_url_scheme
 
 from dials_truncfix.compat import valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
-from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, user_mask
+from dials_truncfix.corrector import (
+    corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid, user_mask,
+)
 from dials_truncfix.detectors import correction_refused
 from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry, shell_geometry
 from dials_truncfix.settings import (
@@ -204,6 +206,7 @@ class _CorrectingReader:
         self._settings = Settings.from_record(record)
         self._followed = None
         self._geometries = {}
+        self._zeros_valid = None
 
     def follow(self, imageset):
         """Take the shell geometry from this imageset (weakly referenced)."""
@@ -223,13 +226,20 @@ class _CorrectingReader:
         raw = super().read(index)
         path, in_file = self._image(index)
         corrected, result = corrector_for(self._geometry(index), self._settings.parameters).correct(
-            raw if isinstance(raw, tuple) else (raw,), image_identity(path, in_file)
+            raw if isinstance(raw, tuple) else (raw,), image_identity(path, in_file), self._stock_zeros_valid(index)
         )
         if result.status not in (CORRECTED, NO_ZEROS):
             _notice_once(path, "%s: passed through uncorrected (%s)", path, result.status)
         elif result.damaged:
             _notice_once(path, "%s: %s are all zero (a file cut short?): left as they were", path, result.damaged)
         return corrected if isinstance(raw, tuple) else corrected[0]
+
+    def _stock_zeros_valid(self, index):
+        """Whether the stock class counts zero pixels as valid (zeros left
+        alone as not truncation must stay as valid or masked as stock)."""
+        if self._zeros_valid is None:
+            self._zeros_valid = stock_zeros_valid(self._format_instance(index).stock_detector())
+        return self._zeros_valid
 
     def _geometry(self, index):
         if self._settings.geometry is not None:
@@ -372,9 +382,13 @@ class _CorrectOnRead:
         as a dark-subtracted XFEL camera's, may hold signed data, which the
         correction passes through: its mask stays stock)."""
         detector = super()._detector()
-        if all(valid_integer_range(panel.get_trusted_range())[0] >= 0 for panel in detector):
+        if detector is not None and all(valid_integer_range(panel.get_trusted_range())[0] >= 0 for panel in detector):
             set_corrected_trusted_ranges(detector)
         return detector
+
+    def stock_detector(self):
+        """The detector model, trusted ranges included, of the stock class."""
+        return super()._detector()
 
     @classmethod
     def get_reader(cls):

@@ -17,6 +17,7 @@ from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import INVALID, ShellMap, sample_keys
+from dials_truncfix.core.truncation import why_not_truncation
 
 logger = logging.getLogger(f"dials.{__name__}")
 
@@ -24,6 +25,7 @@ CORRECTED = "corrected"
 NO_ZEROS = "no zero pixels"
 NOT_TRUNCATED_NEGATIVE = "not truncated data: holds negative values"
 NOT_TRUNCATED_FLOAT = "not truncated data: holds non-integer values"
+NOT_TRUNCATION = "not truncation"
 BLANK = "blank or damaged image: most valid pixels lie in rows or columns that are all zero"
 
 #: a row or column is damaged when all of at least this many valid pixels
@@ -132,6 +134,8 @@ class ImageCorrection:
     #: fills in the regions' n_changed and min_value when first asked (the
     #: correction on read never asks: it saves two passes over the zeros)
     _tally: object = field(default=None, repr=False, compare=False)
+    #: gives the positions of the zero pixels left at zero (see zeros_left)
+    _zeros_left: object = field(default=None, repr=False, compare=False)
 
     @property
     def shells(self) -> list:
@@ -140,6 +144,13 @@ class ImageCorrection:
             tally, self._tally = self._tally, None
             tally()
         return self._shells
+
+    def zeros_left(self) -> np.ndarray:
+        """Flat positions (over the concatenated panels) of the zero pixels
+        given no value: masked ones, those of damaged lines, of regions not
+        corrected (fit failed, not truncation) and of images passed through.
+        Where the stock format class masks zero pixels they must stay masked."""
+        return np.array([], dtype=np.intp) if self._zeros_left is None else self._zeros_left()
 
     @property
     def n_changed(self):
@@ -201,7 +212,7 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     )
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
-        return ImageCorrection(data=list(panels), status=reason)
+        return ImageCorrection(data=list(panels), status=reason, _zeros_left=lambda: np.flatnonzero(flat == 0))
     negative_masked = len(negative) > 0
 
     stride, base, n_sampled = shell_map.histogram_sample()
@@ -212,12 +223,14 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
         n_valid = np.bincount(labels[labels != INVALID], minlength=shell_map.n_regions)
         if n_valid.sum() < 0.5 * shell_map.n_valid.sum():
             logger.info("Image %s passed through unchanged: %s (%s)", image_key, BLANK, described)
-            return ImageCorrection(data=list(panels), status=BLANK, damaged=described)
+            return ImageCorrection(data=list(panels), status=BLANK, damaged=described,
+                                   _zeros_left=lambda: np.flatnonzero(flat == 0))
         base, n_sampled = sample_keys(labels, stride, shell_map.n_regions)
 
     zero_positions, zero_regions, n_zero = find_zeros(flat, labels, shell_map.n_regions, non_positive, negative_masked)
     if not n_zero.any() and not params.fit_all_shells:
-        return ImageCorrection(data=list(panels), status=NO_ZEROS, damaged=described)
+        return ImageCorrection(data=list(panels), status=NO_ZEROS, damaged=described,
+                               _zeros_left=lambda: zero_positions)
 
     histograms = region_histograms(flat, labels, stride, base, n_sampled, negative_masked)
     results = [_region_result(shell_map, r, n_valid[r], n_zero[r], n_sampled[r]) for r in range(shell_map.n_regions)]
@@ -227,7 +240,13 @@ def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, ima
     tally = None
     if fits:
         tally = _assign(out, zero_positions, zero_regions, results, fits, params, image_rng(params.seed, image_key))
-    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, _shells=results, damaged=described, _tally=tally)
+    def zeros_left():
+        fitted = np.zeros(shell_map.n_regions + 1, dtype=bool)  # the last entry: INVALID
+        fitted[list(fits)] = True
+        return zero_positions[~np.take(fitted, zero_regions)]
+
+    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, _shells=results, damaged=described,
+                           _tally=tally, _zeros_left=zeros_left)
 
 
 def find_non_positive(flat):
@@ -355,25 +374,41 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
     a failed fit is retried on the region pooled with each of its merge
     candidates in turn.  ``histograms.of(regions, params)`` gives the
     histogram of regions together.  Returns {region: fit} of the regions to
-    correct."""
+    correct; a region whose zeros are not truncation (core/truncation.py) is
+    left alone, with one line per image."""
     fits = {}
     for r, result in enumerate(results):
         if result.n_zero == 0 and not params.fit_all_shells:
             continue
-        result.imax, result.fit = _fit_shell(*histograms.of([r], params), params)
+        histogram, n_sampled = histograms.of([r], params)
+        result.imax, result.fit = _fit_shell(histogram, n_sampled, params)
         result.fitted_regions = ((result.shell, result.sector),)
         if not result.fit.converged:
             _fit_merged(result, r, histograms, shell_map, params, image_key)
         if result.n_zero == 0:
             continue
-        if result.fit.converged:
+        reason = why_not_truncation(histogram, n_sampled, result.fit)
+        if reason:
+            result.status = f"{NOT_TRUNCATION}: {reason}; zero pixels left alone"
+        elif result.fit.converged:
             fits[r] = result.fit
             result.status = CORRECTED
         else:
             result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
-            _warn_once(image_key, r, "Image %s %s (%.2f-%.2f A): %s" % (
+            _say_once(image_key, r, logging.WARNING, "Image %s %s (%.2f-%.2f A): %s" % (
                 image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status))
+    _summarise_left_alone(results, image_key)
     return fits
+
+
+def _summarise_left_alone(results, image_key):
+    """One line per image for the regions whose zeros are not truncation."""
+    left_alone = [s for s in results if s.status.startswith(NOT_TRUNCATION)]
+    if left_alone:
+        reasons = sorted({s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone})
+        _say_once(image_key, NOT_TRUNCATION, logging.INFO,
+                  "Image %s: %d of %d regions: zeros left alone, not truncation (%s)" % (
+                      image_key, len(left_alone), len(results), "; ".join(reasons)))
 
 
 def _fit_merged(result, region, histograms, shell_map, params, image_key):
@@ -402,11 +437,11 @@ def _split(flat, shapes):
     return data
 
 
-_warned = set()
+_said = set()
 
 
-def _warn_once(image_key, region, message):
-    """Images are read repeatedly by DIALS programs: say each problem once."""
-    if (image_key, region) not in _warned:
-        _warned.add((image_key, region))
-        logger.warning(message)
+def _say_once(image_key, topic, level, message):
+    """Images are read repeatedly by DIALS programs: say each thing once."""
+    if (image_key, topic) not in _said:
+        _said.add((image_key, topic))
+        logger.log(level, message)

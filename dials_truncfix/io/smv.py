@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from dials_truncfix.core.assignment import LOWEST_VALUE
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.atomic import atomic_write_bytes
 
@@ -101,8 +102,10 @@ def smv_data(panel_data, pedestal):
     valid before): corrected values plus the pedestal, those above the valid
     range set to 65535."""
     stored = np.asarray(panel_data, dtype=np.int64) + int(pedestal)
-    if stored.size and stored.min() < 1:
+    not_valid = np.asarray(panel_data) < LOWEST_VALUE  # zeros left alone where stock masks them
+    if stored.size and stored[~not_valid].min(initial=1) < 1:
         raise OutputFormatError("corrected values below the pedestal: cannot be stored as unsigned")
+    stored[not_valid] = 0  # below the valid range: masked, as stock
     high = stored > smv_valid_range(pedestal)[1]
     n_clipped = int(np.count_nonzero(high & (np.asarray(panel_data) < SMV_MAX)))
     stored[high] = SMV_MAX

@@ -12,7 +12,7 @@ import numpy as np
 
 from dials_truncfix import compat
 from dials_truncfix.core.histogram import counts_up_to, histogram_values, region_histogram
-from dials_truncfix.corrector import corrected_value_range, corrector_for, user_mask
+from dials_truncfix.corrector import NOT_VALID, corrected_value_range, corrector_for, stock_zeros_valid, user_mask
 from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.cbf import write_full_cbf
@@ -87,7 +87,7 @@ class CorrectTask:
         if plan.refused:
             corrected, result = raw, None
         else:
-            corrected, result = corrector.correct(raw, plan.keys[index])
+            corrected, result = corrector.correct(raw, plan.keys[index], stock_zeros_valid(imageset.get_detector(index)))
         panels = [p.as_numpy_array() for p in corrected]
         raw_np = [p.as_numpy_array() for p in raw]
         summary = self.summary(plan, index, corrector.shell_map, raw_np, panels, result)
@@ -126,7 +126,9 @@ class CorrectTask:
             "status": f"not corrected: {plan.refused}" if result is None else result.status,
             "n_valid": int(valid.sum()),
             "zero_fraction": float(np.count_nonzero(flat_raw == 0) / max(1, flat_raw.size)),
-            "negative_fraction": float(np.count_nonzero(flat_out < 0) / max(1, flat_out.size)),
+            "negative_fraction": float(
+                np.count_nonzero((flat_out < 0) & (flat_out != NOT_VALID)) / max(1, flat_out.size)
+            ),
             "damaged": "" if result is None else result.damaged,
             "n_changed": 0 if result is None else result.n_changed,
             "min_value": None if result is None else result.min_value,
