@@ -612,17 +612,22 @@ def test_all_zero_image_is_left_unchanged_with_a_notice(scene, caplog):
     assert result.status == correction.BLANK and "blank or damaged" in caplog.text
 
 
-def test_a_shell_of_zeros_borrows_the_fit_of_its_neighbour(scene):
+def test_a_shell_of_zeros_is_fitted_with_its_neighbour_and_left_alone(scene):
     """Fits need positive counts: a shell whose pixels are all zero (in an
     image that is not blank, without a whole zero line) is fitted together
-    with the next shell in, and its zeros corrected from that fit."""
+    with the next shell in; that fit expects positive counts next to zero
+    where the shell has none, so its zeros are not truncation and stay 0,
+    while the other shells are corrected."""
     image = scene["image"].copy()
     outer = (scene["shell_map"].labels == N_SHELLS - 1).reshape(scene["shape"])
     image[outer] = 0
     result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "outer")
     assert result.damaged == ""
     assert result.shells[-1].fitted_regions == ((N_SHELLS - 2, 0), (N_SHELLS - 1, 0))
-    assert (result.data[0][outer] < 0).sum() > 0.5 * outer.sum()
+    assert result.shells[-1].status.startswith("not truncation: gap of empty bins above 0 (no positive counts")
+    assert not result.data[0][outer].any()
+    assert all(s.status == correction.CORRECTED for s in result.shells[:-1] if s.n_zero)
+    assert (result.data[0][~outer] < 0).sum() > 0.5 * (image[~outer] == 0).sum()
 
 
 def test_all_pixels_masked_is_an_error():

@@ -78,9 +78,11 @@ def test_offset_camera_image_is_left_exactly_as_it_was(caplog):
     np.testing.assert_array_equal(result.data[0], image)
     with_zeros = [s for s in result.shells if s.n_zero]
     assert with_zeros and all(s.status.startswith("not truncation: gap of empty bins above 0") for s in with_zeros)
-    # the zeros outside the all-zero border lines (left as they were as damaged lines)
-    assert result.not_truncation.size == np.count_nonzero(image[8:-8, 8:-8] == 0)
-    assert not image.ravel()[result.not_truncation].any()
+    # every zero pixel is given no value: those of the regions and of the
+    # all-zero border lines (left as they were as damaged lines)
+    left = result.zeros_left()
+    assert len(left) == len(np.unique(left)) == np.count_nonzero(image == 0)
+    assert not image.ravel()[left].any()
     lines = [r.message for r in caplog.records if "not truncation" in r.message]
     assert len(lines) == 1 and f"{len(with_zeros)} of 10 regions" in lines[0]
 
