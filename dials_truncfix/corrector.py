@@ -4,8 +4,8 @@ so that both give the very same pixels for the same experiment."""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections import OrderedDict
 
 import numpy as np
 from scitbx.array_family import flex
@@ -16,8 +16,6 @@ from dials_truncfix.core.correction import correct_image
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry, load_mask_file, shell_map_for
 
-_CACHE_SIZE = 4
-_correctors: OrderedDict = OrderedDict()
 
 
 def _to_flex(array, like):
@@ -77,15 +75,10 @@ def stock_zeros_valid(detector):
     return detector is None or all(compat.valid_integer_range(p.get_trusted_range())[0] <= 0 for p in detector)
 
 
-def corrector_for(geometry: ShellGeometry, params: CorrectionParameters):
+@functools.lru_cache(maxsize=4)
+def corrector_for(geometry: ShellGeometry, params: CorrectionParameters) -> ImageCorrector:
     """The ImageCorrector of this geometry and these parameters, reused."""
-    key = (geometry.digest, params)
-    corrector = _correctors.get(key)
-    if corrector is None:
-        corrector = _correctors[key] = ImageCorrector(geometry, params)
-        while len(_correctors) > _CACHE_SIZE:
-            _correctors.popitem(last=False)
-    return corrector
+    return ImageCorrector(geometry, params)
 
 
 def user_mask(path, detector):

@@ -87,7 +87,7 @@ from dials_truncfix.corrector import (
     corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid, user_mask,
 )
 from dials_truncfix.detectors import correction_refused
-from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry, shell_geometry
+from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry, shell_geometry
 from dials_truncfix.settings import (
     ENVIRONMENT_VARIABLE,
     FORMAT_KWARG,
@@ -252,9 +252,7 @@ class _CorrectingReader:
     def geometry_now(self, imageset, index):
         """The shell geometry image ``index`` has in ``imageset`` now."""
         position = 0 if isinstance(imageset, ImageSequence) else list(imageset.indices()).index(index)
-        static = self._format_instance(index).get_static_mask()
-        mask = user_mask(self._settings.mask, imageset.get_detector(position))
-        return imageset_shell_geometry(imageset, position, static, mask)
+        return experiment_shell_geometry(imageset, position, self._format_instance(index), self._settings.mask)
 
     def _resolve(self, index):
         """The shell geometry of image ``index`` from the followed imageset,

@@ -19,15 +19,12 @@ import json
 import os
 import pickle
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from dials_truncfix.core.shells import build_shell_map
+from dials_truncfix.core.shells import ShellMap, build_shell_map
 
-_CACHE_SIZE = 8
-_shell_map_cache: OrderedDict = OrderedDict()
 
 
 class MaskFileError(ValueError):
@@ -37,11 +34,19 @@ class MaskFileError(ValueError):
 @dataclass(frozen=True, eq=False)
 class ShellGeometry:
     """The beam direction (s0), the detector (as ``Detector.to_dict()``) and
-    the valid pixels (one boolean array per panel, or None for all)."""
+    the valid pixels (one boolean array per panel, or None for all).  Two
+    geometries are equal when their digests are, so that caches find the
+    shell map of a geometry rebuilt from the same experiment."""
 
     s0: tuple
     detector: dict
     valid: tuple | None = None
+
+    def __eq__(self, other):
+        return isinstance(other, ShellGeometry) and self.digest == other.digest
+
+    def __hash__(self):
+        return hash(self.digest)
 
     def detector_model(self):
         from dxtbx.model import DetectorFactory
@@ -109,6 +114,17 @@ def imageset_shell_geometry(imageset, index, static_mask=None, user_mask=None):
         user_mask,
     ]
     return shell_geometry(beam, detector, masks)
+
+
+def experiment_shell_geometry(imageset, position: int, format_instance, mask_path: str | None) -> ShellGeometry:
+    """The ShellGeometry of the image at ``position`` of an imageset: the one
+    rule both routes (the correction on read and dials.correct_truncation)
+    follow, so that they give the same pixels.  Its beam and detector models
+    and every mask the imageset carries, the static mask of its format class
+    (``format_instance``, an instance for that image) and the user's
+    ``truncfix.mask`` file (MaskFileError if it cannot be used)."""
+    mask = load_mask_file(mask_path, imageset.get_detector(position)) if mask_path else None
+    return imageset_shell_geometry(imageset, position, format_instance.get_static_mask(), mask)
 
 
 def _pixel_centres(panel):
@@ -186,19 +202,12 @@ def load_mask_file(path, detector):
         raise MaskFileError(f"{path}: {e}") from None
 
 
-def shell_map_for(geometry: ShellGeometry, n_shells, min_pixels_per_shell, n_sectors=1):
+@functools.lru_cache(maxsize=8)
+def shell_map_for(geometry: ShellGeometry, n_shells: int, min_pixels_per_shell: int, n_sectors: int = 1) -> ShellMap:
     """The shell map of this geometry and mask, computed once and reused."""
-    key = (geometry.digest, n_shells, min_pixels_per_shell, n_sectors)
-    if key in _shell_map_cache:
-        _shell_map_cache.move_to_end(key)
-        return _shell_map_cache[key]
     detector = geometry.detector_model()
     valid = geometry.valid or mask_to_numpy(None, detector)
     azimuth = azimuth_per_panel(detector, geometry.s0) if n_sectors > 1 else None
-    shell_map = build_shell_map(
+    return build_shell_map(
         inv_d2_per_panel(detector, geometry.s0), valid, n_shells, min_pixels_per_shell, azimuth, n_sectors
     )
-    _shell_map_cache[key] = shell_map
-    while len(_shell_map_cache) > _CACHE_SIZE:
-        _shell_map_cache.popitem(last=False)
-    return shell_map

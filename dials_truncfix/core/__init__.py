@@ -4,14 +4,16 @@
   split into azimuthal sectors): the regions modelled separately;
 * :mod:`.histogram`: low-count histograms per region and the choice of Imax;
 * :mod:`.lognormal`: the maximum-likelihood fit of a shifted lognormal;
+* :mod:`.truncation`: whether a region's zeros are truncation at all;
 * :mod:`.assignment`: the values given to the zero pixels (independent draws);
 * :mod:`.parameters`: what controls the correction;
-* :mod:`.correction`: one image, end to end, and the sweep offset.
+* :mod:`.correction`: one image, end to end.
 """
 
 #: the version of the correction algorithm: same input, settings and seed give
 #: the same pixels within one version; recorded with the settings.
 #: 1: dials-truncfix 0.1-0.2 (exact per-region counts by largest remainder,
 #: shuffled); 2: fits on a fixed pixel subsample, independent draws through
-#: 65536-slot lookup tables, Newton stopped at the objective's rounding.
+#: 65536-slot lookup tables, Newton stopped at the objective's rounding, and
+#: the truncation test (regions whose zeros are not truncation left alone).
 ALGORITHM = 2

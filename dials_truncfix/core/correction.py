@@ -1,8 +1,8 @@
 """One image, end to end: per-region histograms (a region is a resolution
 shell or a sector of one), lognormal fits (a failed region is fitted
 together with a neighbour, else left unchanged), and the assignment of
-non-positive values to the zero-valued pixels; and the sweep offset for
-unsigned output.
+non-positive values to the zero-valued pixels (only where they are
+truncation, core/truncation.py).
 """
 
 from __future__ import annotations

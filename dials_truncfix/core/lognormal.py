@@ -65,22 +65,6 @@ def cdf(x, theta, mu, sigma):
     return out
 
 
-def pdf(x, theta, mu, sigma):
-    """f(x) of the shifted lognormal, 0 for x <= theta."""
-    x = np.asarray(x, dtype=float)
-    out = np.zeros_like(x)
-    above = x > theta
-    y = x[above] - theta
-    z = (np.log(y) - mu) / sigma
-    out[above] = np.exp(-0.5 * z * z - _LOG_SQRT_2PI) / (sigma * y)
-    return out
-
-
-def ppf(p, theta, mu, sigma):
-    """Inverse of F."""
-    return theta + np.exp(mu + sigma * special.ndtri(p))
-
-
 def bin_probabilities(theta, mu, sigma, imax):
     """Probabilities of the histogram bins 0..imax and of the censored bin
     (> imax + 0.5): bin 0 is (-inf, 0.5), bin I is [I - 0.5, I + 0.5)."""

@@ -41,7 +41,6 @@ class ShellMap:
     d_max: np.ndarray
     d_min: np.ndarray
     n_valid: np.ndarray
-    requested_shells: int
     shell: np.ndarray
     sector: np.ndarray
     n_sectors: int = 1
@@ -116,10 +115,17 @@ class ShellMap:
         found = int(np.searchsorted(self._keys, key))
         return found if found < len(self._keys) and self._keys[found] == key else None
 
-    def region_name(self, region):
-        """How logs name a region: "shell 3", or "shell 3 sector 1"."""
-        name = f"shell {self.shell[region]}"
-        return name if self.n_sectors == 1 else f"{name} sector {self.sector[region]}"
+    def region_name(self, region: int) -> str:
+        """How logs and reports name a region (region_label)."""
+        return region_label(int(self.shell[region]), int(self.sector[region]), self.n_sectors)
+
+
+def region_label(shell: int, sector: int, n_sectors: int) -> str:
+    """A region as users read it, counted from 1 from the lowest resolution:
+    "shell 3", or "shell 3 sector 1" where shells are split into sectors
+    (the JSON record keeps the indices from 0)."""
+    name = f"shell {shell + 1}"
+    return name if n_sectors == 1 else f"{name} sector {sector + 1}"
 
 
 #: the fits see every SAMPLE_STRIDE-th pixel (in flat order: on a detector
@@ -206,7 +212,6 @@ def build_shell_map(inv_d2, valid, n_shells=10, min_pixels_per_shell=1000, azimu
         d_max=np.array([_d_from_inv_d2(x) for x in lo]),
         d_min=np.array([_d_from_inv_d2(x) for x in hi]),
         n_valid=counts,
-        requested_shells=n_shells,
         shell=shell,
         sector=sector,
         n_sectors=n_sectors,

@@ -17,6 +17,7 @@ from plotly.colors import qualitative
 from dials_truncfix import __version__
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
 from dials_truncfix.core.lognormal import cdf
+from dials_truncfix.core.shells import region_label
 
 #: what the report embeds is rounded to this many significant digits
 DIGITS = 4
@@ -33,8 +34,8 @@ def _rounded(values) -> list:
 
 
 def region_name(shell: dict, n_sectors: int) -> str:
-    """'shell k' (from 1), with the sector where regions are sectors of shells."""
-    return f"shell {shell['shell'] + 1}" + (f" sector {shell['sector'] + 1}" if n_sectors > 1 else "")
+    """The region of a JSON shell record, named as the log names it."""
+    return region_label(shell["shell"], shell["sector"], n_sectors)
 
 
 def _image_ranges(images: list) -> str:
