@@ -1,4 +1,5 @@
-"""Where DIALS and dxtbx versions differ, in one place.
+"""Where DIALS and dxtbx versions differ, and where dxtbx's own behaviour
+has to be worked around, in one place.
 
 Supported: Debian's DIALS 3.12 / dxtbx 3.11 and current DIALS 3.2x /
 dxtbx 3.2x.  Each difference is detected by what the installed library does
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,3 +54,13 @@ def available_cores():
 
         return cores()
     return CPU_COUNT
+
+
+def unmangled_path(name, scheme):
+    """The file path inside ``name`` if dxtbx mangled a URL of ``scheme``
+    into a path, else None.  dxtbx (3.11 and current alike) resolves an
+    experiment list's sequence template as a path relative to the list's
+    directory even when it is a URL, so ``scheme:///a/b_#####.img`` comes
+    back as ``<dir>/scheme:/a/b_#####.img``."""
+    match = re.match(r"^.*/" + re.escape(scheme) + r":(/.*)$", os.fspath(name))
+    return match.group(1) if match else None

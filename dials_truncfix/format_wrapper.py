@@ -56,9 +56,9 @@ carries it along when DIALS pickles the imageset for other processes.  A
 format instance on its own (``dxtbx.load``) has no experiment and reads
 uncorrected data.
 
-dxtbx turns a sequence template ``truncfix:///a/b_#####.img`` into the path
-``<dir>/truncfix:/a/b_#####.img`` when it reads an .expt (it resolves
-templates as paths); that form is recognised too.  Because stock classes raise
+dxtbx turns a sequence template ``truncfix:///a/b_#####.img`` into a path
+when it reads an .expt; that form is recognised too (compat.unmangled_path).
+Because stock classes raise
 on paths that do not exist, the dispatchers are registered under names that
 sort before every stock top-level class.
 """
@@ -68,7 +68,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import sys
 import threading
 import uuid
@@ -81,7 +80,7 @@ from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
-from dials_truncfix.compat import valid_integer_range
+from dials_truncfix.compat import unmangled_path, valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
 from dials_truncfix.corrector import (
     corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid, user_mask,
@@ -94,13 +93,13 @@ from dials_truncfix.settings import (
     Settings,
     TruncfixError,
     settings_from_environment,
+    variable_set,
 )
 
 logger = logging.getLogger(f"dials.{__name__}")
 
 SCHEME = "truncfix"
 
-_MANGLED = re.compile(r"^.*/" + SCHEME + r":(/.*)$")
 _resolving = threading.local()
 _noticed = set()
 
@@ -113,7 +112,7 @@ def _notice_once(key, message, *args):
 
 def is_truncfix_name(name):
     name = os.fspath(name)
-    return get_url_scheme(name) == SCHEME or bool(_MANGLED.match(name))
+    return get_url_scheme(name) == SCHEME or unmangled_path(name, SCHEME) is not None
 
 
 def to_path(name):
@@ -121,8 +120,8 @@ def to_path(name):
     name = os.fspath(name)
     if get_url_scheme(name) == SCHEME:
         return name[len(SCHEME) + 3 :]
-    match = _MANGLED.match(name)
-    return match.group(1) if match else name
+    path = unmangled_path(name, SCHEME)
+    return name if path is None else path
 
 
 def to_url(name):
@@ -135,11 +134,8 @@ def _environment_settings(value):
 
 
 def environment_settings() -> Settings | None:
-    """The settings DIALS_TRUNCFIX asks for, or None when it is unset."""
-    value = os.environ.get(ENVIRONMENT_VARIABLE, "")
-    if not value.strip() or value.strip() == "0":
-        return None
-    return _environment_settings(value)
+    """The settings DIALS_TRUNCFIX asks for, or None (parsed once per value)."""
+    return _environment_settings(os.environ.get(ENVIRONMENT_VARIABLE, ""))
 
 
 @functools.lru_cache(maxsize=None)
@@ -494,15 +490,12 @@ def _claim(name, multi):
     elif get_url_scheme(name):
         return None
     else:
-        if not images_becoming_imagesets():
+        if not variable_set() or not images_becoming_imagesets():
             return None
-        settings = environment_settings()
-        if settings is None:
-            return None
-        stock = _stock_choice(name)
+        stock = _stock_choice(name)  # None for files that are not images (an .expt DIALS tries first)
         if stock is None or stock.is_abstract():
             return None
-        why = uncorrected_because(stock, settings)
+        why = uncorrected_because(stock, environment_settings())
     if issubclass(stock, FormatMultiImage) != multi:
         return None
     return stock, why

@@ -119,12 +119,17 @@ def _note_algorithm(record):
         )
 
 
-def settings_from_environment(environ=os.environ):
+def variable_set(environ=os.environ) -> bool:
+    """Whether DIALS_TRUNCFIX asks for the correction: set, not empty, not ``0``."""
+    return environ.get(ENVIRONMENT_VARIABLE, "").strip() not in ("", "0")
+
+
+def settings_from_environment(environ=os.environ) -> Settings | None:
     """The settings DIALS_TRUNCFIX asks for (``1`` for the defaults or the
-    path of a PHIL file), or None when it is unset, empty or ``0``."""
-    value = environ.get(ENVIRONMENT_VARIABLE, "").strip()
-    if value in ("", "0"):
+    path of a PHIL file), or None when it does not ask (variable_set)."""
+    if not variable_set(environ):
         return None
+    value = environ[ENVIRONMENT_VARIABLE].strip()
     if value == "1":
         return Settings.from_phil(correction_phil_scope.extract().truncfix)
     try:
