@@ -196,7 +196,7 @@ def test_a_swallowed_interruption_still_stops_the_commit(where, monkeypatch):
     everything (libtbx's pool wrappers use bare excepts), a place where Python
     prints it as "Exception ignored" (CI saw one in logging's fork handler) --
     the run must neither complete nor print a traceback."""
-    from dials_truncfix.program.outputs import Interrupted, interruptible
+    from dials_truncfix.program.interruption import Interrupted, interruptible
 
     printed = []  # what Python would print as "Exception ignored"
     monkeypatch.setattr(sys, "unraisablehook", printed.append)
