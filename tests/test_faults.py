@@ -20,6 +20,7 @@ from dxtbx.model.experiment_list import ExperimentList
 from helpers import environment, one_line_error, run
 from test_command import ARGS, SHAPE, make_smv_sweep
 
+from dials_truncfix.core.correction import BLANK
 from dials_truncfix.io.smv import write_smv
 
 pytestmark = pytest.mark.slow
@@ -232,19 +233,31 @@ def test_cut_image_rows_are_left_as_they_are(tmp_path):
     assert (iset.get_raw_data(0)[0].as_numpy_array()[200:] < 0).sum() > 1000
 
 
-def test_all_zero_images_give_strict_json(tmp_path):
-    """No bare NaN in the JSON (the fits of a blank image have no finite parameters)."""
+def test_all_zero_images_are_left_alone_as_blank(tmp_path):
+    """Images with no pixel above zero have nothing to model: written
+    unchanged, each reported as blank in a strict JSON record."""
     paths = make_smv_sweep(tmp_path / "data", n=2)
     for k, p in enumerate(paths):
         write_smv(p, np.zeros(SHAPE, np.uint16), PIXEL_SIZE=0.1248, DISTANCE=2200.0, WAVELENGTH=0.0251,
                   BEAM_CENTER_X=16.0, BEAM_CENTER_Y=16.0, OSC_START=0.5 * k, OSC_RANGE=0.5, TIME=1.0)
     correct(tmp_path, *paths)
+    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=_refuse)
+    assert [(i["status"], i["n_changed"]) for i in record["sweeps"][0]["images"]] == [(BLANK, 0)] * 2
+    iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
+    assert all((iset.get_raw_data(i)[0].as_numpy_array() == 0).all() for i in range(2))
 
-    def refuse(constant):
-        raise ValueError(f"non-strict JSON constant {constant}")
 
-    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=refuse)
-    assert record["sweeps"][0]["images"][0]["n_changed"] == 0
+def _refuse(constant):
+    raise ValueError(f"non-strict JSON constant {constant}")
+
+
+def test_record_is_strict_json():
+    """A value that is not a finite number (the parameters of a failed fit)
+    is written as null, which every JSON reader accepts."""
+    from dials_truncfix.program.record import as_json
+
+    text = as_json({"fit": {"theta": math.nan, "mu": math.inf}, "values": [-math.inf, 1.5]})
+    assert json.loads(text, parse_constant=_refuse) == {"fit": {"theta": None, "mu": None}, "values": [None, 1.5]}
 
 
 def test_slow_settings_warn_once_with_an_estimate(sweep, monkeypatch, capsys):
