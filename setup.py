@@ -22,7 +22,7 @@ setup(
     license="BSD-3-Clause",
     packages=find_packages(include=["dials_truncfix", "dials_truncfix.*"]),
     package_data={"dials_truncfix": ["templates/*.html"]},
-        python_requires=">=3.8",
+    python_requires=">=3.8",
     install_requires=["numpy", "scipy"],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={

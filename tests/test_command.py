@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -110,27 +111,75 @@ def test_cbf_output_reads_back_exactly_with_stock_dials(cbf_run):
 
 
 @pytest.mark.slow
-def test_json_log_report(cbf_run):
-    tmp, _ = cbf_run
+def test_json_and_log_say_what_was_done_to_the_images(cbf_run):
+    """Per image, the pixels changed and the lowest value of the JSON record
+    are those of the written image against its input; per imageset, the
+    lowest value and the log's summary line agree with them."""
+    tmp, paths = cbf_run
+    original = inputs(paths)
+    _, pixels, _ = read_back("corrected.expt", tmp)
     record = json.loads((tmp / "dials.correct_truncation.json").read_text())
-    sweep = record["sweeps"][0]
-    images = sweep["images"]
-    assert len(images) == 5 and sweep["lowest_value"] == min(i["min_value"] for i in images) < 0
-    shell = images[0]["shells"][0]
-    for key in ("d_max", "d_min", "n_valid", "zero_fraction", "n_changed"):
-        assert key in shell
-    for key in ("theta", "mu", "sigma", "log_likelihood", "rmsd", "converged"):
-        assert key in shell["fit"]
+    (sweep,) = record["sweeps"]
     assert record["parameters"]["n_shells"] == 4 and record["parameters"]["format"] == "cbf"
-    report = (tmp / "dials.correct_truncation.html").read_text()
-    assert "Plotly.newPlot" in report and "<script src=" not in report
-    assert "dials-truncfix" in (tmp / "dials.correct_truncation.log").read_text()
+    assert len(sweep["images"]) == len(pixels) == 5
+    for i, image in enumerate(sweep["images"]):
+        raw = original.get_raw_data(i)[0].as_numpy_array().ravel()
+        assert image["n_changed"] == np.count_nonzero(pixels[i] != raw) > 0
+        assert image["min_value"] == pixels[i].min() < 0
+        assert sum(shell["n_changed"] for shell in image["shells"]) == image["n_changed"]
+        assert all(shell["fit"]["converged"] for shell in image["shells"])
+    lowest = min(int(p.min()) for p in pixels)
+    n_changed = sum(int(np.count_nonzero(p != original.get_raw_data(i)[0].as_numpy_array().ravel()))
+                    for i, p in enumerate(pixels))
+    assert sweep["lowest_value"] == lowest
+    log = (tmp / "dials.correct_truncation.log").read_text()
+    assert "dials-truncfix" in log
+    assert f"5 images, {n_changed} pixels changed, lowest value {lowest}" in log
+
+
+#: Run before a DIALS program so that it runs as stock DIALS without this
+#: plugin: dxtbx finds format classes through the entry points of group
+#: "dxtbx.format" (importlib.metadata in current dxtbx, pkg_resources in
+#: dxtbx 3.11), so the plugin's distribution is left out of both, and any
+#: import of the plugin fails.
+WITHOUT_PLUGIN = """
+import importlib.metadata, sys
+sys.modules["dials_truncfix"] = None
+distributions = importlib.metadata.distributions
+importlib.metadata.distributions = lambda **kwargs: (
+    d for d in distributions(**kwargs) if d.metadata["Name"] != "dials-truncfix")
+try:
+    import pkg_resources
+except ImportError:
+    pass
+else:
+    entry_points = pkg_resources.iter_entry_points
+    pkg_resources.iter_entry_points = lambda group, name=None: (
+        e for e in entry_points(group, name) if e.dist.project_name != "dials-truncfix")
+from dials.command_line.find_spots import run
+run()
+"""
+
+
+def find_spots_without_plugin(args, cwd, ok=True):
+    """dials.find_spots as stock DIALS runs it, without this plugin."""
+    return run([sys.executable, "-c", WITHOUT_PLUGIN, *args], cwd, ok=ok)
 
 
 @pytest.mark.slow
 def test_find_spots_without_plugin(cbf_run):
-    tmp, _ = cbf_run
-    assert spot_count(run(["dials.find_spots", "corrected.expt", "output.reflections=strong.refl"], tmp)) > 0
+    """Stock DIALS, which cannot see the plugin, finds the same spots in
+    corrected.expt as DIALS with it; the same stock DIALS cannot read an
+    experiment list that needs the plugin (output.format=on_read)."""
+    tmp, paths = cbf_run
+    without = find_spots_without_plugin(["corrected.expt", "output.reflections=stock.refl"], tmp)
+    with_plugin = run(["dials.find_spots", "corrected.expt", "output.reflections=strong.refl"], tmp)
+    assert spot_count(without) == spot_count(with_plugin) > 0
+    run(["dials.correct_truncation", *paths, *ARGS, "output.format=on_read", "output.experiments=on_read.expt",
+         "output.json=None", "output.report=None", "output.log=on_read.log"], tmp)
+    needs_plugin = find_spots_without_plugin(["on_read.expt", "output.reflections=on_read.refl"], tmp, ok=False)
+    output = needs_plugin.stdout + needs_plugin.stderr
+    assert needs_plugin.returncode != 0 and "Saved" not in output and "truncfix" in output.lower()
 
 
 @pytest.mark.slow
@@ -223,7 +272,7 @@ def test_mrc_stack_input_nproc_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_zeros_and_too_few_pixels(tmp_path):
+def test_no_zeros_and_too_few_pixels_write_the_images_unchanged(tmp_path):
     paths = make_smv_sweep(tmp_path, n=2)
     for k, p in enumerate(paths):  # lift every pixel above zero
         data = np.fromfile(p, dtype="<u2", offset=512).reshape(SHAPE)
@@ -233,6 +282,10 @@ def test_no_zeros_and_too_few_pixels(tmp_path):
     text = result.stdout + (tmp_path / "dials.correct_truncation.log").read_text()
     assert "Nothing to correct" in text and "instead of 10" in text
     assert len(os.listdir(tmp_path / "corrected")) == 2
+    original = inputs(paths)
+    _, pixels, _ = read_back("corrected.expt", tmp_path)
+    for i, written in enumerate(pixels):
+        assert np.array_equal(written, original.get_raw_data(i)[0].as_numpy_array().ravel())
 
 
 @pytest.mark.slow

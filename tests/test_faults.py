@@ -1,6 +1,7 @@
-"""dials.correct_truncation against a hostile user: every row of the fault
-table either works or stops before writing anything, with a one-line error
-naming the file or parameter, and never replaces an input."""
+"""dials.correct_truncation against a hostile user: every misuse either
+works or stops before writing anything, with a one-line error naming the
+file or parameter; an input is never replaced, a run interrupted or run
+twice at once leaves nothing half done."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import time
 
 import numpy as np
 import pytest
+from dxtbx.model.experiment_list import ExperimentList
 from helpers import environment, one_line_error, run
 from test_command import ARGS, SHAPE, make_smv_sweep
 
+from dials_truncfix.core.correction import BLANK
 from dials_truncfix.io.smv import write_smv
 
 pytestmark = pytest.mark.slow
@@ -59,7 +62,7 @@ def correct(tmp_path, *args, ok=True):
      "output.log={phil}", "output.json={mask}"],
 )
 def test_no_output_replaces_an_input(sweep, option):
-    """Row 1: whichever parameter names it, with or without overwrite."""
+    """Whichever parameter names it, with or without overwrite."""
     tmp_path, paths = sweep
     (tmp_path / "settings.phil").write_text("truncfix.seed = 3\n")
     from scitbx.array_family import flex
@@ -85,7 +88,7 @@ def test_two_outputs_on_one_path_are_refused(sweep):
 
 
 def test_refused_run_leaves_the_previous_log_alone(sweep):
-    """Row 11: outputs exist, the run is refused, the earlier log is intact."""
+    """Outputs exist, the run is refused, the earlier log is intact."""
     tmp_path, _ = sweep
     correct(tmp_path, "in.expt")
     log = (tmp_path / "dials.correct_truncation.log").read_bytes()
@@ -100,7 +103,7 @@ def test_refused_run_leaves_the_previous_log_alone(sweep):
      ("truncfix.likelihood=fancy", "likelihood")],
 )
 def test_bad_parameters_stop_before_writing(sweep, option, message):
-    """Rows 4 and 5."""
+    """A missing directory, a value out of range, an unknown choice."""
     tmp_path, _ = sweep
     extra = ["truncfix.min_pixels_per_shell=1"] if "n_shells" in option else []
     result = correct(tmp_path, "in.expt", option, *extra, ok=False)
@@ -109,14 +112,14 @@ def test_bad_parameters_stop_before_writing(sweep, option, message):
 
 
 def test_no_experiment_list_written_when_none_is_asked(sweep):
-    """Row 4: output.experiments=None works and writes the rest."""
+    """output.experiments=None works and writes the rest."""
     tmp_path, _ = sweep
     correct(tmp_path, "in.expt", "output.experiments=None")
     assert "corrected.expt" not in outputs_in(tmp_path) and len(os.listdir(tmp_path / "corrected")) == 3
 
 
 def test_directory_given_as_input(sweep):
-    """Row 4: a directory named a.expt."""
+    """A directory named a.expt."""
     tmp_path, _ = sweep
     (tmp_path / "a.expt").mkdir()
     result = correct(tmp_path, "a.expt", ok=False)
@@ -124,7 +127,7 @@ def test_directory_given_as_input(sweep):
 
 
 def test_concurrent_runs_into_one_directory(long_sweep):
-    """Row 7: the second run says in one line that the first owns the
+    """The second run says in one line that the first owns the
     directory; the first completes as if alone."""
     tmp_path, paths = long_sweep
     slow = ["dials.correct_truncation", "in.expt", *ARGS, "nproc=1"]
@@ -162,7 +165,7 @@ def _wait_for_staging(directory, timeout=120):
     ids=["SIGTERM", "SIGINT", "Ctrl-C"],
 )
 def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum, whole_group):
-    """Row 8: no staging, no partial files, no experiment list, no
+    """No staging, no partial files, no experiment list, no
     traceback (of the run or of its workers, which Ctrl-C in a terminal
     signals too); a later run starts clean."""
     tmp_path, _ = long_sweep
@@ -192,11 +195,11 @@ class _SignalledWhileCollected:
 
 @pytest.mark.parametrize("where", ["bare except", "__del__"])
 def test_a_swallowed_interruption_still_stops_the_commit(where, monkeypatch):
-    """Row 8: where the exception cannot surface -- a library that catches
+    """Where the exception cannot surface -- a library that catches
     everything (libtbx's pool wrappers use bare excepts), a place where Python
     prints it as "Exception ignored" (CI saw one in logging's fork handler) --
     the run must neither complete nor print a traceback."""
-    from dials_truncfix.program.outputs import Interrupted, interruptible
+    from dials_truncfix.program.interruption import Interrupted, interruptible
 
     printed = []  # what Python would print as "Exception ignored"
     monkeypatch.setattr(sys, "unraisablehook", printed.append)
@@ -217,38 +220,48 @@ def test_a_swallowed_interruption_still_stops_the_commit(where, monkeypatch):
 
 
 def test_cut_image_rows_are_left_as_they_are(tmp_path):
-    """Row 9: a file cut short (stock dxtbx reads the missing rows as 0) is
+    """A file cut short (stock dxtbx reads the missing rows as 0) is
     reported by name; those rows are not corrected, the rest is."""
     paths = make_smv_sweep(tmp_path / "data", n=2)
     with open(paths[1], "r+b") as fh:
         fh.truncate(512 + 2 * SHAPE[1] * 200)  # rows 200 .. 255 missing
     result = correct(tmp_path, *paths)
     assert f"{paths[1]}" in result.stdout and "rows 200-255" in result.stdout
-    from dxtbx.model.experiment_list import ExperimentList
-
     iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
     cut = iset.get_raw_data(1)[0].as_numpy_array()
     assert (cut[200:] == 0).all() and (cut[:200] < 0).sum() > 1000
     assert (iset.get_raw_data(0)[0].as_numpy_array()[200:] < 0).sum() > 1000
 
 
-def test_all_zero_images_give_strict_json(tmp_path):
-    """Row 10: no bare NaN in the JSON."""
+def test_all_zero_images_are_left_alone_as_blank(tmp_path):
+    """Images with no pixel above zero have nothing to model: written
+    unchanged, each reported as blank in a strict JSON record."""
     paths = make_smv_sweep(tmp_path / "data", n=2)
     for k, p in enumerate(paths):
         write_smv(p, np.zeros(SHAPE, np.uint16), PIXEL_SIZE=0.1248, DISTANCE=2200.0, WAVELENGTH=0.0251,
                   BEAM_CENTER_X=16.0, BEAM_CENTER_Y=16.0, OSC_START=0.5 * k, OSC_RANGE=0.5, TIME=1.0)
     correct(tmp_path, *paths)
+    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=_refuse)
+    assert [(i["status"], i["n_changed"]) for i in record["sweeps"][0]["images"]] == [(BLANK, 0)] * 2
+    iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
+    assert all((iset.get_raw_data(i)[0].as_numpy_array() == 0).all() for i in range(2))
 
-    def refuse(constant):
-        raise ValueError(f"non-strict JSON constant {constant}")
 
-    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=refuse)
-    assert record["sweeps"][0]["images"][0]["n_changed"] == 0
+def _refuse(constant):
+    raise ValueError(f"non-strict JSON constant {constant}")
+
+
+def test_record_is_strict_json():
+    """A value that is not a finite number (the parameters of a failed fit)
+    is written as null, which every JSON reader accepts."""
+    from dials_truncfix.program.record import as_json
+
+    text = as_json({"fit": {"theta": math.nan, "mu": math.inf}, "values": [-math.inf, 1.5]})
+    assert json.loads(text, parse_constant=_refuse) == {"fit": {"theta": None, "mu": None}, "values": [None, 1.5]}
 
 
 def test_slow_settings_warn_once_with_an_estimate(sweep, monkeypatch, capsys):
-    """Row 12, in process: the first image is timed and the run's duration
+    """In process: the first image is timed and the run's duration
     estimated when it is slow."""
     from dials_truncfix.command_line import correct_truncation
     from dials_truncfix.program import tasks
@@ -262,15 +275,23 @@ def test_slow_settings_warn_once_with_an_estimate(sweep, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["cbf", "smv"])
-def test_stills_and_single_images_are_first_class(tmp_path, fmt):
-    """Rows 2 and 3 (the read-back is in test_command)."""
+def test_a_single_image_is_corrected_in_either_format(tmp_path, fmt):
+    """One MRC image (no scan, no number in its name) gives one image whose
+    negative values a new DIALS process reads as valid pixels; the pixels
+    it had above zero are kept (stills are read back in test_command)."""
     import mrcfile
 
-    paths = make_smv_sweep(tmp_path / "data", n=2, osc=0.0)
-    run(["dials.import", *paths, "output.experiments=stills.expt"], tmp_path)
-    correct(tmp_path, "stills.expt", f"output.format={fmt}")
+    paths = make_smv_sweep(tmp_path / "data", n=1, osc=0.0)
+    raw = np.fromfile(paths[0], dtype="<u2", offset=512).reshape(SHAPE)
     with mrcfile.new(str(tmp_path / "single.mrc")) as mrc:
-        mrc.set_data(np.fromfile(paths[0], dtype="<u2", offset=512).reshape(SHAPE))
+        mrc.set_data(raw)
     correct(tmp_path, "single.mrc", f"output.format={fmt}", "output.directory=single", "output.experiments=single.expt",
             "output.json=single.json", "output.log=single.log", "output.report=None")
     assert len(os.listdir(tmp_path / "single")) == 1
+    (expt,) = ExperimentList.from_file(str(tmp_path / "single.expt"))
+    assert len(expt.imageset) == 1
+    data = expt.imageset.get_corrected_data(0)[0].as_numpy_array()  # an SMV pedestal subtracted
+    negative = data < 0
+    assert negative.sum() > 1000 and expt.imageset.get_mask(0)[0].as_numpy_array()[negative].all()
+    kept = raw > 0
+    assert np.array_equal(data[kept], raw[kept])

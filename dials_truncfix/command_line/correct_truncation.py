@@ -3,16 +3,22 @@ whose negative pixel counts were truncated to zero (Hattne et al., 2016)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Sequence
 
 import iotbx.phil
+import libtbx.phil
 from dials.util import Sorry, show_mail_handle_errors
 from dials.util.options import ArgumentParser, flatten_experiments
 
 from dials_truncfix import __version__
+
+if TYPE_CHECKING:
+    from dxtbx.model.experiment_list import ExperimentList
 
 logger = logging.getLogger("dials.command_line.correct_truncation")
 
@@ -171,8 +177,10 @@ def _check_arguments(args):
 
 
 @show_mail_handle_errors()
-def run(args=None, phil=phil_scope):
-    from dials_truncfix.program.outputs import Interrupted
+def run(args: list[str] | None = None, phil: libtbx.phil.scope = phil_scope) -> None:
+    """The command line: every error a one-line message (DIALS' Sorry), an
+    interruption exit status 128 + signal with no experiment list."""
+    from dials_truncfix.program.interruption import Interrupted
 
     args = sys.argv[1:] if args is None else args
     _check_arguments(args)
@@ -206,14 +214,23 @@ def run(args=None, phil=phil_scope):
         raise Sorry(str(e)) from None
 
 
-def correct(experiments, params, options, diff_phil="", input_files=()):
+def correct(
+    experiments: ExperimentList,
+    params: libtbx.phil.scope_extract,
+    options: argparse.Namespace,
+    diff_phil: str = "",
+    input_files: Sequence[str] = (),
+) -> None:
+    """Plan and check every output, then correct and write them, the
+    experiment list last; ``input_files`` are the files named on the command
+    line, which no output may replace."""
     import dials.util.log
     from dials.util.version import dials_version
 
     from dials_truncfix.core.shells import ShellError
     from dials_truncfix.io import OutputFormatError
     from dials_truncfix.program import experiments as corrected
-    from dials_truncfix.program import outputs, planning, record, tasks
+    from dials_truncfix.program import interruption, outputs, planning, record, tasks
     from dials_truncfix.settings import Settings
 
     try:
@@ -238,7 +255,7 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
     except (planning.TruncationInputError, outputs.OutputError) as e:
         raise Sorry(str(e)) from None
     directories = {os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p}
-    with outputs.run_lock(directories), outputs.interruptible() as interruption:
+    with outputs.run_lock(directories), interruption.interruptible() as interrupted:
         dials.util.log.config(options.verbose, logfile=params.output.log)
         logger.info("%s, dials-truncfix %s", dials_version(), __version__)
         if diff_phil:
@@ -247,33 +264,33 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
         where = os.path.abspath(params.output.directory) if images else params.output.experiments
         logger.info("Correcting %d image(s) in %d imageset(s) into %s (%s)", n_images, len(plans), where, fmt)
         staging = outputs.Staging(images) if images else None
-        progress = _Progress(n_images, interruption.check)
+        progress = _Progress(n_images, interrupted.check)
         try:
-            tasks.correct_sweeps(
+            results = tasks.correct_sweeps(
                 plans, settings, fmt, params.mp, staging, n_report_images=params.output.report_images,
                 progress=progress,
             )
             progress.close()
-            _log_summary(plans)
-            interruption.check()
+            _log_summary(results)
+            interrupted.check()
             if staging:
                 staging.commit(images)
-            run_record = record.run_record(plans, settings, fmt)
+            run_record = record.run_record(results, settings, fmt)
             if params.output.json:
                 _atomic_text(params.output.json, record.as_json(run_record))
                 logger.info("Wrote %s", params.output.json)
             if params.output.report:
                 from dials_truncfix.program.report import html_report
 
-                _atomic_text(params.output.report, html_report(plans, run_record))
+                _atomic_text(params.output.report, html_report(results, run_record))
                 logger.info("Wrote %s", params.output.report)
             if params.output.experiments:
-                interruption.check()
+                interrupted.check()
                 if fmt == planning.ON_READ:
-                    result = corrected.on_read_experiments(experiments, plans, settings)
+                    written = corrected.on_read_experiments(experiments, plans, settings)
                 else:
-                    result = corrected.corrected_experiments(experiments, plans, fmt)
-                _atomic_text(params.output.experiments, result.as_json())
+                    written = corrected.corrected_experiments(experiments, results, fmt)
+                _atomic_text(params.output.experiments, written.as_json())
                 logger.info("Wrote %s", params.output.experiments)
         except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
             raise Sorry(str(e)) from None
@@ -283,23 +300,25 @@ def correct(experiments, params, options, diff_phil="", input_files=()):
                 staging.remove()
 
 
-def _log_summary(plans):
+def _log_summary(results):
+    """Per imageset what was done; what was left alone and why."""
     n_changed = 0
-    for p in plans:
-        for s in p.corrections:
+    for r in results:
+        p = r.plan
+        for s in r.images:
             if s["damaged"]:
                 logger.warning(
                     "%s: %s are all zero (a file cut short, or a dead line?): left as they were", s["file"], s["damaged"]
                 )
-        changed = sum(s["n_changed"] for s in p.corrections)
+        changed = sum(s["n_changed"] for s in r.images)
         n_changed += changed
-        failed = sum(1 for s in p.corrections for sh in s["shells"] if sh["status"].startswith("fit failed"))
+        failed = sum(1 for s in r.images for sh in s["shells"] if sh["status"].startswith("fit failed"))
         logger.info(
             "Imageset %d (%s): %d images, %s%s",
             p.number, p.description, len(p.imageset),
             f"not corrected: {p.refused}" if p.refused else
-            f"{changed} pixels changed, lowest value {p.lowest_value}"
-            + (f", SMV pedestal {p.pedestal}" if p.pedestal else ""),
+            f"{changed} pixels changed, lowest value {r.lowest_value}"
+            + (f", SMV pedestal {r.pedestal}" if r.pedestal else ""),
             f", {failed} shell fit(s) failed" if failed else "",
         )
     if n_changed == 0:

@@ -30,7 +30,7 @@ def _set_column(cbf, category, column, values):
         cbf.set_value(str(value).encode())
 
 
-def _add_rotation(cbf, goniometer, scan, index, diffrn_id):
+def _add_rotation(cbf, goniometer, scan, index):
     """Goniometer axis, measurement and per-frame angle, so that FormatCBFFull
     (not FormatCBFFullStill) reads the image as part of a rotation scan."""
     axis = np.array(goniometer.get_setting_rotation()).reshape(3, 3) @ np.array(
@@ -114,9 +114,7 @@ def write_full_cbf(path, imageset, index, panels, valid_ranges):
             # stock FormatCBFFull reads sequences through cbflib_adaptbx,
             # which expects the Pilatus-style names of the pixel axes
             _rename_values(cbf, {"AXIS_L0M0_L1M0_F": "ELEMENT_X", "AXIS_L0M0_L1M0_S": "ELEMENT_Y"})
-        cbf.find_category(b"diffrn")
-        cbf.find_column(b"id")
-        _add_rotation(cbf, goniometer, scan, in_scan, cbf.get_value().decode())
+        _add_rotation(cbf, goniometer, scan, in_scan)
 
     cbf.find_category(b"diffrn_data_frame")
     cbf.find_column(b"array_id")

@@ -48,11 +48,17 @@ def write_smv(path, data, **header_items):
     atomic_write_bytes(path, [header, data.astype("<u2").tobytes()])
 
 
+def check_single_panel(detector) -> None:
+    """An SMV file holds one panel (checked when planning, before any work,
+    and by every writer of SMV headers)."""
+    if len(detector) != 1:
+        raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
+
+
 def smv_header_items(beam, detector, scan, index, pedestal=0):
     """SMV header keys of image ``index`` from its models (single panel, the
     beam centre read along the panel normal)."""
-    if len(detector) != 1:
-        raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
+    check_single_panel(detector)
     panel = detector[0]
     fast_mm, slow_mm = panel.get_beam_centre(beam.get_s0())
     items = {
@@ -115,15 +121,14 @@ def smv_data(panel_data, pedestal):
 def write_smv_image(path, imageset, index, panels, pedestal):
     """Write image ``index`` of ``imageset`` with these corrected panels;
     returns the number of pixels stored as overloaded."""
-    if len(panels) != 1:
-        raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
     from dxtbx.imageset import ImageSequence
 
-    data, n_clipped = smv_data(panels[0], pedestal)
     if isinstance(imageset, ImageSequence):
         scan, in_scan = imageset.get_scan(), index
     else:
         scan, in_scan = imageset.get_scan(index), 0
     items = smv_header_items(imageset.get_beam(index), imageset.get_detector(index), scan, in_scan, pedestal)
+    (panel,) = panels  # one panel, as its detector
+    data, n_clipped = smv_data(panel, pedestal)
     write_smv(path, data, **items)
     return n_clipped

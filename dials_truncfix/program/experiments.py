@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+from typing import TYPE_CHECKING
 
 from dials_truncfix import compat
 from dials_truncfix.corrector import corrected_value_range, set_corrected_trusted_ranges
 from dials_truncfix.io.smv import smv_valid_range
 from dials_truncfix.program.tasks import shell_geometry_of
+
+if TYPE_CHECKING:
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_truncfix.program.planning import SweepPlan
+    from dials_truncfix.program.tasks import SweepResult
+    from dials_truncfix.settings import Settings
 
 logger = logging.getLogger(f"dials.{__name__}")
 
@@ -23,31 +30,33 @@ def _copy_lookups(old, new):
         target.data, target.filename = source.data, source.filename
 
 
-def _output_detector(plan, index, fmt):
+def _output_detector(result, index, fmt):
     """The detector of image ``index`` with the trusted ranges (and, for SMV,
     the pedestal) of the written values."""
-    detector = copy.deepcopy(plan.imageset.get_detector(index))
+    detector = copy.deepcopy(result.plan.imageset.get_detector(index))
     if fmt == "smv":
         for panel in detector:
-            panel.set_trusted_range(compat.trusted_range_for(*smv_valid_range(plan.pedestal)))
-            panel.set_pedestal(float(plan.pedestal))
-    elif not plan.refused:
+            panel.set_trusted_range(compat.trusted_range_for(*smv_valid_range(result.pedestal)))
+            panel.set_pedestal(float(result.pedestal))
+    elif not result.plan.refused:
         for panel in detector:
             panel.set_trusted_range(compat.trusted_range_for(*corrected_value_range(panel)))
     return detector
 
 
-def corrected_experiments(experiments, plans, fmt):
-    """A copy of ``experiments`` whose imagesets read the written images."""
+def corrected_experiments(experiments: ExperimentList, results: list[SweepResult], fmt: str) -> ExperimentList:
+    """A copy of ``experiments`` whose imagesets read the written images with
+    stock dxtbx (the format class is the one dxtbx finds for them)."""
     from dxtbx.format.Registry import get_format_class_for_file
     from dxtbx.imageset import ImageSetFactory
 
     replaced = {}
-    for p in plans:
+    for r in results:
+        p = r.plan
         old = p.imageset
         format_class = get_format_class_for_file(p.outputs[0])
         if p.is_sequence:
-            detector = _output_detector(p, 0, fmt)
+            detector = _output_detector(r, 0, fmt)
             template = p.output_template()
             new = ImageSetFactory.make_sequence(
                 template, [p.first_number + i for i in range(len(old))], format_class=format_class,
@@ -55,14 +64,14 @@ def corrected_experiments(experiments, plans, fmt):
                 scan=old.get_scan(), check_format=False,
             )
         else:
-            new = ImageSetFactory.make_imageset(p.outputs, format_class, check_format=False)
-            detector = _set_still_models(new, old, lambda i: _output_detector(p, i, fmt))
+            new = ImageSetFactory.make_imageset(list(p.outputs), format_class, check_format=False)
+            detector = _set_still_models(new, old, lambda i: _output_detector(r, i, fmt))
         _copy_lookups(old, new)
         replaced[id(old)] = (new, detector)
     return _with_new_imagesets(experiments, replaced)
 
 
-def on_read_experiments(experiments, plans, settings):
+def on_read_experiments(experiments: ExperimentList, plans: list[SweepPlan], settings: Settings) -> ExperimentList:
     """A copy of ``experiments`` whose imagesets read the original images
     through the correction on read, with the settings and the shell
     geometry of this run recorded (so that later refinement changes nothing)."""

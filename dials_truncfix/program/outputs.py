@@ -10,8 +10,9 @@ dials.correct_truncation.
 * Images are written into a hidden staging directory next to their final
   place and moved there only when every image is done; the experiment list
   is written last.  An interrupted run (SIGTERM, SIGINT, an error) removes
-  its staging directory; one killed outright leaves only that hidden
-  directory, which the next run in the same place removes.
+  its staging directory (:mod:`.interruption` says how); one killed
+  outright leaves only that hidden directory, which the next run in the
+  same place removes.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import contextlib
 import errno
 import fcntl
 import glob
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
 import tempfile
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from dials_truncfix.program.interruption import stop_workers
 
 LOCK_NAME = ".dials.correct_truncation.lock"
 STAGING_PREFIX = ".dials.correct_truncation.staging-"
@@ -44,9 +45,13 @@ def _same_file(a, b):
         return False
 
 
-def check_output_paths(named, image_outputs, inputs, overwrite):
-    """``named``: {parameter: path or None}; ``image_outputs``: the image
-    files to write; ``inputs``: every file the run reads."""
+def check_output_paths(
+    named: Mapping[str, str | None], image_outputs: Sequence[str], inputs: Sequence[str], overwrite: bool
+) -> None:
+    """Refuse, before any work, an output that would replace an input, share
+    a path with another or (without ``overwrite``) replace a file.
+    ``named``: {parameter: path or None}; ``image_outputs``: the image files
+    to write; ``inputs``: every file the run reads."""
     outputs = [(name, path) for name, path in named.items() if path]
     outputs += [("output.directory", path) for path in image_outputs]
     seen = {}
@@ -68,7 +73,7 @@ def check_output_paths(named, image_outputs, inputs, overwrite):
 
 
 @contextlib.contextmanager
-def run_lock(directories):
+def run_lock(directories: Iterable[str]) -> Iterator[None]:
     """Hold the lock of every output directory (created if needed)."""
     with contextlib.ExitStack() as stack:
         for directory in sorted({os.path.abspath(d) for d in directories}):
@@ -107,76 +112,25 @@ def _directory_lock(directory):
 class Staging:
     """A hidden directory per output directory, for the images of this run."""
 
-    def __init__(self, image_outputs):
+    def __init__(self, image_outputs: Sequence[str]) -> None:
         self.directories = {}
         for directory in sorted({os.path.dirname(p) for p in image_outputs}):
             for stale in glob.glob(os.path.join(directory, STAGING_PREFIX + "*")):
                 shutil.rmtree(stale, ignore_errors=True)  # of a run killed outright
             self.directories[directory] = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
 
-    def path(self, final):
+    def path(self, final: str) -> str:
         """Where the image of ``final`` is written first."""
         return os.path.join(self.directories[os.path.dirname(final)], os.path.basename(final))
 
-    def commit(self, finals):
+    def commit(self, finals: Iterable[str]) -> None:
+        """Move the staged images into place."""
         for final in finals:
             os.replace(self.path(final), final)
 
-    def remove(self):
+    def remove(self) -> None:
         """Remove the staging directories, once no worker of an interrupted
         parallel run can still be writing into them."""
-        _stop_workers()
+        stop_workers()
         for staging in self.directories.values():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _stop_workers():
-    """Kill this process's multiprocessing children: the workers of an
-    interrupted parallel run would go on writing their images (a signal
-    they get is caught by DIALS' worker wrapper)."""
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join()
-
-
-class Interrupted(SystemExit):
-    """SIGTERM or SIGINT: unwind (so that staging is removed), exit 130/143."""
-
-
-class Interruption:
-    """The signal received, if any.  The handler raises at once, but code it
-    lands in may swallow the exception (a bare ``except`` in a library, a
-    ``__del__``), so the run also calls :meth:`check` before it commits."""
-
-    def __init__(self):
-        self.signum = None
-
-    def check(self):
-        if self.signum is not None:
-            raise Interrupted(128 + self.signum)
-
-
-@contextlib.contextmanager
-def interruptible():
-    """Turn SIGTERM and SIGINT into Interrupted while the run works; yields
-    the :class:`Interruption` to check before committing.  Where Python
-    cannot raise it (a fork handler, a ``__del__``), it would print it as
-    "Exception ignored": it stays silent there, and recorded."""
-    interruption = Interruption()
-
-    def handler(signum, frame):
-        interruption.signum = signum
-        raise Interrupted(128 + signum)
-
-    def unraisable(report):
-        if not isinstance(report.exc_value, Interrupted):
-            previous_hook(report)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield interruption
-    finally:
-        sys.unraisablehook = previous_hook
-        for s, h in previous.items():
-            signal.signal(s, h)

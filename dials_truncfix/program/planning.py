@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 from dials_truncfix.corrector import image_identity
 from dials_truncfix.detectors import correction_refused
+from dials_truncfix.io import OutputFormatError
+from dials_truncfix.io.smv import check_single_panel
+
+if TYPE_CHECKING:
+    from dxtbx.imageset import ImageSet
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_truncfix.settings import Settings
 
 EXTENSIONS = {"cbf": ".cbf", "smv": ".img"}
 #: compressions dxtbx reads transparently (``x_00001.img.gz``)
@@ -30,35 +39,34 @@ class TruncationInputError(RuntimeError):
     """Input that cannot be corrected (reported as a one-line error)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepPlan:
-    number: int
-    imageset: object
+    """Everything known about one imageset before a pixel is read: what it
+    is, what seeds each image's correction, where each corrected image goes.
+    Frozen, so that the workers, the experiment lists and the record all see
+    the plan the output checks saw; what the run finds is a
+    :class:`~dials_truncfix.program.tasks.SweepResult`."""
+
+    number: int  #: from 1, in the order of the experiment list
+    imageset: ImageSet
     is_sequence: bool
     multi_image: bool
-    keys: list  # image identity per image
-    names: list  # output file name (no directory, no extension) per image
-    refused: str | None = None  # why its images are passed through uncorrected
-    template: str | None = None  # of a sequence's names, e.g. x_#####
-    first_number: int = 1  # of a sequence
-    outputs: list = field(default_factory=list)  # output path per image
-    corrections: list = field(default_factory=list)  # per-image summaries
-    pedestal: int = 0  # SMV output
+    keys: tuple[str, ...]  #: image identity per image (seeds its correction)
+    names: tuple[str, ...]  #: output file name (no directory, no extension) per image
+    refused: str | None = None  #: why its images are passed through uncorrected
+    template: str | None = None  #: of a sequence's names, e.g. x_#####
+    first_number: int = 1  #: of a sequence
+    outputs: tuple[str, ...] = ()  #: output path per image; none for on_read
 
     @property
-    def description(self):
+    def description(self) -> str:
         if self.is_sequence and not self.multi_image:
             return self.imageset.get_template()
         return self.imageset.get_path(0) + (f" and {len(self.imageset) - 1} more" if len(self.imageset) > 1 else "")
 
-    def output_template(self):
+    def output_template(self) -> str:
         """The path template of a sequence's outputs."""
         return os.path.join(os.path.dirname(self.outputs[0]), self.template + os.path.splitext(self.outputs[0])[1])
-
-    @property
-    def lowest_value(self):
-        values = [c["min_value"] for c in self.corrections if c["min_value"] is not None]
-        return min(values) if values else None
 
 
 def image_numbers(imageset):
@@ -112,8 +120,9 @@ def _names(imageset, template):
             for stem, n in zip(stems, numbers)]
 
 
-def plan(experiments, settings, directory, fmt):
-    """One SweepPlan per distinct imageset, with its output file names."""
+def plan(experiments: ExperimentList, settings: Settings, directory: str | None, fmt: str) -> list[SweepPlan]:
+    """One SweepPlan per distinct imageset, with its output paths; refuses,
+    before any work, what cannot be corrected into ``fmt``."""
     from dials_truncfix.format_wrapper import can_wrap, is_corrected_on_read
 
     plans = []
@@ -125,15 +134,15 @@ def plan(experiments, settings, directory, fmt):
                 "(DIALS_TRUNCFIX); re-import the images without it"
             )
         multi = _is_multi_image(imageset)
-        keys = [
+        keys = tuple(
             image_identity(imageset.get_path(i), int(imageset.indices()[i]) if multi else 0)
             for i in range(len(imageset))
-        ]
+        )
         sequence = _is_sequence(imageset)
         template = _template(imageset, multi) if sequence else None
         plans.append(
             SweepPlan(
-                len(plans) + 1, imageset, sequence, multi, keys, _names(imageset, template),
+                len(plans) + 1, imageset, sequence, multi, keys, tuple(_names(imageset, template)),
                 correction_refused(format_class, settings.detector), template, image_numbers(imageset)[0],
             )
         )
@@ -144,24 +153,27 @@ def plan(experiments, settings, directory, fmt):
                     f"{p.imageset.get_path(0)}: {p.imageset.get_format_class().__name__} builds its own "
                     "imagesets and cannot be corrected on read: use output.format=cbf"
                 )
-        elif fmt == "smv" and len(p.imageset.get_detector()) != 1:
-            raise TruncationInputError(
-                f"{p.imageset.get_path(0)}: SMV output needs a single-panel detector: use output.format=cbf"
-            )
-    if fmt != ON_READ:
-        all_names = [n for p in plans for n in p.names]
-        per_sweep = len(set(all_names)) != len(all_names)
-        for p in plans:
-            base = os.path.join(directory, f"sweep_{p.number:02d}") if per_sweep else directory
-            p.outputs = [os.path.abspath(os.path.join(base, n + EXTENSIONS[fmt])) for n in p.names]
-    return plans
+        elif fmt == "smv":
+            try:
+                check_single_panel(p.imageset.get_detector())
+            except OutputFormatError as e:
+                raise TruncationInputError(f"{p.imageset.get_path(0)}: {e}") from None
+    if fmt == ON_READ:
+        return plans
+    all_names = [n for p in plans for n in p.names]
+    per_sweep = len(set(all_names)) != len(all_names)
+    planned = []
+    for p in plans:
+        base = os.path.join(directory, f"sweep_{p.number:02d}") if per_sweep else directory
+        planned.append(replace(p, outputs=tuple(os.path.abspath(os.path.join(base, n + EXTENSIONS[fmt])) for n in p.names)))
+    return planned
 
 
-def input_files(plans, experiment_files=(), settings=None):
-    """Every file the run reads: images, experiment lists, masks."""
+def input_files(plans: list[SweepPlan], experiment_files: Sequence[str], settings: Settings) -> list[str]:
+    """Every file the run reads (images, experiment lists, masks): none may
+    be an output."""
     files = [p.imageset.get_path(i) for p in plans for i in range(len(p.imageset))]
     files += [p.imageset.external_lookup.mask.filename for p in plans]
     files += list(experiment_files)
-    if settings is not None:
-        files.append(settings.mask)
+    files.append(settings.mask)
     return [f for f in files if f]

@@ -7,6 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dials_truncfix.program.tasks import SweepResult
+    from dials_truncfix.settings import Settings
 
 
 def _strict(value):
@@ -19,23 +24,24 @@ def _strict(value):
     return value
 
 
-def run_record(plans, settings, fmt):
+def run_record(results: list[SweepResult], settings: Settings, fmt: str) -> dict:
+    """What the run did, per imageset and image, without the report's histograms."""
     return {
         "program": "dials.correct_truncation",
         "parameters": {**dataclasses.asdict(settings.parameters), "detector": settings.detector, "format": fmt},
         "sweeps": [
             {
-                "sweep": p.number,
-                "description": p.description,
-                "not_corrected": p.refused,
-                "lowest_value": p.lowest_value,
-                **({"pedestal": p.pedestal} if fmt == "smv" else {}),
-                "images": [{k: v for k, v in s.items() if k != "histograms"} for s in p.corrections],
+                "sweep": r.plan.number,
+                "description": r.plan.description,
+                "not_corrected": r.plan.refused,
+                "lowest_value": r.lowest_value,
+                **({"pedestal": r.pedestal} if fmt == "smv" else {}),
+                "images": [{k: v for k, v in s.items() if k != "histograms"} for s in r.images],
             }
-            for p in plans
+            for r in results
         ],
     }
 
 
-def as_json(record):
+def as_json(record: dict) -> str:
     return json.dumps(_strict(record), indent=1, sort_keys=True, allow_nan=False)

@@ -10,6 +10,7 @@ import base64
 import functools
 import gzip
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 from plotly.colors import qualitative
@@ -18,6 +19,9 @@ from dials_truncfix import __version__
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
 from dials_truncfix.core.lognormal import cdf
 from dials_truncfix.core.shells import region_label
+
+if TYPE_CHECKING:
+    from dials_truncfix.program.tasks import SweepResult
 
 #: what the report embeds is rounded to this many significant digits
 DIGITS = 4
@@ -65,21 +69,21 @@ def _graph(title: str, x_title: str, y_title: str, data: list, y_type: str = "li
     }
 
 
-def _by_region(plan) -> dict:
+def _by_region(sweep: SweepResult) -> dict:
     """(shell, sector) -> [(image number, region dict)], in region order."""
     regions = defaultdict(list)
-    for s in plan.corrections:
+    for s in sweep.images:
         for shell in s["shells"]:
             regions[(shell["shell"], shell["sector"])].append((s["image"], shell))
     return dict(sorted(regions.items()))
 
 
-def shell_rows(plan, n_sectors: int) -> list:
+def shell_rows(sweep: SweepResult, n_sectors: int) -> list:
     """Per region over the images: d range, zero fraction, mean pixel value
     before and after the correction, pixels changed, images corrected."""
     rows = [["region", "d range (A)", "zero fraction (mean)", "zero fraction (max)", "mean before",
              "mean after", "change", "pixels changed", "images corrected"]]
-    for per_image in _by_region(plan).values():
+    for per_image in _by_region(sweep).values():
         shells = [shell for _, shell in per_image]
         before = np.mean([s["mean_before"] for s in shells])
         after = np.mean([s["mean_after"] for s in shells])
@@ -87,37 +91,38 @@ def shell_rows(plan, n_sectors: int) -> list:
         rows.append([
             region_name(shells[0], n_sectors), _d_range(shells[0]), f"{np.mean(zero):.1%}", f"{max(zero):.1%}",
             f"{before:.2f}", f"{after:.2f}", f"{after - before:+.3g}", sum(s["n_changed"] for s in shells),
-            f"{sum(s['status'] == CORRECTED for s in shells)}/{len(plan.corrections)}",
+            f"{sum(s['status'] == CORRECTED for s in shells)}/{len(sweep.images)}",
         ])
     return rows if len(rows) > 1 else []
 
 
-def left_alone_rows(plans, n_sectors: int) -> list:
+def left_alone_rows(sweeps: list[SweepResult], n_sectors: int) -> list:
     """Imageset, images, region, why: every image or region that kept its
     zero pixels for a reason other than having none."""
     why = defaultdict(list)
-    for p in plans:
-        for s in p.corrections:
+    for sweep in sweeps:
+        number = sweep.plan.number
+        for s in sweep.images:
             if s["status"] not in DONE:
-                why[(p.number, "whole image", s["status"])].append(s["image"])
+                why[(number, "whole image", s["status"])].append(s["image"])
             elif s["damaged"]:
-                why[(p.number, s["damaged"], "all zero (a file cut short, or a dead line?)")].append(s["image"])
+                why[(number, s["damaged"], "all zero (a file cut short, or a dead line?)")].append(s["image"])
             for shell in s["shells"]:
                 if shell["status"] not in DONE:
-                    why[(p.number, region_name(shell, n_sectors), shell["status"])].append(s["image"])
+                    why[(number, region_name(shell, n_sectors), shell["status"])].append(s["image"])
     rows = [[number, _image_ranges(images), where, reason] for (number, where, reason), images in why.items()]
     return [["imageset", "images", "pixels", "why"], *rows] if rows else []
 
 
-def summary_rows(plans) -> list:
+def summary_rows(sweeps: list[SweepResult]) -> list:
     rows = [["imageset", "status", "images", "pixels changed", "lowest value", "mean zero fraction",
              "converged fits"]]
-    for p in plans:
-        c = p.corrections
+    for sweep in sweeps:
+        c = sweep.images
         fits = [sh["fit"] for s in c for sh in s["shells"] if sh.get("fit")]
         rows.append([
-            p.number, p.refused or "corrected", len(c), sum(s["n_changed"] for s in c),
-            "-" if p.lowest_value is None else p.lowest_value,
+            sweep.plan.number, sweep.plan.refused or "corrected", len(c), sum(s["n_changed"] for s in c),
+            "-" if sweep.lowest_value is None else sweep.lowest_value,
             f"{np.mean([s['zero_fraction'] for s in c]):.1%}" if c else "-",
             f"{sum(1 for f in fits if f['converged'])}/{len(fits)}",
         ])
@@ -128,12 +133,12 @@ def parameter_rows(parameters: dict) -> list:
     return [["parameter", "value"], *([name, value] for name, value in sorted(parameters.items()))]
 
 
-def shell_graphs(plan, n_sectors: int) -> dict:
+def shell_graphs(sweep: SweepResult, n_sectors: int) -> dict:
     """Zero fraction per region against image; change of the mean pixel value against resolution."""
-    regions = _by_region(plan)
+    regions = _by_region(sweep)
     if not regions:
         return {}
-    n = plan.number
+    n = sweep.plan.number
     zero = [
         {"type": "scatter", "mode": "lines+markers", "name": region_name(per_image[0][1], n_sectors),
          "x": [image for image, _ in per_image], "y": _rounded(shell["zero_fraction"] for _, shell in per_image)}
@@ -151,11 +156,11 @@ def shell_graphs(plan, n_sectors: int) -> dict:
     }
 
 
-def histogram_graphs(plan, n_sectors: int) -> dict:
+def histogram_graphs(sweep: SweepResult, n_sectors: int) -> dict:
     """Low-count histograms of the report images with the fitted curves (the
     expected pixels per value), as in Fig. 1 of Hattne et al. (2016)."""
     graphs = {}
-    for s in plan.corrections:
+    for s in sweep.images:
         if "histograms" not in s:
             continue
         data = []
@@ -173,46 +178,46 @@ def histogram_graphs(plan, n_sectors: int) -> dict:
                 data.append({"type": "scatter", "mode": "lines", "x": xs[drawn].tolist(), "y": _rounded(y[drawn]),
                              "name": name + " fit", "legendgroup": name, "showlegend": False,
                              "line": {"color": colour}})
-        graphs[f"histogram_{plan.number}_{s['image']}"] = _graph(
+        graphs[f"histogram_{sweep.plan.number}_{s['image']}"] = _graph(
             f"Image {s['image']}: low counts (points) and fitted lognormals (lines)", "pixel value", "pixels", data, "log"
         )
     return graphs
 
 
-def parameter_graphs(plan, n_sectors: int) -> dict:
+def parameter_graphs(sweep: SweepResult, n_sectors: int) -> dict:
     """theta, mu and sigma of the converged fits against resolution (one line
     per image) and against image (one line per region)."""
     graphs = {}
     for par in ("theta", "mu", "sigma"):
         by_resolution = []
-        for s in plan.corrections:
+        for s in sweep.images:
             fitted = [shell for shell in s["shells"] if shell.get("fit") and shell["fit"]["converged"]]
             if fitted:
                 by_resolution.append({"type": "scatter", "mode": "lines+markers", "name": f"image {s['image']}",
                                       "x": _rounded(_mid_inv_d2(shell) for shell in fitted),
                                       "y": _rounded(shell["fit"][par] for shell in fitted)})
         by_image = []
-        for per_image in _by_region(plan).values():
+        for per_image in _by_region(sweep).values():
             fitted = [(image, shell) for image, shell in per_image if shell.get("fit") and shell["fit"]["converged"]]
             if fitted:
                 by_image.append({"type": "scatter", "mode": "lines+markers",
                                  "name": region_name(fitted[0][1], n_sectors), "x": [image for image, _ in fitted],
                                  "y": _rounded(shell["fit"][par] for _, shell in fitted)})
         if by_resolution:
-            graphs[f"{par}_resolution_{plan.number}"] = _graph(f"{par} against resolution", "1/d^2 (1/A^2)", par,
+            graphs[f"{par}_resolution_{sweep.plan.number}"] = _graph(f"{par} against resolution", "1/d^2 (1/A^2)", par,
                                                                by_resolution)
-            graphs[f"{par}_image_{plan.number}"] = _graph(f"{par} against image", "image", par, by_image)
+            graphs[f"{par}_image_{sweep.plan.number}"] = _graph(f"{par} against image", "image", par, by_image)
     return graphs
 
 
-def image_graphs(plan) -> dict:
-    images = [s["image"] for s in plan.corrections]
+def image_graphs(sweep: SweepResult) -> dict:
+    images = [s["image"] for s in sweep.images]
     data = [
         {"type": "scatter", "mode": "lines+markers", "x": images, "name": name,
-         "y": _rounded(s[key] for s in plan.corrections)}
+         "y": _rounded(s[key] for s in sweep.images)}
         for name, key in (("zero (before)", "zero_fraction"), ("negative (after)", "negative_fraction"))
     ]
-    return {f"fractions_{plan.number}": _graph("Zero and negative pixels", "image", "fraction of valid pixels", data)}
+    return {f"fractions_{sweep.plan.number}": _graph("Zero and negative pixels", "image", "fraction of valid pixels", data)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -236,33 +241,35 @@ def _environment():
     return Environment(loader=loader, autoescape=select_autoescape(["html"]))
 
 
-def html_report(plans, record: dict) -> str:
-    """The report page of a run: ``plans`` with their corrections (and the
-    histograms of the report images), ``record`` the run's JSON record."""
+def html_report(results: list[SweepResult], record: dict) -> str:
+    """The report page of a run: ``results`` what each imageset's correction
+    gave (with the histograms of the report images), ``record`` the run's
+    JSON record."""
     n_sectors = record["parameters"]["n_sectors"]
     sweeps = []
-    for p in plans:
-        histograms = histogram_graphs(p, n_sectors)
+    for sweep in results:
+        p = sweep.plan
+        histograms = histogram_graphs(sweep, n_sectors)
         sweeps.append({
             "number": p.number, "description": p.description,
             "status": f"not corrected: {p.refused}" if p.refused else "no image had a zero pixel",
-            "shell_rows": shell_rows(p, n_sectors),
-            "shell_graphs": shell_graphs(p, n_sectors),
+            "shell_rows": shell_rows(sweep, n_sectors),
+            "shell_graphs": shell_graphs(sweep, n_sectors),
             "histogram_graphs": histograms, "wide": dict.fromkeys(histograms, "wide-plot"),
-            "parameter_graphs": parameter_graphs(p, n_sectors),
-            "image_graphs": image_graphs(p),
+            "parameter_graphs": parameter_graphs(sweep, n_sectors),
+            "image_graphs": image_graphs(sweep),
         })
-    n_images = sum(len(p.corrections) for p in plans)
-    n_changed = sum(s["n_changed"] for p in plans for s in p.corrections)
+    n_images = sum(len(sweep.images) for sweep in results)
+    n_changed = sum(s["n_changed"] for sweep in results for s in sweep.images)
     template = _environment().get_template("correct_truncation_report.html")
     return template.render(
         page_title="dials.correct_truncation report",
         version=__version__,
-        overview=f"{n_images} image(s) in {len(plans)} imageset(s), {n_changed} pixels given new values, "
+        overview=f"{n_images} image(s) in {len(results)} imageset(s), {n_changed} pixels given new values, "
                  f"output format {record['parameters']['format']}",
         plotly_js_gzip=plotly_js_gzip(),
         sweeps=sweeps,
-        left_alone_rows=left_alone_rows(plans, n_sectors),
-        summary_rows=summary_rows(plans),
+        left_alone_rows=left_alone_rows(results, n_sectors),
+        summary_rows=summary_rows(results),
         parameter_rows=parameter_rows(record["parameters"]),
     )

@@ -1,12 +1,15 @@
 """Correcting every image of the planned imagesets, in parallel and
 bit-identically for any nproc, and writing the corrected images into the
-staging directory (program/outputs.py moves them into place)."""
+staging directory (program/outputs.py moves them into place): plans in, a
+:class:`SweepResult` per plan out."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -17,7 +20,15 @@ from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.cbf import write_full_cbf
 from dials_truncfix.io.smv import smv_pedestal, write_smv_image
-from dials_truncfix.program.planning import TruncationInputError
+from dials_truncfix.program.planning import SweepPlan, TruncationInputError
+
+if TYPE_CHECKING:
+    from dxtbx.imageset import ImageSet
+    from libtbx.phil import scope_extract
+
+    from dials_truncfix.geometry import ShellGeometry
+    from dials_truncfix.program.outputs import Staging
+    from dials_truncfix.settings import Settings
 
 logger = logging.getLogger(f"dials.{__name__}")
 
@@ -25,7 +36,24 @@ logger = logging.getLogger(f"dials.{__name__}")
 SLOW_IMAGE_SECONDS = 5.0
 
 
-def shell_geometry_of(imageset, index, settings):
+@dataclass(frozen=True)
+class SweepResult:
+    """What correcting the images of one plan gave: a summary per image (the
+    JSON record's, plus the low-count histograms of the report images) and,
+    for SMV output, the pedestal its images were stored with."""
+
+    plan: SweepPlan
+    images: tuple[dict, ...]
+    pedestal: int = 0
+
+    @property
+    def lowest_value(self) -> int | None:
+        """The lowest corrected value over the imageset (None: nothing corrected)."""
+        values = [s["min_value"] for s in self.images if s["min_value"] is not None]
+        return min(values) if values else None
+
+
+def shell_geometry_of(imageset: ImageSet, index: int, settings: Settings) -> ShellGeometry:
     """The ShellGeometry of image ``index``, exactly as the correction on read
     takes it from the experiment (format static mask and user mask included)."""
     path = imageset.get_path(index)
@@ -139,15 +167,15 @@ class CorrectTask:
 class SMVTask:
     """Write one staged image as SMV with the pedestal of its imageset."""
 
-    def __init__(self, plans, staging):
-        self.plans = {p.number: p for p in plans}
-        self.staged = {p.number: [staging.path(o) for o in p.outputs] for p in plans}
+    def __init__(self, results, staging):
+        self.results = {r.plan.number: r for r in results}
+        self.staged = {r.plan.number: [staging.path(o) for o in r.plan.outputs] for r in results}
 
     def __call__(self, item):
         number, index = item
-        plan, staged = self.plans[number], self.staged[number][index]
+        result, staged = self.results[number], self.staged[number][index]
         data = np.load(staged + ".npy")
-        n_clipped = write_smv_image(staged, plan.imageset, index, [data], plan.pedestal)
+        n_clipped = write_smv_image(staged, result.plan.imageset, index, [data], result.pedestal)
         os.unlink(staged + ".npy")
         return n_clipped
 
@@ -194,9 +222,19 @@ def _warn_if_slow(task, items):
     return first
 
 
-def correct_sweeps(plans, settings, fmt, mp, staging, n_report_images=3, progress=None):
-    """Correct every image into ``staging`` and fill in each plan's
-    per-image summaries and (SMV) pedestal."""
+def correct_sweeps(
+    plans: list[SweepPlan],
+    settings: Settings,
+    fmt: str,
+    mp: scope_extract,
+    staging: Staging | None,
+    n_report_images: int = 3,
+    progress: Callable[[dict], None] | None = None,
+) -> list[SweepResult]:
+    """Correct every image into ``staging`` (nothing is written for
+    on_read); ``progress`` is called with each image's summary as it is
+    done.  An SMV imageset's pedestal comes from its lowest corrected value,
+    so its images are written only once all are corrected."""
     report_images = {p.number: report_image_indices(len(p.imageset), n_report_images) for p in plans}
     task = CorrectTask(plans, settings, fmt, staging, report_images)
     items = [(p.number, i) for p in plans for i in range(len(p.imageset))]
@@ -204,15 +242,15 @@ def correct_sweeps(plans, settings, fmt, mp, staging, n_report_images=3, progres
     if progress:
         progress(first)
     summaries = [first] + parallel_map(task, items[1:], mp, callback=progress)
-    by_number = {p.number: p for p in plans}
+    per_plan = {p.number: [] for p in plans}
     for (number, _), summary in zip(items, summaries):
-        by_number[number].corrections.append(summary)
+        per_plan[number].append(summary)
+    results = [SweepResult(p, tuple(per_plan[p.number])) for p in plans]
     if fmt == "smv":
-        for p in plans:
-            p.pedestal = smv_pedestal(p.lowest_value)
-        clipped = sum(parallel_map(SMVTask(plans, staging), items, mp))
+        results = [SweepResult(r.plan, r.images, smv_pedestal(r.lowest_value)) for r in results]
+        clipped = sum(parallel_map(SMVTask(results, staging), items, mp))
         if clipped:
             logger.warning(
                 "%d pixel(s) too high for 16 bits with the pedestal were stored as 65535 (overloaded)", clipped
             )
-    return plans
+    return results

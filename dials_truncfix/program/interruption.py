@@ -1,0 +1,75 @@
+"""SIGTERM and SIGINT during dials.correct_truncation: the run stops without
+a partial output and without a traceback, and exits 143 or 130.
+
+Why this needs more than a signal handler:
+
+* The handler raises :class:`Interrupted` at once, but the code it lands in
+  may swallow it (a bare ``except`` in a library, such as libtbx's pool
+  wrappers).  So the handler also records the signal, and the run checks
+  the record (:meth:`Interruption.check`) before every commit: moving the
+  staged images into place, writing the experiment list.
+* Where Python cannot raise it at all (a ``__del__``, a fork handler), it
+  would print the exception as "Exception ignored": the unraisable hook
+  stays silent about :class:`Interrupted` while the run works, since the
+  recorded signal stops the run anyway.
+* The workers of a parallel run would go on writing images into the
+  staging directory (a signal they get is caught by DIALS' worker wrapper):
+  :func:`stop_workers` kills them before the staging directory is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import signal
+import sys
+from typing import Iterator
+
+
+class Interrupted(SystemExit):
+    """SIGTERM or SIGINT: unwind (so that staging is removed), exit 128 + signal."""
+
+
+class Interruption:
+    """The signal received while the run works, if any."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came, even one whose
+        exception was swallowed where it landed."""
+        if self.signum is not None:
+            raise Interrupted(128 + self.signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Interruption]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` while the run works;
+    yields the :class:`Interruption` to check before committing."""
+    interruption = Interruption()
+
+    def handler(signum, frame):
+        interruption.signum = signum
+        raise Interrupted(128 + signum)
+
+    def unraisable(report):
+        if not isinstance(report.exc_value, Interrupted):
+            previous_hook(report)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield interruption
+    finally:
+        sys.unraisablehook = previous_hook
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_workers() -> None:
+    """Kill this process's multiprocessing children: the workers of an
+    interrupted parallel run, which would go on writing their images."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
