@@ -89,7 +89,7 @@ def measure(paths, mode, targets):
     from dials_truncfix.core.parameters import CorrectionParameters
     from dials_truncfix.corrector import corrector_for, image_identity
     from dials_truncfix.format_wrapper import wrapped_class
-    from dials_truncfix.program.tasks import shell_geometry_of
+    from dials_truncfix.geometry import experiment_shell_geometry
     from dials_truncfix.settings import Settings
 
     settings = Settings(CorrectionParameters(assignment=mode))
@@ -98,7 +98,7 @@ def measure(paths, mode, targets):
     for p in paths:  # warm the page cache
         stock_class(p).get_raw_data()
     stock_iset = ExperimentListFactory.from_filenames(paths)[0].imageset
-    corrector = corrector_for(shell_geometry_of(stock_iset, 0, settings), settings.parameters)
+    corrector = corrector_for(experiment_shell_geometry(stock_iset, 0, stock_class(paths[0]), None), settings.parameters)
     raws = [stock_class(p).get_raw_data() for p in paths]
     read, correction = _median_times(
         [lambda k: stock_class(paths[k % n]).get_raw_data(),

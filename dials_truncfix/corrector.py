@@ -14,7 +14,7 @@ from dials_truncfix import compat
 from dials_truncfix.core.assignment import LOWEST_VALUE
 from dials_truncfix.core.correction import correct_image
 from dials_truncfix.core.parameters import CorrectionParameters
-from dials_truncfix.geometry import ShellGeometry, load_mask_file, shell_map_for
+from dials_truncfix.geometry import ShellGeometry, shell_map_for
 
 
 
@@ -79,12 +79,6 @@ def stock_zeros_valid(detector):
 def corrector_for(geometry: ShellGeometry, params: CorrectionParameters) -> ImageCorrector:
     """The ImageCorrector of this geometry and these parameters, reused."""
     return ImageCorrector(geometry, params)
-
-
-def user_mask(path, detector):
-    """The user's ``truncfix.mask`` as per-panel arrays (None without one);
-    MaskFileError naming the file if it cannot be used."""
-    return load_mask_file(path, detector) if path else None
 
 
 def image_identity(path, index=0):

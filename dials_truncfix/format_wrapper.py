@@ -82,11 +82,9 @@ from dxtbx.util import get_url_scheme
 
 from dials_truncfix.compat import unmangled_path, valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
-from dials_truncfix.corrector import (
-    corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid, user_mask,
-)
+from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid
 from dials_truncfix.detectors import correction_refused
-from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry, shell_geometry
+from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry, shell_geometry, user_mask
 from dials_truncfix.settings import (
     ENVIRONMENT_VARIABLE,
     FORMAT_KWARG,

@@ -101,30 +101,23 @@ def shell_geometry(beam, detector, masks=()):
     )
 
 
-def imageset_shell_geometry(imageset, index, static_mask=None, user_mask=None):
-    """The ShellGeometry of image ``index`` of an imageset: its beam and
-    detector models and every mask it carries, plus the format's static mask
-    and the user's mask (per-panel arrays or None)."""
-    beam, detector = imageset.get_beam(index), imageset.get_detector(index)
-    external = imageset.external_lookup.mask.data
-    masks = [
-        static_mask,
-        None if external.empty() else [external.tile(i).data() for i in range(len(external))],
-        [panel.get_untrusted_rectangle_mask() for panel in detector],
-        user_mask,
-    ]
-    return shell_geometry(beam, detector, masks)
-
-
 def experiment_shell_geometry(imageset, position: int, format_instance, mask_path: str | None) -> ShellGeometry:
     """The ShellGeometry of the image at ``position`` of an imageset: the one
     rule both routes (the correction on read and dials.correct_truncation)
     follow, so that they give the same pixels.  Its beam and detector models
-    and every mask the imageset carries, the static mask of its format class
-    (``format_instance``, an instance for that image) and the user's
-    ``truncfix.mask`` file (MaskFileError if it cannot be used)."""
-    mask = load_mask_file(mask_path, imageset.get_detector(position)) if mask_path else None
-    return imageset_shell_geometry(imageset, position, format_instance.get_static_mask(), mask)
+    and every mask the imageset carries (external mask, untrusted regions),
+    the static mask of its format class (``format_instance``, an instance
+    for that image) and the user's ``truncfix.mask`` file (MaskFileError if
+    it cannot be used)."""
+    beam, detector = imageset.get_beam(position), imageset.get_detector(position)
+    external = imageset.external_lookup.mask.data
+    masks = [
+        format_instance.get_static_mask(),
+        None if external.empty() else [external.tile(i).data() for i in range(len(external))],
+        [panel.get_untrusted_rectangle_mask() for panel in detector],
+        user_mask(mask_path, detector),
+    ]
+    return shell_geometry(beam, detector, masks)
 
 
 def _pixel_centres(panel):
@@ -200,6 +193,12 @@ def load_mask_file(path, detector):
         return mask_to_numpy(mask, detector)
     except (MaskFileError, TypeError, ValueError) as e:
         raise MaskFileError(f"{path}: {e}") from None
+
+
+def user_mask(path: str | None, detector):
+    """The user's ``truncfix.mask`` as per-panel arrays (None without one);
+    MaskFileError naming the file if it cannot be used."""
+    return load_mask_file(path, detector) if path else None
 
 
 @functools.lru_cache(maxsize=8)

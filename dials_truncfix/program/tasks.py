@@ -15,8 +15,8 @@ import numpy as np
 
 from dials_truncfix import compat
 from dials_truncfix.core.histogram import counts_up_to, histogram_values, region_histogram
-from dials_truncfix.corrector import NOT_VALID, corrected_value_range, corrector_for, stock_zeros_valid, user_mask
-from dials_truncfix.geometry import MaskFileError, imageset_shell_geometry
+from dials_truncfix.corrector import NOT_VALID, corrected_value_range, corrector_for, stock_zeros_valid
+from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.cbf import write_full_cbf
 from dials_truncfix.io.smv import smv_pedestal, write_smv_image
@@ -54,15 +54,14 @@ class SweepResult:
 
 
 def shell_geometry_of(imageset: ImageSet, index: int, settings: Settings) -> ShellGeometry:
-    """The ShellGeometry of image ``index``, exactly as the correction on read
-    takes it from the experiment (format static mask and user mask included)."""
-    path = imageset.get_path(index)
-    static = imageset.get_format_class().get_instance(path, **imageset.params()).get_static_mask()
+    """The ShellGeometry of image ``index`` by the rule the correction on read
+    follows too (geometry.experiment_shell_geometry); a truncfix.mask that
+    cannot be used is bad input."""
+    instance = imageset.get_format_class().get_instance(imageset.get_path(index), **imageset.params())
     try:
-        mask = user_mask(settings.mask, imageset.get_detector(index))
+        return experiment_shell_geometry(imageset, index, instance, settings.mask)
     except MaskFileError as e:
         raise TruncationInputError(f"truncfix.mask={e}") from None
-    return imageset_shell_geometry(imageset, index, static, mask)
 
 
 def low_count_histograms(panels, shell_map, top):
