@@ -82,7 +82,7 @@ def compare_with_truth(directory, image_index=0):
         t, c = truth[lost], corrected[lost]
         fit = shell.get("fit") or {}
         print(
-            f"{k:5d} {shell['d_max']:6.2f}-{shell['d_min']:5.2f} {lost.sum() / max(1, (labels == k).sum()):10.1%}"
+            f"{k + 1:5d} {shell['d_max']:6.2f}-{shell['d_min']:5.2f} {lost.sum() / max(1, (labels == k).sum()):10.1%}"
             f"   {t.mean():6.2f} ({t.std():5.2f})    {c.mean():6.2f} ({c.std():5.2f})"
             + (f"        {fit['theta']:7.2f} {fit['mu']:5.2f} {fit['sigma']:5.2f}" if fit else "")
         )
