@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dials_truncfix.core.assignment import TABLE_SIZE, image_rng, slot_ends, uniform_slots, value_distribution
+from dials_truncfix.core.assignment import (
+    TABLE_SIZE, image_rng, slot_ends, slot_values, uniform_slots, value_distribution,
+)
 from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
@@ -312,7 +314,7 @@ def value_table(batch, results, fits, params):
         )
         results[r].assignment = params.assignment
         ends = slot_ends(probabilities)
-        table[row] = np.repeat(values.astype(np.int32), np.diff(ends, prepend=0))
+        table[row] = slot_values(values, ends)
         distributions[r] = (values, ends)
     return table.ravel(), distributions
 
