@@ -322,7 +322,7 @@ def value_table(batch, results, fits, params):
 def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
     """Give the zero pixels of the fitted regions their values: one 16-bit
     random integer per zero pixel (raster order) picks a slot of its region's
-    row of the value table, the key (row << 16) | slot indexing it directly;
+    row of the value table, the key row * TABLE_SIZE + slot indexing it directly;
     the keys, counted, give how many pixels got each value (the returned
     tally, run when the regions' results are first asked for)."""
     slots = uniform_slots(rng, len(zero_positions))
@@ -340,8 +340,8 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
             positions, rows, batch_slots = positions[chosen], rows[chosen], slots[chosen]
         keys = rows
         keys += 1 - first  # row 0: masked pixels
-        keys <<= 16
-        keys |= batch_slots
+        keys *= TABLE_SIZE
+        keys += batch_slots
         out[positions] = np.take(table, keys)
         tallies.append((batch, distributions, keys))
 
