@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dials_truncfix.core.assignment import TABLE_SIZE, image_rng, slot_ends, uniform_slots, value_distribution
+from dials_truncfix.core.assignment import (
+    TABLE_SIZE, image_rng, slot_ends, slot_values, uniform_slots, value_distribution,
+)
 from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
@@ -254,6 +256,8 @@ def find_non_positive(flat):
     (one comparison); (None, ()) for unsigned data."""
     if flat.dtype.kind == "u":
         return None, ()
+    if flat.min(initial=0) >= 0:  # the usual case: the pixels <= 0 are the zeros
+        return np.flatnonzero(flat == 0), np.array([], dtype=np.intp)
     non_positive = np.flatnonzero(flat <= 0)
     return non_positive, non_positive[np.take(flat, non_positive) < 0]
 
@@ -288,59 +292,69 @@ def _output(flat, panels, overwrite_input):
     return flat.astype(dtype, copy=True)
 
 
-#: regions whose lookup tables are gathered from at once (64 x 65536 slots)
-TABLE_ROWS = 64
+#: regions per value table (64 x 65536 int32 slots, 16 MiB at most): images
+#: with more regions are assigned in batches of consecutive regions
+TABLE_ROWS = 63
 
 
-def lookup_tables(batch, results, fits, params):
-    """(slot -> code table, code -> value table, code of each region's first
-    value, values and slot ends per region) of a batch of fitted regions.
-    Row 0 of the tables (code 0, value 0) is for the pixels left as they are:
-    masked ones and those of regions not in the batch."""
-    distributions = []
-    for r in batch:
+def value_table(batch, results, fits, params):
+    """(slot -> value table of a batch of consecutive regions, values and
+    slot ends of each fitted one).  Row 1 + i holds the lookup table of
+    region ``batch[i]`` (value_distribution, slot_ends); row 0 and the rows
+    of regions not fitted hold 0, which leaves their zero pixels (and the
+    masked ones) as they are."""
+    table = np.zeros((len(batch) + 1, TABLE_SIZE), dtype=np.int32)
+    distributions = {}
+    for row, r in enumerate(batch, start=1):
+        if r not in fits:
+            continue
         fit = fits[r]
         values, probabilities, results[r].conditional_mean = value_distribution(
             params.assignment, results[r].n_zero, fit.theta, fit.mu, fit.sigma
         )
         results[r].assignment = params.assignment
-        distributions.append((values, slot_ends(probabilities)))
-    first_code = np.cumsum([1] + [len(v) for v, _ in distributions])
-    code_type = np.int16 if first_code[-1] <= 2**15 else np.int32
-    runs = np.concatenate([[TABLE_SIZE]] + [np.diff(ends, prepend=0) for _, ends in distributions])
-    codes = np.repeat(np.arange(first_code[-1], dtype=code_type), runs)
-    code_values = np.concatenate([[0]] + [v for v, _ in distributions]).astype(np.int32)
-    return codes, code_values, first_code, distributions
+        ends = slot_ends(probabilities)
+        table[row] = slot_values(values, ends)
+        distributions[r] = (values, ends)
+    return table.ravel(), distributions
 
 
 def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
     """Give the zero pixels of the fitted regions their values: one 16-bit
     random integer per zero pixel (raster order) picks a slot of its region's
-    lookup table (value_distribution, slot_ends); the slot's code gives the
-    value and, counted, how many pixels got each value (the returned tally,
-    run when the regions' results are first asked for)."""
+    row of the value table, the key row * TABLE_SIZE + slot indexing it directly;
+    the keys, counted, give how many pixels got each value (the returned
+    tally, run when the regions' results are first asked for)."""
     slots = uniform_slots(rng, len(zero_positions))
     fitted = sorted(fits)
+    n_regions = len(results)
     tallies = []
-    for first in range(0, len(fitted), TABLE_ROWS):
-        batch = fitted[first : first + TABLE_ROWS]
-        codes, code_values, first_code, distributions = lookup_tables(batch, results, fits, params)
-        row_start = np.zeros(len(results) + 1, dtype=np.intp)  # the last entry: INVALID
-        row_start[batch] = np.arange(1, len(batch) + 1) * TABLE_SIZE
-        positions, keys = zero_positions, np.take(row_start, zero_regions) + slots
-        if len(fitted) > TABLE_ROWS:
-            chosen = np.flatnonzero(np.take(row_start, zero_regions))
-            positions, keys = positions[chosen], keys[chosen]
-        drawn = np.take(codes, keys)
-        out[positions] = np.take(code_values, drawn)
-        tallies.append((batch, distributions, first_code, drawn))
+    for first in range(fitted[0] - fitted[0] % TABLE_ROWS, fitted[-1] + 1, TABLE_ROWS):
+        batch = range(first, min(first + TABLE_ROWS, n_regions))
+        if not any(r in fits for r in batch):
+            continue
+        table, distributions = value_table(batch, results, fits, params)
+        positions, rows, batch_slots = zero_positions, zero_regions.astype(np.int32), slots
+        if n_regions > TABLE_ROWS:  # keep this batch's pixels (INVALID is -1)
+            chosen = np.flatnonzero((rows >= first) & (rows < first + TABLE_ROWS))
+            positions, rows, batch_slots = positions[chosen], rows[chosen], slots[chosen]
+        keys = rows
+        keys += 1 - first  # row 0: masked pixels
+        keys *= TABLE_SIZE
+        keys += batch_slots
+        out[positions] = np.take(table, keys)
+        tallies.append((batch, distributions, keys))
 
     def tally():
-        """Each fitted region's n_changed and min_value, from the codes drawn."""
-        for batch, distributions, first_code, drawn in tallies:
-            counts = np.bincount(drawn, minlength=int(first_code[-1]))
-            for r, (values, _), start in zip(batch, distributions, first_code):
-                given = counts[start : start + len(values)]
+        """Each fitted region's n_changed and min_value, from the keys drawn."""
+        for batch, distributions, keys in tallies:
+            counts = np.bincount(keys, minlength=(len(batch) + 1) * TABLE_SIZE).reshape(-1, TABLE_SIZE)
+            for row, r in enumerate(batch, start=1):
+                if r not in distributions:
+                    continue
+                values, ends = distributions[r]
+                below_slot = np.concatenate(([0], np.cumsum(counts[row])))
+                given = np.diff(below_slot[np.concatenate(([0], ends))])
                 results[r].n_changed = int(given[values != 0].sum())
                 results[r].min_value = int(values[np.flatnonzero(given)[-1]])
 

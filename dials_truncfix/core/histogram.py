@@ -62,8 +62,10 @@ class RegionHistograms:
         self.flat, self.labels, self.stride, self.n_sampled = flat, labels, stride, n_sampled
         sampled = flat[::stride]
         top = self.bins - 1
-        capped = np.clip(sampled, 0, top) if clip_negative else np.minimum(sampled, top)
-        keys = base + (capped if capped.dtype.kind != "f" else capped.astype(np.intp))
+        keys = np.clip(sampled, 0, top) if clip_negative else np.minimum(sampled, top)
+        if keys.dtype not in (np.int32, np.int64):
+            keys = keys.astype(np.int32)
+        keys += base  # in place: one array less of the sample's size
         counts = np.bincount(keys, minlength=(self.n_regions + 1) * self.bins)
         self.capped = counts[: self.n_regions * self.bins].reshape(self.n_regions, self.bins)
 

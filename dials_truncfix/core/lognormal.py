@@ -73,14 +73,14 @@ def bin_probabilities(theta, mu, sigma, imax):
 
 
 def _log_diff_ndtr(z_hi, z_lo):
-    """log(Phi(z_hi) - Phi(z_lo)) for z_hi > z_lo, accurate in both tails."""
+    """log(Phi(z_hi) - Phi(z_lo)) for z_hi > z_lo, accurate in both tails
+    (called under np.errstate(all="ignore"): an empty bin gives -inf)."""
     upper_tail = z_lo > 0
     a = np.where(upper_tail, -z_lo, z_hi)
     b = np.where(upper_tail, -z_hi, z_lo)
     log_a = special.log_ndtr(a)
     log_b = special.log_ndtr(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return log_a + np.log1p(-np.exp(log_b - log_a))
+    return log_a + np.log1p(-np.exp(log_b - log_a))
 
 
 _PLUS_INF = np.array([np.inf])
@@ -88,9 +88,16 @@ _MINUS_INF = np.array([-np.inf])
 
 
 def _zero_where(values, empty):
-    """``values`` with the entries of empty bins set to 0 (in place)."""
-    values[empty] = 0.0
+    """``values`` with the entries of empty bins set to 0 (in place);
+    ``empty`` is None where no bin is empty (the usual case)."""
+    if empty is not None:
+        values[empty] = 0.0
     return values
+
+
+def _where_any(mask):
+    """``mask``, or None when it selects nothing (see _zero_where)."""
+    return mask if mask.any() else None
 
 
 def _log_phi(z):
@@ -142,12 +149,13 @@ class Objective:
         between the edges."""
         c = self.bin_counts
         self.occupied = c > 0
-        self.empty = ~self.occupied
+        empty = ~self.occupied
+        self.empty = _where_any(empty)
         self.occupied_counts = c[self.occupied]
         self.count_below, self.count_above = c[:-1], c[1:]
-        self.below_empty, self.above_empty = self.empty[:-1], self.empty[1:]
+        self.below_empty, self.above_empty = _where_any(empty[:-1]), _where_any(empty[1:])
         # bin e + 1 joins edges e and e + 1
-        self.minus_count_between, self.between_empty = -c[1:-1], self.empty[1:-1]
+        self.minus_count_between, self.between_empty = -c[1:-1], _where_any(empty[1:-1])
 
     def _log_bin_probabilities(self, z):
         """log P(bin) for the edges at standardised positions z."""
@@ -184,47 +192,48 @@ class Objective:
         matrix in z, chained through z(theta, mu, sigma) and the
         reparametrisation."""
         try:
-            return self._with_hessian(*p)
+            with np.errstate(all="ignore"):
+                return self._with_hessian(*p)
         except (ValueError, OverflowError, ZeroDivisionError):
             return NOT_FINITE, np.zeros(3), np.eye(3)
 
     def _with_hessian(self, a, mu, s):
         sigma, t = math.exp(s), math.exp(a)
-        with np.errstate(all="ignore"):
-            y = self.offsets + t
-            z = (np.log(y) - mu) / sigma
-            log_p = self._log_bin_probabilities(z)
-            log_phi = _log_phi(z)
-            r_top = np.exp(log_phi - log_p[:-1])  # edge e as the top of bin e
-            r_bottom = -np.exp(log_phi - log_p[1:])  # and as the bottom of bin e + 1
-            # the terms of empty bins are zero (their r may not be finite)
-            w = _zero_where(self.count_below * r_top, self.below_empty) + _zero_where(
-                self.count_above * r_bottom, self.above_empty
-            )
-            diag = _zero_where(self.count_below * (-z * r_top - r_top**2), self.below_empty) + _zero_where(
-                self.count_above * (-z * r_bottom - r_bottom**2), self.above_empty
-            )
-            off = _zero_where(self.minus_count_between * r_bottom[:-1] * r_top[1:], self.between_empty)
-            grad_z = np.empty((3, len(y)))  # dz/d(theta, mu, sigma) per edge
-            grad_z[0] = -1 / (sigma * y)
-            grad_z[1] = -1 / sigma
-            grad_z[2] = -z / sigma
-            h = (grad_z * diag) @ grad_z.T
-            cross = (grad_z[:, :-1] * off) @ grad_z[:, 1:].T
-            h += cross + cross.T
-            # sum_e w_e * second derivatives of z_e
-            h[0, 0] += np.dot(w, -1 / (sigma * y**2))
-            h[0, 2] += np.dot(w, 1 / (sigma**2 * y))
-            h[1, 2] += w.sum() / sigma**2
-            h[2, 2] += np.dot(w, 2 * z / sigma**2)
-            h[2, 0], h[2, 1] = h[0, 2], h[1, 2]
-            g = np.array([np.dot(w, -1 / (sigma * y)), -w.sum() / sigma, -np.dot(w, z) / sigma])
-            # theta = 0.5 - exp(a): d theta/da = d2 theta/da2 = -t; sigma = exp(s)
-            jac = np.array([-t, 1.0, sigma])
-            h = h * (jac[:, None] * jac)
-            h[0, 0] += g[0] * -t
-            h[2, 2] += g[2] * sigma
-            value = np.dot(self.occupied_counts, log_p[self.occupied])
+        y = self.offsets + t
+        z = (np.log(y) - mu) / sigma
+        log_p = self._log_bin_probabilities(z)
+        log_phi = _log_phi(z)
+        r_top = np.exp(log_phi - log_p[:-1])  # edge e as the top of bin e
+        r_bottom = -np.exp(log_phi - log_p[1:])  # and as the bottom of bin e + 1
+        # the terms of empty bins are zero (their r may not be finite)
+        w = _zero_where(self.count_below * r_top, self.below_empty) + _zero_where(
+            self.count_above * r_bottom, self.above_empty
+        )
+        diag = _zero_where(self.count_below * (-z * r_top - r_top**2), self.below_empty) + _zero_where(
+            self.count_above * (-z * r_bottom - r_bottom**2), self.above_empty
+        )
+        off = _zero_where(self.minus_count_between * r_bottom[:-1] * r_top[1:], self.between_empty)
+        grad_z = np.empty((3, len(y)))  # dz/d(theta, mu, sigma) per edge
+        grad_z[0] = -1 / (sigma * y)
+        grad_z[1] = -1 / sigma
+        grad_z[2] = -z / sigma
+        h = (grad_z * diag) @ grad_z.T
+        cross = (grad_z[:, :-1] * off) @ grad_z[:, 1:].T
+        h += cross + cross.T
+        # sum_e w_e * second derivatives of z_e
+        h[0, 0] += np.dot(w, -1 / (sigma * y**2))
+        h[0, 2] += np.dot(w, 1 / (sigma**2 * y))
+        w_sum = w.sum()
+        h[1, 2] += w_sum / sigma**2
+        h[2, 2] += np.dot(w, 2 * z / sigma**2)
+        h[2, 0], h[2, 1] = h[0, 2], h[1, 2]
+        g = np.array([np.dot(w, grad_z[0]), -w_sum / sigma, -np.dot(w, z) / sigma])
+        # theta = 0.5 - exp(a): d theta/da = d2 theta/da2 = -t; sigma = exp(s)
+        jac = np.array([-t, 1.0, sigma])
+        h = h * (jac[:, None] * jac)
+        h[0, 0] += g[0] * -t
+        h[2, 2] += g[2] * sigma
+        value = np.dot(self.occupied_counts, log_p[self.occupied])
         grad = g * jac
         if not (math.isfinite(value) and np.isfinite(grad).all() and np.isfinite(h).all()):
             return NOT_FINITE, np.zeros(3), np.eye(3)
@@ -335,6 +344,8 @@ def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
 #: many units in the last place of its value is rounding, not progress
 ROUNDING_ULPS = 64
 
+_IDENTITY = np.eye(3)
+
 
 def _newton(objective, x, max_iterations, gtol=1e-9):
     """Damped Newton with backtracking for the exact likelihood: a handful of
@@ -348,15 +359,15 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
     success = False
     iteration = 0
     while iteration < max_iterations:
-        if np.max(np.abs(grad)) < gtol:
+        if np.abs(grad).max() < gtol:
             success, message = True, "converged"
             break
         rounding = ROUNDING_ULPS * np.spacing(abs(value))
         iteration += 1
         while True:
             try:
-                step = -np.linalg.solve(hessian + damping * np.eye(3), grad)
-                if np.all(np.isfinite(step)) and np.dot(step, grad) < 0:
+                step = -np.linalg.solve(hessian + damping * _IDENTITY, grad)
+                if np.isfinite(step).all() and np.dot(step, grad) < 0:
                     break
             except np.linalg.LinAlgError:
                 pass

@@ -159,7 +159,7 @@ def sample_keys(labels, stride, n_regions):
     pixel in bins from ``n_regions * histogram_bins(n_regions)`` on."""
     bins = histogram_bins(n_regions)
     sampled = labels[::stride]
-    base = sampled.astype(np.intp) * bins
+    base = sampled.astype(np.int32) * bins  # int32: the keys are built in place
     base[sampled == INVALID] = n_regions * bins
     return base, np.bincount(sampled[sampled >= 0], minlength=n_regions)
 
