@@ -86,6 +86,10 @@ def test_offset_camera_image_is_left_exactly_as_it_was(caplog):
     assert not image.ravel()[left].any()
     lines = [r.message for r in caplog.records if "not truncation" in r.message]
     assert len(lines) == 1 and f"{len(with_zeros)} of 10 regions" in lines[0]
+    # the next image of the sweep, alike: no second line
+    with caplog.at_level("INFO"):
+        correct_image([offset_camera_image(512, 25, np.random.default_rng(2))], radial_map(512), PARAMS, "offset#1")
+    assert len([r for r in caplog.records if "not truncation" in r.message]) == 1
 
 
 # --- end to end: a camera whose inner shells carry an offset and a beam stop ------------------

@@ -411,18 +411,21 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
             result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
             _say_once(image_key, r, logging.WARNING, "Image %s %s (%.2f-%.2f A): %s" % (
                 image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status))
-    _summarise_left_alone(results, image_key)
+    _summarise_left_alone(results, shell_map, image_key)
     return fits
 
 
-def _summarise_left_alone(results, image_key):
-    """One line per image for the regions whose zeros are not truncation."""
+def _summarise_left_alone(results, shell_map, image_key):
+    """One line for the regions whose zeros are not truncation, said once
+    for all the images that leave the same regions alone for the same
+    reasons (a sweep from an offset camera says it once, not per image)."""
     left_alone = [s for s in results if s.status.startswith(NOT_TRUNCATION)]
     if left_alone:
-        reasons = sorted({s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone})
-        _say_once(image_key, NOT_TRUNCATION, logging.INFO,
-                  "Image %s: %d of %d regions: zeros left alone, not truncation (%s)" % (
-                      image_key, len(left_alone), len(results), "; ".join(reasons)))
+        names = tuple(shell_map.region_name(r) for r, s in enumerate(results) if s.status.startswith(NOT_TRUNCATION))
+        reasons = tuple(sorted({s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone}))
+        _say_once(None, (NOT_TRUNCATION, names, reasons), logging.INFO,
+                  "Image %s and any other with the same: zeros of %d of %d regions (%s) left alone, not truncation (%s)"
+                  % (image_key, len(left_alone), len(results), ", ".join(names), "; ".join(reasons)))
 
 
 def _fit_merged(result, region, histograms, shell_map, params, image_key):
