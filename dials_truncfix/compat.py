@@ -15,7 +15,7 @@ import re
 
 
 @functools.lru_cache(maxsize=None)
-def trusted_range_is_inclusive():
+def trusted_range_is_inclusive() -> bool:
     """dxtbx >= 3.12 counts a pixel v as valid when min <= v <= max; dxtbx
     3.11 and earlier when min < v < max."""
     from dxtbx.model import Panel
@@ -27,7 +27,7 @@ def trusted_range_is_inclusive():
     return bool(panel.get_trusted_range_mask(flex.int(flex.grid(1, 1), 0))[0])
 
 
-def valid_integer_range(trusted_range):
+def valid_integer_range(trusted_range: tuple) -> tuple[int, int]:
     """(lowest, highest) integer pixel value that a panel with this trusted
     range counts as valid."""
     low, high = trusted_range
@@ -36,7 +36,7 @@ def valid_integer_range(trusted_range):
     return math.floor(low) + 1, math.ceil(high) - 1
 
 
-def trusted_range_for(lowest, highest):
+def trusted_range_for(lowest: int, highest: int) -> tuple[float, float]:
     """A trusted range under which exactly the integers lowest..highest are
     valid pixel values."""
     if trusted_range_is_inclusive():
@@ -44,7 +44,7 @@ def trusted_range_for(lowest, highest):
     return float(lowest - 1), float(highest + 1)
 
 
-def available_cores():
+def available_cores() -> int:
     """The number of processors DIALS would use for nproc=Auto: DIALS 3.19
     moved it from dials.util.mp.available_cores to dials.util.system."""
     try:
@@ -56,7 +56,7 @@ def available_cores():
     return CPU_COUNT
 
 
-def unmangled_path(name, scheme):
+def unmangled_path(name, scheme: str) -> str | None:
     """The file path inside ``name`` if dxtbx mangled a URL of ``scheme``
     into a path, else None.  dxtbx (3.11 and current alike) resolves an
     experiment list's sequence template as a path relative to the list's

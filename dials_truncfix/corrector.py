@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scitbx.array_family import flex
 
 from dials_truncfix import compat
 from dials_truncfix.core.assignment import LOWEST_VALUE
-from dials_truncfix.core.correction import correct_image
+from dials_truncfix.core.correction import ImageCorrection, correct_image
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry, shell_map_for
+
+if TYPE_CHECKING:
+    from dxtbx.model import Detector, Panel
 
 
 
@@ -31,7 +35,7 @@ class ImageCorrector:
         self.params = params
         self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell, params.n_sectors)
 
-    def correct(self, raw_data, image_key: str, zeros_valid: bool = True):
+    def correct(self, raw_data, image_key: str, zeros_valid: bool = True) -> tuple[tuple, ImageCorrection]:
         """(corrected raw data as a tuple of flex arrays, ImageCorrection).
 
         Images that need no correction come back as the very same objects.
@@ -69,7 +73,7 @@ def _set_flat(panels, positions, value):
         offset += panel.size
 
 
-def stock_zeros_valid(detector):
+def stock_zeros_valid(detector: Detector | None) -> bool:
     """Whether a stock detector model counts a zero pixel as valid (current
     dxtbx's ADSC trusted range starts at 1)."""
     return detector is None or all(compat.valid_integer_range(p.get_trusted_range())[0] <= 0 for p in detector)
@@ -81,19 +85,19 @@ def corrector_for(geometry: ShellGeometry, params: CorrectionParameters) -> Imag
     return ImageCorrector(geometry, params)
 
 
-def image_identity(path, index=0):
+def image_identity(path: str, index: int = 0) -> str:
     """What seeds an image's correction: its file name and its index within a
     multi-image file, not the directory, so that moved data correct alike."""
     return f"{os.path.basename(os.fspath(path))}#{index}"
 
 
-def corrected_value_range(panel):
+def corrected_value_range(panel: Panel) -> tuple[int, int]:
     """(lowest, highest) integer a corrected image of this panel may hold as a
     valid pixel: any corrected value, up to the panel's highest valid count."""
     return LOWEST_VALUE, compat.valid_integer_range(panel.get_trusted_range())[1]
 
 
-def set_corrected_trusted_ranges(detector):
+def set_corrected_trusted_ranges(detector: Detector) -> Detector:
     """Widen each panel's trusted range (in place) to admit the corrected
     values; the maximum stays."""
     for panel in detector:

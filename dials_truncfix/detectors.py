@@ -10,14 +10,14 @@ from __future__ import annotations
 COUNTING_FAMILIES = ("pilatus", "eiger", "timepix", "medipix", "merlin", "lambda", "tristan")
 
 
-def is_counting_detector(format_class):
+def is_counting_detector(format_class: type) -> bool:
     """Whether a format class (or one of its bases) belongs to a counting family."""
     return any(
         family in cls.__name__.lower() for cls in format_class.__mro__ for family in COUNTING_FAMILIES
     )
 
 
-def correction_refused(format_class, detector_choice):
+def correction_refused(format_class: type, detector_choice: str) -> str | None:
     """Why images of this format class are not corrected under the user's
     ``truncfix.detector`` choice, or None if they are."""
     name = format_class.__name__

@@ -20,10 +20,16 @@ import os
 import pickle
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dials_truncfix.core.shells import ShellMap, build_shell_map
+
+if TYPE_CHECKING:
+    from dxtbx.format.Format import Format
+    from dxtbx.imageset import ImageSet
+    from dxtbx.model import Beam, Detector
 
 
 
@@ -48,13 +54,13 @@ class ShellGeometry:
     def __hash__(self):
         return hash(self.digest)
 
-    def detector_model(self):
+    def detector_model(self) -> Detector:
         from dxtbx.model import DetectorFactory
 
         return DetectorFactory.from_dict(self.detector)
 
     @functools.cached_property
-    def digest(self):
+    def digest(self) -> str:
         """Identifies the geometry and mask (for caches)."""
         h = hashlib.blake2b(digest_size=20)
         h.update(json.dumps([self.s0, self.detector], sort_keys=True).encode())
@@ -62,7 +68,7 @@ class ShellGeometry:
             h.update(np.packbits(v).tobytes())
         return h.hexdigest()
 
-    def to_record(self):
+    def to_record(self) -> dict:
         """JSON-able form, the valid pixels packed and compressed."""
         return {
             "s0": list(self.s0),
@@ -71,7 +77,7 @@ class ShellGeometry:
         }
 
     @classmethod
-    def from_record(cls, record):
+    def from_record(cls, record: dict) -> ShellGeometry:
         valid = record.get("valid")
         shapes = [p["image_size"][::-1] for p in record["detector"]["panels"]]
         return cls(
@@ -90,7 +96,7 @@ def _unpack(text, shape):
     return np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
 
 
-def shell_geometry(beam, detector, masks=()):
+def shell_geometry(beam: Beam, detector: Detector, masks=()) -> ShellGeometry:
     """ShellGeometry of these models, valid where all ``masks`` (per-panel
     flex.bool or numpy arrays, True = valid; None entries ignored) are."""
     valid = combine_masks(detector, *masks)
@@ -101,7 +107,8 @@ def shell_geometry(beam, detector, masks=()):
     )
 
 
-def experiment_shell_geometry(imageset, position: int, format_instance, mask_path: str | None) -> ShellGeometry:
+def experiment_shell_geometry(imageset: ImageSet, position: int, format_instance: Format,
+                              mask_path: str | None) -> ShellGeometry:
     """The ShellGeometry of the image at ``position`` of an imageset: the one
     rule both routes (the correction on read and dials.correct_truncation)
     follow, so that they give the same pixels.  Its beam and detector models
@@ -132,7 +139,7 @@ def _pixel_centres(panel):
     return origin + i[:, None, None] * s_axis + j[None, :, None] * f_axis
 
 
-def inv_d2_per_panel(detector, s0):
+def inv_d2_per_panel(detector: Detector, s0) -> list:
     """1/d^2 (A^-2) at every pixel centre, one (slow, fast) array per panel,
     from the panel frames (any number of panels, tilts, beam position)."""
     s0 = np.array(s0)
@@ -146,7 +153,7 @@ def inv_d2_per_panel(detector, s0):
     return out
 
 
-def azimuth_per_panel(detector, s0):
+def azimuth_per_panel(detector: Detector, s0) -> list:
     """The azimuth (radians) of every pixel centre about the beam, one
     (slow, fast) array per panel (for regions of annulus x sector)."""
     beam = np.array(s0) / np.linalg.norm(s0)
@@ -177,7 +184,7 @@ def combine_masks(detector, *masks):
     return combined
 
 
-def load_mask_file(path, detector):
+def load_mask_file(path: str, detector: Detector) -> list:
     """A DIALS mask pickle (tuple of flex.bool, True = valid) as numpy arrays;
     MaskFileError naming the file if it cannot be used."""
     if not os.path.isfile(path):
@@ -195,7 +202,7 @@ def load_mask_file(path, detector):
         raise MaskFileError(f"{path}: {e}") from None
 
 
-def user_mask(path: str | None, detector):
+def user_mask(path: str | None, detector: Detector) -> list | None:
     """The user's ``truncfix.mask`` as per-panel arrays (None without one);
     MaskFileError naming the file if it cannot be used."""
     return load_mask_file(path, detector) if path else None

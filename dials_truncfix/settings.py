@@ -59,7 +59,7 @@ class Settings:
     detector: str = "auto"  # truncfix.detector
     geometry: ShellGeometry | None = None  # fixed shell geometry, if any
 
-    def to_record(self):
+    def to_record(self) -> dict:
         """The JSON-able record kept in the experiment list."""
         return {
             "version": RECORD_VERSION,
@@ -71,7 +71,7 @@ class Settings:
         }
 
     @classmethod
-    def from_record(cls, record):
+    def from_record(cls, record: dict) -> Settings:
         record = dict(record)
         _note_algorithm(record)
         record.pop("algorithm", None)
@@ -93,7 +93,7 @@ class Settings:
         )
 
     @classmethod
-    def from_phil(cls, truncfix):
+    def from_phil(cls, truncfix) -> Settings:
         """From an extracted ``truncfix`` PHIL scope."""
         mask = os.path.abspath(truncfix.mask) if truncfix.mask else None
         return cls(correction_parameters(truncfix), mask, truncfix.detector)

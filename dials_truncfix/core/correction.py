@@ -60,10 +60,10 @@ class ShellResult:
     conditional_mean: float | None = None
 
     @property
-    def zero_fraction(self):
+    def zero_fraction(self) -> float:
         return self.n_zero / self.n_valid if self.n_valid else 0.0
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         out = asdict(self)
         out["zero_fraction"] = self.zero_fraction
         out["fit"] = self.fit.as_dict() if self.fit else None
@@ -99,7 +99,7 @@ def _zero_lines(panel, axis, n_valid_per_line):
     return candidates[lines.max(axis=axis) == 0]
 
 
-def damaged_lines(panels, shell_map):
+def damaged_lines(panels: list, shell_map: ShellMap) -> tuple:
     """(flat boolean mask of the pixels in damaged rows and columns, or None;
     their description, e.g. 'rows 200-255'), from the per-panel arrays.
     Only integer data without negative values is checked (all the correction
@@ -155,11 +155,11 @@ class ImageCorrection:
         return np.array([], dtype=np.intp) if self._zeros_left is None else self._zeros_left()
 
     @property
-    def n_changed(self):
+    def n_changed(self) -> int:
         return sum(s.n_changed for s in self.shells)
 
     @property
-    def min_value(self):
+    def min_value(self) -> int | None:
         """The most negative value given to a pixel, or None."""
         values = [s.min_value for s in self.shells if s.min_value is not None]
         return min(values) if values else None
@@ -197,7 +197,7 @@ def _not_truncated(flat, labels):
     return None
 
 
-def correct_image(panels, shell_map: ShellMap, params: CorrectionParameters, image_key,
+def correct_image(panels: list, shell_map: ShellMap, params: CorrectionParameters, image_key: str,
                   overwrite_input: bool = False) -> ImageCorrection:
     """Correct one image given as a list of per-panel integer arrays.
 

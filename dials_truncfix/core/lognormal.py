@@ -52,11 +52,11 @@ class LognormalFit:
     n_iterations: int
     message: str = ""
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
-def cdf(x, theta, mu, sigma):
+def cdf(x, theta: float, mu: float, sigma: float) -> np.ndarray:
     """F(x) of the shifted lognormal, 0 for x <= theta."""
     x = np.asarray(x, dtype=float)
     out = np.zeros_like(x)
@@ -65,7 +65,7 @@ def cdf(x, theta, mu, sigma):
     return out
 
 
-def bin_probabilities(theta, mu, sigma, imax):
+def bin_probabilities(theta: float, mu: float, sigma: float, imax: int) -> np.ndarray:
     """Probabilities of the histogram bins 0..imax and of the censored bin
     (> imax + 0.5): bin 0 is (-inf, 0.5), bin I is [I - 0.5, I + 0.5)."""
     edges = np.concatenate(([-np.inf], np.arange(imax + 1) + 0.5, [np.inf]))
@@ -260,7 +260,7 @@ class Objective:
         return value, np.array([-g[0] * math.exp(a), g[1], g[2] * sigma])
 
 
-def starting_values(histogram, n_above):
+def starting_values(histogram: np.ndarray, n_above: int) -> tuple:
     """Quantile-matching estimate of (theta, mu, sigma) from the observed part
     of the empirical distribution (counts >= 1), used to start the optimiser."""
     h = np.asarray(histogram, dtype=float)
@@ -289,14 +289,16 @@ def starting_values(histogram, n_above):
     return theta, mu, sigma
 
 
-def log_likelihood(histogram, n_above, theta, mu, sigma, likelihood="exact"):
+def log_likelihood(histogram: np.ndarray, n_above: int, theta: float, mu: float, sigma: float,
+                   likelihood: str = "exact") -> float:
     """The log-likelihood of (theta, mu, sigma) for a histogram."""
     objective = Objective(histogram, n_above, likelihood)
     value, _ = objective((math.log(0.5 - theta), mu, math.log(sigma)))
     return -value * objective.n_total
 
 
-def fit_lognormal(histogram, n_above=0, likelihood="exact", max_iterations=200):
+def fit_lognormal(histogram: np.ndarray, n_above: int = 0, likelihood: str = "exact",
+                  max_iterations: int = 200) -> LognormalFit:
     """Fit theta, mu, sigma to H(0..Imax) (and, for ``exact``, the number of
     counts above Imax) by maximum likelihood."""
     if likelihood not in LIKELIHOODS:
@@ -408,7 +410,8 @@ def _failed(message):
     return LognormalFit(nan, nan, nan, nan, nan, False, 0, message)
 
 
-def parameter_covariance(histogram, n_above, fit, likelihood="exact", step=1e-4):
+def parameter_covariance(histogram: np.ndarray, n_above: int, fit: LognormalFit, likelihood: str = "exact",
+                         step: float = 1e-4) -> np.ndarray:
     """Asymptotic covariance of (theta, mu, sigma) from the observed
     information (finite-difference Hessian of the analytic gradient)."""
     objective = Objective(histogram, n_above, likelihood)
@@ -425,6 +428,6 @@ def parameter_covariance(histogram, n_above, fit, likelihood="exact", step=1e-4)
     return jacobian @ covariance @ jacobian.T
 
 
-def standard_errors(histogram, n_above, fit, likelihood="exact"):
+def standard_errors(histogram: np.ndarray, n_above: int, fit: LognormalFit, likelihood: str = "exact") -> np.ndarray:
     """Asymptotic standard errors of (theta, mu, sigma)."""
     return np.sqrt(np.diag(parameter_covariance(histogram, n_above, fit, likelihood)))

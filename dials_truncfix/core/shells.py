@@ -50,15 +50,15 @@ class ShellMap:
     _lines: list = field(default=None, repr=False)
 
     @property
-    def n_regions(self):
+    def n_regions(self) -> int:
         return len(self.d_max)
 
     @property
-    def n_shells(self):
+    def n_shells(self) -> int:
         return int(self.shell[-1]) + 1
 
     @property
-    def n_pixels(self):
+    def n_pixels(self) -> int:
         return self.labels.size
 
     def pixel_order(self):
@@ -93,7 +93,7 @@ class ShellMap:
                 offset += size
         return self._lines
 
-    def merge_candidates(self, region):
+    def merge_candidates(self, region: int) -> list:
         """The regions whose pixels a failed fit of ``region`` is pooled with,
         in order of preference: the neighbouring sectors of the same shell,
         then the same sector of the next shell in (or out, for the first)."""
@@ -168,7 +168,8 @@ def _d_from_inv_d2(inv_d2):
     return math.inf if inv_d2 <= 0 else 1.0 / math.sqrt(inv_d2)
 
 
-def build_shell_map(inv_d2, valid, n_shells=10, min_pixels_per_shell=1000, azimuth=None, n_sectors=1):
+def build_shell_map(inv_d2: list, valid: list, n_shells: int = 10, min_pixels_per_shell: int = 1000,
+                    azimuth: list | None = None, n_sectors: int = 1) -> ShellMap:
     """Split the valid pixels into ``n_shells`` shells of (nearly) equal count,
     each into ``n_sectors`` sectors of equal angle (experimental).
 
