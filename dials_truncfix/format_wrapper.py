@@ -97,6 +97,10 @@ from dials_truncfix.settings import (
 logger = logging.getLogger(f"dials.{__name__}")
 
 SCHEME = "truncfix"
+#: a stock trusted range admitting values below this is one of signed data;
+#: -1 itself is valid under dxtbx >= 3.12 in the ranges (-1, max) that older
+#: dxtbx used to admit 0 (strict inequalities), so it does not count
+SIGNED_DATA_BELOW = -1
 
 _resolving = threading.local()
 _noticed = set()
@@ -370,11 +374,13 @@ class _CorrectOnRead:
 
     def _detector(self):
         """The stock trusted ranges, widened to admit the corrected values
-        where they admit no negative value (a class that admits some, such
-        as a dark-subtracted XFEL camera's, may hold signed data, which the
-        correction passes through: its mask stays stock)."""
+        unless they admit values below SIGNED_DATA_BELOW (a class that does,
+        such as a dark-subtracted XFEL camera's, may hold signed data, which
+        the correction passes through: its mask stays stock)."""
         detector = super()._detector()
-        if detector is not None and all(valid_integer_range(panel.get_trusted_range())[0] >= 0 for panel in detector):
+        if detector is not None and all(
+            valid_integer_range(panel.get_trusted_range())[0] >= SIGNED_DATA_BELOW for panel in detector
+        ):
             set_corrected_trusted_ranges(detector)
         return detector
 
