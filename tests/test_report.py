@@ -137,7 +137,7 @@ def test_report_is_self_contained(report_run):
     embedded = re.findall(r'<script type="application/gzip;base64" id="plotly-js-gzip">([^<]*)</script>', page)
     assert len(embedded) == 1 and page.count("Plotly.newPlot") >= 5, "one plotly.js copy"
     assert gzip.decompress(base64.b64decode(embedded[0])).decode("utf-8") == get_plotlyjs()
-    assert len(page) < 0.4 * len(get_plotlyjs()), "plotly.js embedded compressed"
+    assert len(page) < 0.6 * len(get_plotlyjs()), "plotly.js embedded compressed"
     assert not re.search(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=", page), "nothing loaded from elsewhere"
 
 
