@@ -57,12 +57,6 @@ def correct(tmp_path, *args, ok=True):
     return run(["dials.correct_truncation", *ARGS, *args], tmp_path, ok=ok)
 
 
-@pytest.mark.parametrize(
-    "option",
-    ["output.log={image}", "output.json={image}", "output.report={expt}", "output.experiments={expt}",
-     "output.log={phil}", "output.json={mask}"],
-)
-
 def left_zero_value(path):
     """What a zero pixel the correction gives no value holds: 0, or NOT_VALID
     (still masked) where the stock class masks zeros (current dxtbx's ADSC)."""
@@ -70,6 +64,12 @@ def left_zero_value(path):
 
     return 0 if stock_zeros_valid(dxtbx.load(path).get_detector()) else NOT_VALID
 
+
+@pytest.mark.parametrize(
+    "option",
+    ["output.log={image}", "output.json={image}", "output.report={expt}", "output.experiments={expt}",
+     "output.log={phil}", "output.json={mask}"],
+)
 def test_no_output_replaces_an_input(sweep, option):
     """Whichever parameter names it, with or without overwrite."""
     tmp_path, paths = sweep
