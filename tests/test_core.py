@@ -557,23 +557,36 @@ def test_sector_correction_keeps_positive_and_masked_pixels(sector_scene):
         assert np.all(out[sc["image"] == 0] <= 0) and np.count_nonzero(out < 0) > 0
 
 
+def _forced_fit_failures(monkeypatch, failing):
+    """Make the fits correct_image asks for fail where ``failing(call,
+    position)`` says so (call: the how-manieth request, 0-based; position:
+    the histogram's place in it).  Returns the pixel counts of the
+    histograms of each request."""
+    requests = []
+    real = correction.fit_lognormals
+
+    def flaky(problems, likelihood):
+        requests.append([int(np.sum(hist) + n_above) for hist, n_above in problems])
+        fits = real(problems, likelihood)
+        return [
+            fit.__class__(**{**fit.as_dict(), "converged": False, "message": "forced"})
+            if failing(len(requests) - 1, k) else fit
+            for k, fit in enumerate(fits)
+        ]
+
+    monkeypatch.setattr(correction, "fit_lognormals", flaky)
+    return requests
+
+
 def test_failed_sector_fit_merges_with_the_neighbouring_sector_first(sector_scene, monkeypatch):
-    calls = []
-    real = correction.fit_lognormal
-
-    def flaky(hist, n_above, likelihood):
-        calls.append(int(np.sum(hist) + n_above))
-        fit = real(hist, n_above, likelihood)
-        if len(calls) <= 2:  # region (0, 0) fails, alone and pooled with sector 3
-            return fit.__class__(**{**fit.as_dict(), "converged": False, "message": "forced"})
-        return fit
-
-    monkeypatch.setattr(correction, "fit_lognormal", flaky)
+    # region (0, 0) fails, alone (in the first request, of every region) and pooled with sector 3
+    requests = _forced_fit_failures(monkeypatch, lambda call, k: (call, k) in ((0, 0), (1, 0)))
     sc = sector_scene
     params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS)
     result = correct_image([sc["image"]], sc["shell_map"], params, "merge")
     n_valid = sc["shell_map"].n_valid
-    assert calls[:3] == [n_valid[0], n_valid[0] + n_valid[3], n_valid[0] + n_valid[1]]
+    assert requests[0][0] == n_valid[0] and len(requests[0]) == len(n_valid)
+    assert requests[1:3] == [[n_valid[0] + n_valid[3]], [n_valid[0] + n_valid[1]]]
     assert result.shells[0].fitted_regions == ((0, 0), (0, 1))
     assert result.shells[0].status == correction.CORRECTED
 
@@ -649,21 +662,11 @@ def test_ties_never_leave_an_empty_shell():
 
 
 def test_shell_fit_failure_merges_with_neighbour(scene, monkeypatch):
-    calls = []
-    real = correction.fit_lognormal
-
-    def flaky(hist, n_above, likelihood):
-        calls.append(int(np.sum(hist) + n_above))
-        fit = real(hist, n_above, likelihood)
-        if len(calls) == 1:  # the first shell's own fit fails
-            return fit.__class__(**{**fit.as_dict(), "converged": False, "message": "forced"})
-        return fit
-
-    monkeypatch.setattr(correction, "fit_lognormal", flaky)
+    requests = _forced_fit_failures(monkeypatch, lambda call, k: (call, k) == (0, 0))  # the first shell's own fit
     result = correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "m")
     assert result.shells[0].fitted_regions == ((0, 0), (1, 0))
     assert result.shells[0].status == correction.CORRECTED
-    assert calls[1] > calls[0]
+    assert requests[1] == [requests[0][0] + requests[0][1]]
 
 
 def test_multi_panel_images(scene):
@@ -697,12 +700,12 @@ def test_negative_values_in_masked_pixels_do_not_stop_the_correction(scene):
 def test_newton_steps_out_of_range_fail_gracefully():
     """Found by hypothesis: a huge Newton step overflowed exp(); the fit must
     back-track (or report failure), never raise."""
-    from dials_truncfix.core.lognormal import Objective
+    from dials_truncfix.core.lognormal import ExactLikelihood
 
     hist = np.array([1, 3, 1, 0, 0, 0, 0, 0, 0, 700])
-    objective = Objective(hist[:-1], hist[-1], "exact")
-    value, grad, hessian = objective.with_hessian(np.array([800.0, 1.0, 0.0]))
-    assert value == 1e300 and not grad.any()
+    objective = ExactLikelihood([hist[:-1]], [hist[-1]])
+    value, grad, hessian = objective(np.array([[800.0, 1.0, 0.0]]), [0])
+    assert value[0] == 1e300 and not grad.any() and np.array_equal(hessian[0], np.eye(3))
     fit = fit_lognormal(hist[:-1], hist[-1], "exact")
     assert isinstance(fit.converged, bool)
 
@@ -863,3 +866,23 @@ def test_a_large_imax_fits_on_the_occupied_bins_alone(monkeypatch):
     assert fit.converged and every_edge.converged
     assert np.allclose([fit.theta, fit.mu, fit.sigma], [every_edge.theta, every_edge.mu, every_edge.sigma], rtol=1e-6)
     assert fit.log_likelihood == pytest.approx(every_edge.log_likelihood, rel=1e-12)
+
+
+def test_fits_run_together_equal_the_fits_one_by_one():
+    """fit_lognormals pads the shorter histograms of a batch: each fit is the
+    one it gets alone, whatever the others (here a sparse one with a large
+    Imax, a heavily truncated one and one that cannot be fitted)."""
+    from dials_truncfix.core import lognormal
+
+    rng = np.random.default_rng(11)
+    problems = [_fit_histogram(theta + np.exp(mu + sigma * rng.standard_normal(30_000)))
+                for theta, mu, sigma in ((-3, 1.0, 0.8), (-12, 2.6, 0.4), (-1, 0.5, 1.2))]
+    problems += [_sparse_histogram(), (np.array([50, 2, 1, 0, 0]), 3)]
+    together = lognormal.fit_lognormals(problems)
+    for problem, fit in zip(problems, together):
+        alone = fit_lognormal(*problem)
+        assert fit.converged == alone.converged and fit.message == alone.message
+        if alone.converged:
+            assert np.allclose([fit.theta, fit.mu, fit.sigma], [alone.theta, alone.mu, alone.sigma], rtol=1e-9)
+            assert fit.log_likelihood == pytest.approx(alone.log_likelihood, rel=1e-12)
+    assert sum(f.converged for f in together) == 4

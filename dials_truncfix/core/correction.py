@@ -16,7 +16,7 @@ from dials_truncfix.core.assignment import (
     TABLE_SIZE, image_rng, slot_ends, slot_values, uniform_slots, value_distribution,
 )
 from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
-from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormal
+from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormals
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import INVALID, ShellMap, sample_keys
 from dials_truncfix.core.truncation import why_not_truncation
@@ -165,17 +165,24 @@ class ImageCorrection:
         return min(values) if values else None
 
 
-def _fit_shell(histogram, n_valid, params):
-    top = imax(histogram, n_valid, params)
-    h = counts_up_to(histogram, top)
-    n_above = int(n_valid - h.sum())
-    fit = fit_lognormal(h, n_above, params.likelihood)
+def _fit_shells(problems, params):
+    """[(Imax, LognormalFit)] of each (histogram, sampled pixels) of
+    ``problems``, fitted together."""
+    tops = [imax(histogram, n_valid, params) for histogram, n_valid in problems]
+    heads = [counts_up_to(histogram, top) for (histogram, _), top in zip(problems, tops)]
+    fits = fit_lognormals([(h, int(n_valid - h.sum())) for h, (_, n_valid) in zip(heads, problems)], params.likelihood)
+    return [(top, _usable(fit)) for top, fit in zip(tops, fits)]
+
+
+def _usable(fit):
+    """The fit, not converged if it gives no probability below 0.5 (no
+    values for the zero pixels)."""
     if fit.converged and not cdf([0.5], fit.theta, fit.mu, fit.sigma)[0] > 0:
-        fit = LognormalFit(
+        return LognormalFit(
             fit.theta, fit.mu, fit.sigma, fit.log_likelihood, fit.rmsd, False,
             fit.n_iterations, "no probability below 0.5",
         )
-    return top, fit
+    return fit
 
 
 def _flatten(panels):
@@ -390,12 +397,12 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
     histogram of regions together.  Returns {region: fit} of the regions to
     correct; a region whose zeros are not truncation (core/truncation.py) is
     left alone, with one line per image."""
+    fitted = [r for r, result in enumerate(results) if result.n_zero or params.fit_all_shells]
+    own = [histograms.of([r], params) for r in fitted]
     fits = {}
-    for r, result in enumerate(results):
-        if result.n_zero == 0 and not params.fit_all_shells:
-            continue
-        histogram, n_sampled = histograms.of([r], params)
-        result.imax, result.fit = _fit_shell(histogram, n_sampled, params)
+    for r, (histogram, n_sampled), (top, fit) in zip(fitted, own, _fit_shells(own, params)):
+        result = results[r]
+        result.imax, result.fit = top, fit
         result.fitted_regions = ((result.shell, result.sector),)
         if not result.fit.converged:
             _fit_merged(result, r, histograms, shell_map, params, image_key)
@@ -430,7 +437,7 @@ def _summarise_left_alone(results, shell_map, image_key):
 
 def _fit_merged(result, region, histograms, shell_map, params, image_key):
     for other in shell_map.merge_candidates(region):
-        merged_imax, merged_fit = _fit_shell(*histograms.of([region, other], params), params)
+        [(merged_imax, merged_fit)] = _fit_shells([histograms.of([region, other], params)], params)
         if merged_fit.converged:
             first, second = sorted((region, other))
             logger.info(

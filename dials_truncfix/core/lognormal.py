@@ -83,23 +83,6 @@ def _log_diff_ndtr(z_hi, z_lo):
     return log_a + np.log1p(-np.exp(log_b - log_a))
 
 
-_PLUS_INF = np.array([np.inf])
-_MINUS_INF = np.array([-np.inf])
-
-
-def _zero_where(values, empty):
-    """``values`` with the entries of empty bins set to 0 (in place);
-    ``empty`` is None where no bin is empty (the usual case)."""
-    if empty is not None:
-        values[empty] = 0.0
-    return values
-
-
-def _where_any(mask):
-    """``mask``, or None when it selects nothing (see _zero_where)."""
-    return mask if mask.any() else None
-
-
 def _log_phi(z):
     return -0.5 * z * z - _LOG_SQRT_2PI
 
@@ -124,120 +107,119 @@ def _occupied_intervals(bin_counts):
     return kept.astype(float), interval_counts
 
 
+class ExactLikelihood:
+    """Negative mean log-likelihood of the exact (binned, censored) model,
+    with its gradient and Hessian in (a, mu, s), for a batch of histograms
+    at once, one per row: an evaluation of ten regions costs about as much as
+    one of a single region (numpy call overhead dominates these short sums).
+
+    Rows with fewer edges are padded by repeating their last edge: the
+    empty bins between equal edges add nothing (their terms are zeroed), and
+    the censored bin keeps its count."""
+
+    def __init__(self, histograms, n_aboves):
+        # bins (-inf, 0.5), [0.5, 1.5), ..., [Imax - 0.5, Imax + 0.5), [Imax + 0.5, inf)
+        rows = [_occupied_intervals(np.append(np.asarray(h, dtype=float), float(n)))
+                for h, n in zip(histograms, n_aboves)]
+        n_edges = max(len(offsets) for offsets, _ in rows)
+        self.offsets = np.empty((len(rows), n_edges))
+        self.bin_counts = np.zeros((len(rows), n_edges + 1))
+        for row, (offsets, counts) in enumerate(rows):
+            self.offsets[row, : len(offsets)] = offsets
+            self.offsets[row, len(offsets) :] = offsets[-1]
+            self.bin_counts[row, : len(offsets)] = counts[:-1]
+            self.bin_counts[row, -1] = counts[-1]
+        self.n_total = self.bin_counts.sum(axis=1)
+        self.occupied = self.bin_counts > 0
+
+    def __call__(self, p, rows):
+        """(value, gradient, Hessian) at parameters ``p`` (one row of (a, mu, s)
+        per entry of ``rows``); NOT_FINITE, a zero gradient and the identity
+        where the likelihood or its derivatives are not finite."""
+        with np.errstate(all="ignore"):
+            value, grad, hessian = self._evaluate(p, rows)
+        bad = ~(np.isfinite(value) & np.isfinite(grad).all(axis=1) & np.isfinite(hessian).all(axis=(1, 2)))
+        n_total = self.n_total[rows]
+        value, grad, hessian = -value / n_total, -grad / n_total[:, None], -hessian / n_total[:, None, None]
+        value[bad], grad[bad], hessian[bad] = NOT_FINITE, 0.0, _IDENTITY
+        return value, grad, hessian
+
+    def _evaluate(self, p, rows):
+        a, mu, s = p[:, 0:1], p[:, 1:2], p[:, 2:3]
+        sigma, t = np.exp(s), np.exp(a)
+        y = self.offsets[rows] + t  # edge - theta, without cancellation
+        z = (np.log(y) - mu) / sigma
+        counts, occupied = self.bin_counts[rows], self.occupied[rows]
+        n = len(rows)
+        log_p = _log_diff_ndtr(np.hstack((z, np.full((n, 1), np.inf))), np.hstack((np.full((n, 1), -np.inf), z)))
+        log_phi = _log_phi(z)
+        # the terms of empty bins are zero (their ratios may not be finite);
+        # edge e is the top of bin e and the bottom of bin e + 1
+        below, above = occupied[:, :-1], occupied[:, 1:]
+        r_top = np.exp(log_phi - log_p[:, :-1])
+        r_bottom = -np.exp(log_phi - log_p[:, 1:])
+        top_terms = np.where(below, counts[:, :-1] * r_top, 0.0)
+        bottom_terms = np.where(above, counts[:, 1:] * r_bottom, 0.0)
+        w = top_terms + bottom_terms
+        diag = np.where(below, top_terms * (-z - r_top), 0.0) + np.where(above, bottom_terms * (-z - r_bottom), 0.0)
+        # bin e + 1 joins edges e and e + 1
+        off = np.where(occupied[:, 1:-1], -counts[:, 1:-1] * r_bottom[:, :-1] * r_top[:, 1:], 0.0)
+        grad_z = np.empty((n, 3, y.shape[1]))  # dz/d(theta, mu, sigma) per edge
+        grad_z[:, 0] = -1 / (sigma * y)
+        grad_z[:, 1] = -1 / sigma
+        grad_z[:, 2] = -z / sigma
+        h = np.einsum("rie,re,rje->rij", grad_z, diag, grad_z)
+        cross = np.einsum("rie,re,rje->rij", grad_z[:, :, :-1], off, grad_z[:, :, 1:])
+        h += cross + cross.transpose(0, 2, 1)
+        # sum_e w_e * second derivatives of z_e
+        sigma, t = sigma[:, 0], t[:, 0]
+        w_sum = w.sum(axis=1)
+        h[:, 0, 0] += (w * grad_z[:, 0] / y).sum(axis=1)
+        h[:, 0, 2] -= (w * grad_z[:, 0]).sum(axis=1) / sigma
+        h[:, 1, 2] += w_sum / sigma**2
+        h[:, 2, 2] -= 2 * (w * grad_z[:, 2]).sum(axis=1) / sigma
+        h[:, 2, 0], h[:, 2, 1] = h[:, 0, 2], h[:, 1, 2]
+        g = np.stack(((w * grad_z[:, 0]).sum(axis=1), -w_sum / sigma, (w * grad_z[:, 2]).sum(axis=1)), axis=1)
+        # theta = 0.5 - exp(a): d theta/da = d2 theta/da2 = -t; sigma = exp(s)
+        jac = np.stack((-t, np.ones_like(t), sigma), axis=1)
+        h *= jac[:, :, None] * jac[:, None, :]
+        h[:, 0, 0] -= g[:, 0] * t
+        h[:, 2, 2] += g[:, 2] * sigma
+        value = np.where(occupied, counts * log_p, 0.0).sum(axis=1)
+        return value, g * jac, h
+
+
 class Objective:
-    """Negative mean log-likelihood and its gradient in (a, mu, s), with
-    theta = 0.5 - exp(a) and sigma = exp(s)."""
+    """Negative mean log-likelihood of one histogram and its gradient in
+    (a, mu, s), with theta = 0.5 - exp(a) and sigma = exp(s)."""
 
     def __init__(self, histogram, n_above, likelihood):
         h = np.asarray(histogram, dtype=float)
         self.likelihood = likelihood
         if likelihood == "exact":
-            # bins (-inf, 0.5), [0.5, 1.5), ..., [Imax - 0.5, Imax + 0.5), [Imax + 0.5, inf)
-            self.offsets, self.bin_counts = _occupied_intervals(np.append(h, float(n_above)))
-            self._counts_by_edge()
+            self._batch = ExactLikelihood([h], [n_above])
+            self.offsets, self.bin_counts = self._batch.offsets[0], self._batch.bin_counts[0]
+            self.n_total = self._batch.n_total[0]
         else:
             self.h0 = h[0]
             # the positive counts I (those that occur), minus 0.5
             kept = _edges_kept(np.flatnonzero(h[1:] > 0), len(h) - 1)
             self.offsets = kept + 0.5
             self.positive_counts = h[1:][kept]
-        self.n_total = h.sum() + (n_above if likelihood == "exact" else 0)
-
-    def _counts_by_edge(self):
-        """What the evaluations need of the counts, which stay the same:
-        the occupied and the empty bins, and the bins below, above and
-        between the edges."""
-        c = self.bin_counts
-        self.occupied = c > 0
-        empty = ~self.occupied
-        self.empty = _where_any(empty)
-        self.occupied_counts = c[self.occupied]
-        self.count_below, self.count_above = c[:-1], c[1:]
-        self.below_empty, self.above_empty = _where_any(empty[:-1]), _where_any(empty[1:])
-        # bin e + 1 joins edges e and e + 1
-        self.minus_count_between, self.between_empty = -c[1:-1], _where_any(empty[1:-1])
-
-    def _log_bin_probabilities(self, z):
-        """log P(bin) for the edges at standardised positions z."""
-        return _log_diff_ndtr(np.concatenate((z, _PLUS_INF)), np.concatenate((_MINUS_INF, z)))
+            self.n_total = h.sum()
 
     def __call__(self, p):
+        if self.likelihood == "exact":
+            value, grad, _ = self._batch(np.asarray(p, dtype=float)[None, :], [0])
+            return value[0], grad[0]
         with np.errstate(all="ignore"):
             try:
-                value, grad = (self._exact if self.likelihood == "exact" else self._paper)(*p)
+                value, grad = self._paper(*p)
             except (ValueError, OverflowError, ZeroDivisionError):
                 return NOT_FINITE, np.zeros(3)
         if not np.isfinite(value) or not np.all(np.isfinite(grad)):
             return NOT_FINITE, np.zeros(3)
         return -value / self.n_total, -grad / self.n_total
-
-    def _exact(self, a, mu, s):
-        sigma = math.exp(s)
-        y = self.offsets + math.exp(a)  # edge - theta, without cancellation
-        z = (np.log(y) - mu) / sigma
-        log_p = self._log_bin_probabilities(z)
-        value = np.dot(self.occupied_counts, log_p[self.occupied])
-        # d log-likelihood / d z_e: edge e is the top of bin e and the bottom of bin e + 1
-        per_bin = _zero_where(self.bin_counts * np.exp(-log_p), self.empty)
-        w = np.exp(_log_phi(z)) * (per_bin[:-1] - per_bin[1:])
-        # dz/dtheta = -1/(sigma y), dz/dmu = -1/sigma, dz/dsigma = -z/sigma
-        g_theta = -np.dot(w, 1 / y) / sigma
-        g_mu = -w.sum() / sigma
-        g_sigma = -np.dot(w, z) / sigma
-        return value, np.array([-g_theta * math.exp(a), g_mu, g_sigma * sigma])
-
-    def with_hessian(self, p):
-        """(value, gradient, Hessian) of the objective (exact likelihood only),
-        for Newton steps: the edges' second derivatives form a tridiagonal
-        matrix in z, chained through z(theta, mu, sigma) and the
-        reparametrisation."""
-        try:
-            with np.errstate(all="ignore"):
-                return self._with_hessian(*p)
-        except (ValueError, OverflowError, ZeroDivisionError):
-            return NOT_FINITE, np.zeros(3), np.eye(3)
-
-    def _with_hessian(self, a, mu, s):
-        sigma, t = math.exp(s), math.exp(a)
-        y = self.offsets + t
-        z = (np.log(y) - mu) / sigma
-        log_p = self._log_bin_probabilities(z)
-        log_phi = _log_phi(z)
-        r_top = np.exp(log_phi - log_p[:-1])  # edge e as the top of bin e
-        r_bottom = -np.exp(log_phi - log_p[1:])  # and as the bottom of bin e + 1
-        # the terms of empty bins are zero (their r may not be finite)
-        w = _zero_where(self.count_below * r_top, self.below_empty) + _zero_where(
-            self.count_above * r_bottom, self.above_empty
-        )
-        diag = _zero_where(self.count_below * (-z * r_top - r_top**2), self.below_empty) + _zero_where(
-            self.count_above * (-z * r_bottom - r_bottom**2), self.above_empty
-        )
-        off = _zero_where(self.minus_count_between * r_bottom[:-1] * r_top[1:], self.between_empty)
-        grad_z = np.empty((3, len(y)))  # dz/d(theta, mu, sigma) per edge
-        grad_z[0] = -1 / (sigma * y)
-        grad_z[1] = -1 / sigma
-        grad_z[2] = -z / sigma
-        h = (grad_z * diag) @ grad_z.T
-        cross = (grad_z[:, :-1] * off) @ grad_z[:, 1:].T
-        h += cross + cross.T
-        # sum_e w_e * second derivatives of z_e
-        h[0, 0] += np.dot(w, -1 / (sigma * y**2))
-        h[0, 2] += np.dot(w, 1 / (sigma**2 * y))
-        w_sum = w.sum()
-        h[1, 2] += w_sum / sigma**2
-        h[2, 2] += np.dot(w, 2 * z / sigma**2)
-        h[2, 0], h[2, 1] = h[0, 2], h[1, 2]
-        g = np.array([np.dot(w, grad_z[0]), -w_sum / sigma, -np.dot(w, z) / sigma])
-        # theta = 0.5 - exp(a): d theta/da = d2 theta/da2 = -t; sigma = exp(s)
-        jac = np.array([-t, 1.0, sigma])
-        h = h * (jac[:, None] * jac)
-        h[0, 0] += g[0] * -t
-        h[2, 2] += g[2] * sigma
-        value = np.dot(self.occupied_counts, log_p[self.occupied])
-        grad = g * jac
-        if not (math.isfinite(value) and np.isfinite(grad).all() and np.isfinite(h).all()):
-            return NOT_FINITE, np.zeros(3), np.eye(3)
-        return -value / self.n_total, -grad / self.n_total, -h / self.n_total
 
     def _paper(self, a, mu, s):
         sigma = math.exp(s)
@@ -301,27 +283,54 @@ def fit_lognormal(histogram: np.ndarray, n_above: int = 0, likelihood: str = "ex
                   max_iterations: int = 200) -> LognormalFit:
     """Fit theta, mu, sigma to H(0..Imax) (and, for ``exact``, the number of
     counts above Imax) by maximum likelihood."""
+    return fit_lognormals([(histogram, n_above)], likelihood, max_iterations)[0]
+
+
+def fit_lognormals(problems: list, likelihood: str = "exact", max_iterations: int = 200) -> list:
+    """The LognormalFit of each (histogram, n_above) of ``problems``, as
+    fit_lognormal gives it; the exact fits run together (ExactLikelihood)."""
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {likelihood!r}; use one of {LIKELIHOODS}")
-    h = np.asarray(histogram, dtype=float)
-    if h.ndim != 1 or len(h) < 4:
-        raise ValueError("histogram needs counts for at least I = 0..3")
-    if h[1:].sum() < 10:
-        return _failed("fewer than 10 pixels with positive counts below Imax")
-    theta0, mu0, sigma0 = starting_values(h, n_above)
-    objective = Objective(h, n_above, likelihood)
-    x0 = np.array([math.log(0.5 - theta0), mu0, math.log(sigma0)])
+    fits = [None] * len(problems)
+    histograms, n_aboves, starts, fitted = [], [], [], []
+    for k, (histogram, n_above) in enumerate(problems):
+        h = np.asarray(histogram, dtype=float)
+        if h.ndim != 1 or len(h) < 4:
+            raise ValueError("histogram needs counts for at least I = 0..3")
+        if h[1:].sum() < 10:
+            fits[k] = _failed("fewer than 10 pixels with positive counts below Imax")
+            continue
+        theta0, mu0, sigma0 = starting_values(h, n_above)
+        histograms.append(h)
+        n_aboves.append(n_above)
+        starts.append((math.log(0.5 - theta0), mu0, math.log(sigma0)))
+        fitted.append(k)
+    if not fitted:
+        return fits
     if likelihood == "exact":
-        result = _newton(objective, x0, max_iterations)
+        objective = ExactLikelihood(histograms, n_aboves)
+        results = _newton(objective, np.array(starts), max_iterations)
+        n_totals = objective.n_total
     else:
-        result = optimize.minimize(
-            objective, x0, jac=True, method="BFGS", options={"gtol": 1e-7, "maxiter": max_iterations}
-        )
+        results, n_totals = [], []
+        for h, n_above, x0 in zip(histograms, n_aboves, starts):
+            objective = Objective(h, n_above, likelihood)
+            results.append(optimize.minimize(
+                objective, x0, jac=True, method="BFGS", options={"gtol": 1e-7, "maxiter": max_iterations}
+            ))
+            n_totals.append(objective.n_total)
+    for k, h, n_above, result, n_total in zip(fitted, histograms, n_aboves, results, n_totals):
+        fits[k] = _fit_from(result, h, n_above, n_total)
+    return fits
+
+
+def _fit_from(result, h, n_above, n_total):
+    """The LognormalFit of an optimiser's result."""
     a, mu, s = result.x
     theta, sigma = 0.5 - math.exp(a), math.exp(s)
     # a start where the likelihood is not finite leaves the optimiser at
     # NOT_FINITE with a zero gradient, which it takes for convergence
-    ll = -result.fun * objective.n_total if result.fun < NOT_FINITE else -math.inf
+    ll = -result.fun * n_total if result.fun < NOT_FINITE else -math.inf
     converged = bool(
         result.success or (result.status == 2 and np.max(np.abs(result.jac)) < 1e-5)
     )
@@ -350,59 +359,99 @@ _IDENTITY = np.eye(3)
 
 
 def _newton(objective, x, max_iterations, gtol=1e-9):
-    """Damped Newton with backtracking for the exact likelihood: a handful of
-    iterations instead of BFGS's dozens of evaluations.  It stops as
-    converged when the gradient vanishes or when the decrease a full step
-    predicts (or a back-tracked step could still achieve) is below the
-    objective's rounding: further steps can only shuffle the last bits."""
-    value, grad, hessian = objective.with_hessian(x)
-    damping = 0.0
-    message = "maximum number of iterations reached"
-    success = False
-    iteration = 0
-    while iteration < max_iterations:
-        if np.abs(grad).max() < gtol:
-            success, message = True, "converged"
+    """Damped Newton with backtracking for the exact likelihood, every row of
+    ``x`` (a start per histogram of the ExactLikelihood) on its own course,
+    evaluated together: a handful of iterations instead of BFGS's dozens of
+    evaluations.  A row stops as converged when its gradient vanishes or when
+    the decrease a full step predicts (or a back-tracked step could still
+    achieve) is below the objective's rounding: further steps can only
+    shuffle the last bits.  Returns an OptimizeResult per row."""
+    n = len(x)
+    x = np.array(x, dtype=float)
+    value, grad, hessian = objective(x, np.arange(n))
+    damping = np.zeros(n)
+    iterations = np.zeros(n, dtype=int)
+    status = np.full(n, -1)  # -1 while running; then 0 converged, 2 stopped, 3 no descent direction
+    messages = ["maximum number of iterations reached"] * n
+
+    def stop(rows, code, message):
+        status[rows] = code
+        for row in rows:
+            messages[row] = message
+
+    for _ in range(max_iterations):
+        rows = np.flatnonzero(status < 0)
+        stop(rows[np.abs(grad[rows]).max(axis=1) < gtol], 0, "converged")
+        rows = np.flatnonzero(status < 0)
+        if not len(rows):
             break
-        rounding = ROUNDING_ULPS * np.spacing(abs(value))
-        iteration += 1
+        iterations[rows] += 1
+        rounding = ROUNDING_ULPS * np.spacing(np.abs(value[rows]))
+        step = np.zeros((len(rows), 3))
+        searching = np.ones(len(rows), dtype=bool)
+        while searching.any():
+            k = np.flatnonzero(searching)
+            with np.errstate(all="ignore"):
+                try:
+                    trial = -np.linalg.solve(hessian[rows[k]] + damping[rows[k], None, None] * _IDENTITY,
+                                             grad[rows[k]][:, :, None])[:, :, 0]
+                    good = np.isfinite(trial).all(axis=1) & (np.einsum("ri,ri->r", trial, grad[rows[k]]) < 0)
+                except np.linalg.LinAlgError:  # a singular matrix: retry row by row
+                    trial, good = _solve_rows(hessian[rows[k]], damping[rows[k]], grad[rows[k]])
+            step[k[good]] = trial[good]
+            searching[k[good]] = False
+            retry = rows[k[~good]]
+            damping[retry] = np.maximum(2 * damping[retry], 1e-6 * (1 + np.abs(np.diagonal(hessian[retry], axis1=1,
+                                                                                            axis2=2)).max(axis=1)))
+            hopeless = k[~good][damping[retry] > 1e12]
+            stop(rows[hopeless], 3, "no descent direction")
+            searching[hopeless] = False
+        moving = status[rows] < 0
+        slope = np.einsum("ri,ri->r", grad[rows], step)
+        below = moving & (-0.5 * slope < rounding) & (damping[rows] == 0.0)
+        stop(rows[below], 0, "converged (the next step is below rounding)")
+        moving &= ~below
+        rows, step, slope, rounding = rows[moving], step[moving], slope[moving], rounding[moving]
+        if not len(rows):
+            continue
+        t = np.ones(len(rows))
+        new_value, new_grad, new_hessian = objective(x[rows] + step, rows)
         while True:
-            try:
-                step = -np.linalg.solve(hessian + damping * _IDENTITY, grad)
-                if np.isfinite(step).all() and np.dot(step, grad) < 0:
-                    break
-            except np.linalg.LinAlgError:
-                pass
-            damping = max(2 * damping, 1e-6 * (1 + np.abs(np.diag(hessian)).max()))
-            if damping > 1e12:
-                return optimize.OptimizeResult(
-                    x=x, fun=value, jac=grad, nit=iteration, success=False, status=3,
-                    message="no descent direction",
-                )
-        slope = np.dot(grad, step)
-        if -0.5 * slope < rounding and damping == 0.0:
-            success, message = True, "converged (the next step is below rounding)"
-            break
-        new_value, new_grad, new_hessian = objective.with_hessian(x + step)
-        t = 1.0
-        while new_value > value + 1e-4 * t * slope and -t * slope >= rounding:
-            t *= 0.5
-            new_value, new_grad = objective(x + t * step)
-            new_hessian = None
-        if new_value > value + 1e-4 * t * slope:
-            message = "converged (no step changes the objective beyond rounding)"
-            success = bool(np.max(np.abs(grad)) < 1e-6)
-            if not success:
-                message = "line search failed"
-            break
-        x = x + t * step
-        value, grad = new_value, new_grad
-        hessian = new_hessian if new_hessian is not None else objective.with_hessian(x)[2]
-        damping = damping / 10 if t == 1.0 else damping
-    return optimize.OptimizeResult(
-        x=x, fun=value, jac=grad, nit=iteration, success=success,
-        status=0 if success else 2, message=message,
-    )
+            back = (new_value > value[rows] + 1e-4 * t * slope) & (-t * slope >= rounding)
+            if not back.any():
+                break
+            t[back] *= 0.5
+            k = np.flatnonzero(back)
+            new_value[k], new_grad[k], new_hessian[k] = objective(x[rows[k]] + t[k, None] * step[k], rows[k])
+        failed = new_value > value[rows] + 1e-4 * t * slope
+        for k in np.flatnonzero(failed):
+            if np.max(np.abs(grad[rows[k]])) < 1e-6:
+                stop([rows[k]], 0, "converged (no step changes the objective beyond rounding)")
+            else:
+                stop([rows[k]], 2, "line search failed")
+        k, accepted = np.flatnonzero(~failed), rows[~failed]
+        x[accepted] += t[k, None] * step[k]
+        value[accepted], grad[accepted], hessian[accepted] = new_value[k], new_grad[k], new_hessian[k]
+        damping[accepted] = np.where(t[k] == 1.0, damping[accepted] / 10, damping[accepted])
+    status[status < 0] = 2
+    return [
+        optimize.OptimizeResult(x=x[r], fun=value[r], jac=grad[r], nit=int(iterations[r]), success=status[r] == 0,
+                                status=int(status[r]), message=messages[r])
+        for r in range(n)
+    ]
+
+
+def _solve_rows(hessians, dampings, grads):
+    """(steps, whether each is a descent direction) one row at a time."""
+    steps = np.zeros_like(grads)
+    good = np.zeros(len(grads), dtype=bool)
+    for k, (hessian, damping, grad) in enumerate(zip(hessians, dampings, grads)):
+        try:
+            steps[k] = -np.linalg.solve(hessian + damping * _IDENTITY, grad)
+        except np.linalg.LinAlgError:
+            continue
+        good[k] = np.isfinite(steps[k]).all() and np.dot(steps[k], grad) < 0
+    return steps, good
 
 
 def _failed(message):
