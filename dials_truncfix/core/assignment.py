@@ -99,13 +99,12 @@ def slot_ends(probabilities) -> np.ndarray:
     return ends
 
 
-def slot_values(values, ends) -> np.ndarray:
-    """A region's lookup table: the value of each of the TABLE_SIZE slots,
-    ``values[i]`` in slots ``ends[i - 1]`` .. ``ends[i] - 1`` (slot_ends).
-    Built as a running sum of the steps between the values that get slots
-    (np.repeat copies slot by slot: three times slower)."""
+def set_slot_steps(row, values, ends):
+    """Write into ``row`` (TABLE_SIZE zeros) the steps whose running sum is a
+    region's lookup table: ``values[i]`` in slots ``ends[i - 1]`` ..
+    ``ends[i] - 1`` (slot_ends).  One running sum over all the regions'
+    rows then builds every table (np.repeat copies slot by slot: three
+    times slower)."""
     starts = np.concatenate(([0], ends[:-1]))
     kept = ends > starts
-    table = np.zeros(TABLE_SIZE, dtype=np.int32)
-    table[starts[kept]] = np.diff(values[kept], prepend=0)
-    return np.cumsum(table, out=table)
+    row[starts[kept]] = np.diff(values[kept], prepend=0)

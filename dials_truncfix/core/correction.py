@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_truncfix.core.assignment import (
-    TABLE_SIZE, image_rng, slot_ends, slot_values, uniform_slots, value_distribution,
+    TABLE_SIZE, image_rng, set_slot_steps, slot_ends, uniform_slots, value_distribution,
 )
 from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
 from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormals
@@ -321,9 +321,9 @@ def value_table(batch, results, fits, params):
         )
         results[r].assignment = params.assignment
         ends = slot_ends(probabilities)
-        table[row] = slot_values(values, ends)
+        set_slot_steps(table[row], values, ends)
         distributions[r] = (values, ends)
-    return table.ravel(), distributions
+    return np.cumsum(table, axis=1, out=table).ravel(), distributions
 
 
 def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
