@@ -81,7 +81,7 @@ from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
 from dials_truncfix.compat import unmangled_path, valid_integer_range
-from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
+from dials_truncfix.core.correction import CORRECTED, NO_ZEROS, say_once
 from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid
 from dials_truncfix.detectors import correction_refused
 from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry, shell_geometry, user_mask
@@ -103,15 +103,6 @@ SCHEME = "truncfix"
 SIGNED_DATA_BELOW = -1
 
 _resolving = threading.local()
-_noticed = set()
-
-
-def _notice_once(key, message, *args):
-    if key not in _noticed:
-        _noticed.add(key)
-        logger.info(message, *args)
-
-
 def is_truncfix_name(name):
     name = os.fspath(name)
     return get_url_scheme(name) == SCHEME or unmangled_path(name, SCHEME) is not None
@@ -227,9 +218,10 @@ class _CorrectingReader:
             raw if isinstance(raw, tuple) else (raw,), image_identity(path, in_file), self._stock_zeros_valid(index)
         )
         if result.status not in (CORRECTED, NO_ZEROS):
-            _notice_once(path, "%s: passed through uncorrected (%s)", path, result.status)
+            say_once((path, "passed through"), logging.INFO, "%s: passed through uncorrected (%s)", path, result.status)
         elif result.damaged:
-            _notice_once(path, "%s: %s are all zero (a file cut short?): left as they were", path, result.damaged)
+            say_once((path, "damaged"), logging.INFO, "%s: %s are all zero (a file cut short?): left as they were",
+                     path, result.damaged)
         return corrected if isinstance(raw, tuple) else corrected[0]
 
     def _stock_zeros_valid(self, index):

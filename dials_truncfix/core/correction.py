@@ -416,8 +416,8 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
             result.status = CORRECTED
         else:
             result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
-            _say_once(image_key, r, logging.WARNING, "Image %s %s (%.2f-%.2f A): %s" % (
-                image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status))
+            say_once((image_key, r), logging.WARNING, "Image %s %s (%.2f-%.2f A): %s",
+                     image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status)
     _summarise_left_alone(results, shell_map, image_key)
     return fits
 
@@ -430,9 +430,9 @@ def _summarise_left_alone(results, shell_map, image_key):
     if left_alone:
         names = tuple(shell_map.region_name(r) for r, s in enumerate(results) if s.status.startswith(NOT_TRUNCATION))
         reasons = tuple(sorted({s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone}))
-        _say_once(None, (NOT_TRUNCATION, names, reasons), logging.INFO,
-                  "Image %s and any other with the same: zeros of %d of %d regions (%s) left alone, not truncation (%s)"
-                  % (image_key, len(left_alone), len(results), ", ".join(names), "; ".join(reasons)))
+        say_once((NOT_TRUNCATION, names, reasons), logging.INFO,
+                 "Image %s and any other with the same: zeros of %d of %d regions (%s) left alone, not truncation (%s)",
+                 image_key, len(left_alone), len(results), ", ".join(names), "; ".join(reasons))
 
 
 def _fit_merged(result, region, histograms, shell_map, params, image_key):
@@ -464,8 +464,10 @@ def _split(flat, shapes):
 _said = set()
 
 
-def _say_once(image_key, topic, level, message):
-    """Images are read repeatedly by DIALS programs: say each thing once."""
-    if (image_key, topic) not in _said:
-        _said.add((image_key, topic))
-        logger.log(level, message)
+def say_once(key, level, message, *args):
+    """Log ``message % args`` at ``level`` the first time ``key`` comes up:
+    DIALS programs read images repeatedly, and a sweep's images repeat each
+    other's news."""
+    if key not in _said:
+        _said.add(key)
+        logger.log(level, message, *args)
