@@ -65,6 +65,7 @@ sort before every stock top-level class.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -442,12 +443,14 @@ def __getattr__(name):
 
 
 class _StockChoice:
-    """What stock dxtbx reads a file with, resolved once per file: the
-    previous file's class is the hint, as dxtbx's own FormatChecker does, so
-    the choice is exactly the one stock dxtbx makes in the same sequence."""
+    """What stock dxtbx reads a file with, resolved once per file (dxtbx asks
+    several times about each file as it imports it; the last STOCK_CHOICES
+    files are remembered): the previous file's class is the hint, as dxtbx's
+    own FormatChecker does, so the choice is exactly the one stock dxtbx
+    makes in the same sequence."""
 
     def __init__(self):
-        self._by_file = {}
+        self._by_file = collections.OrderedDict()
         self._previous = None
 
     def __call__(self, path):
@@ -455,12 +458,19 @@ class _StockChoice:
             key = (path, os.stat(path).st_mtime_ns)
         except OSError:
             return None
-        if key not in self._by_file:
-            stock = stock_format_class(path, self._previous)
-            self._by_file[key] = stock
-            self._previous = stock.__name__ if stock is not None else None
-        return self._by_file[key]
+        if key in self._by_file:
+            self._by_file.move_to_end(key)
+            return self._by_file[key]
+        stock = stock_format_class(path, self._previous)
+        self._by_file[key] = stock
+        if len(self._by_file) > STOCK_CHOICES:
+            self._by_file.popitem(last=False)
+        self._previous = stock.__name__ if stock is not None else None
+        return stock
 
+
+#: files whose stock class is remembered
+STOCK_CHOICES = 1024
 
 _stock_choice = _StockChoice()
 

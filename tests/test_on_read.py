@@ -656,3 +656,17 @@ def test_compressed_images(smv_sweep, tmp_path):
         run(["dials.correct_truncation", f"{name}.expt", f"output.directory={name}_out", "output.report=None",
              f"output.experiments={name}_out.expt", f"output.json={name}.json", f"output.log={name}.log"], tmp_path)
         assert sorted(os.listdir(tmp_path / f"{name}_out")) == [f"{name}_{k:05d}.cbf" for k in range(1, len(files) + 1)]
+
+
+def test_the_stock_choice_remembers_a_bounded_number_of_files(smv_sweep, monkeypatch):
+    """dxtbx asks about each file several times as it imports it; a session
+    that imports many files keeps only the last STOCK_CHOICES of them."""
+    import dxtbx
+
+    from dials_truncfix import format_wrapper
+
+    monkeypatch.setattr(format_wrapper, "STOCK_CHOICES", 2)
+    choice = format_wrapper._StockChoice()
+    stock = type(dxtbx.load(smv_sweep[0]))
+    assert [choice(p) for p in smv_sweep + smv_sweep[:1]] == [stock] * 4
+    assert [key[0] for key in choice._by_file] == [smv_sweep[2], smv_sweep[0]]
