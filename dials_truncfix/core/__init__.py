@@ -13,7 +13,8 @@
 #: the version of the correction algorithm: same input, settings and seed give
 #: the same pixels within one version; recorded with the settings.
 #: 1: dials-truncfix 0.1-0.2 (exact per-region counts by largest remainder,
-#: shuffled); 2: fits on a fixed pixel subsample, independent draws through
-#: 65536-slot lookup tables, Newton stopped at the objective's rounding, and
-#: the truncation test (regions whose zeros are not truncation left alone).
+#: shuffled); 2: fits on a fixed pixel subsample (an image's regions fitted
+#: together), independent draws through 65536-slot lookup tables, Newton
+#: stopped at the objective's rounding, and the truncation test (regions
+#: whose zeros are not truncation left alone).
 ALGORITHM = 2
