@@ -196,6 +196,44 @@ def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum, whole_grou
     assert len(os.listdir(tmp_path / "corrected")) == 200
 
 
+@pytest.mark.parametrize("when", ["as the staging is made", "as the images are committed"])
+def test_a_signal_at_any_step_of_the_staging_leaves_nothing(tmp_path, monkeypatch, when):
+    """A signal lands just after ``mkdtemp`` made a staging directory and
+    before its name was kept (a race CI once hit), or halfway through moving
+    the images into place: no staging directory stays, and the commit is
+    whole."""
+    import tempfile
+
+    from dials_truncfix.program import outputs
+    from dials_truncfix.program.interruption import Interrupted, interruptible
+
+    finals = [str(tmp_path / f"image_{i}.img") for i in range(3)]
+    if when == "as the staging is made":
+        made = tempfile.mkdtemp
+
+        def mkdtemp_then_signal(**kwargs):
+            made(**kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_signal)
+    with pytest.raises(Interrupted), interruptible():
+        with outputs.staging(finals) as staging:
+            for final in finals:
+                open(staging.path(final), "w").close()
+            replace = os.replace
+
+            def replace_then_signal(source, target):
+                replace(source, target)
+                if target == finals[0]:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            monkeypatch.setattr(os, "replace", replace_then_signal)
+            staging.commit(finals)
+    left = sorted(os.listdir(tmp_path))
+    assert left == ([] if when == "as the staging is made" else [os.path.basename(f) for f in finals]), left
+
+
 class _SignalledWhileCollected:
     def __del__(self):
         os.kill(os.getpid(), signal.SIGTERM)

@@ -4,6 +4,7 @@ whose negative pixel counts were truncated to zero (Hattne et al., 2016)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -263,41 +264,39 @@ def correct(
         n_images = sum(len(p.imageset) for p in plans)
         where = os.path.abspath(params.output.directory) if images else params.output.experiments
         logger.info("Correcting %d image(s) in %d imageset(s) into %s (%s)", n_images, len(plans), where, fmt)
-        staging = outputs.Staging(images) if images else None
         progress = _Progress(n_images, interrupted.check)
         try:
-            results = tasks.correct_sweeps(
-                plans, settings, fmt, params.mp, staging, n_report_images=params.output.report_images,
-                progress=progress,
-            )
-            progress.close()
-            _log_summary(results)
-            interrupted.check()
-            if staging:
-                staging.commit(images)
-            run_record = record.run_record(results, settings, fmt)
-            if params.output.json:
-                _atomic_text(params.output.json, record.as_json(run_record))
-                logger.info("Wrote %s", params.output.json)
-            if params.output.report:
-                from dials_truncfix.program.report import html_report
-
-                _atomic_text(params.output.report, html_report(results, run_record))
-                logger.info("Wrote %s", params.output.report)
-            if params.output.experiments:
+            with outputs.staging(images) if images else contextlib.nullcontext() as staging:
+                results = tasks.correct_sweeps(
+                    plans, settings, fmt, params.mp, staging, n_report_images=params.output.report_images,
+                    progress=progress,
+                )
+                progress.close()
+                _log_summary(results)
                 interrupted.check()
-                if fmt == planning.ON_READ:
-                    written = corrected.on_read_experiments(experiments, plans, settings)
-                else:
-                    written = corrected.corrected_experiments(experiments, results, fmt)
-                _atomic_text(params.output.experiments, written.as_json())
-                logger.info("Wrote %s", params.output.experiments)
+                if staging:
+                    staging.commit(images)
+                run_record = record.run_record(results, settings, fmt)
+                if params.output.json:
+                    _atomic_text(params.output.json, record.as_json(run_record))
+                    logger.info("Wrote %s", params.output.json)
+                if params.output.report:
+                    from dials_truncfix.program.report import html_report
+
+                    _atomic_text(params.output.report, html_report(results, run_record))
+                    logger.info("Wrote %s", params.output.report)
+                if params.output.experiments:
+                    interrupted.check()
+                    if fmt == planning.ON_READ:
+                        written = corrected.on_read_experiments(experiments, plans, settings)
+                    else:
+                        written = corrected.corrected_experiments(experiments, results, fmt)
+                    _atomic_text(params.output.experiments, written.as_json())
+                    logger.info("Wrote %s", params.output.experiments)
         except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
             raise Sorry(str(e)) from None
         finally:
             progress.close()
-            if staging:
-                staging.remove()
 
 
 def _log_summary(results):

@@ -15,6 +15,10 @@ Why this needs more than a signal handler:
 * The workers of a parallel run would go on writing images into the
   staging directory (a signal they get is caught by DIALS' worker wrapper):
   :func:`stop_workers` kills them before the staging directory is removed.
+* A signal must not cut the commit or the clean-up in half: both run with
+  the signals held (:func:`signals_held`), and the clean-up removes every
+  staging directory of its output directories, also one made just before a
+  signal landed (:func:`dials_truncfix.program.outputs.staging`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,24 @@ def interruptible() -> Iterator[Interruption]:
         sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back until the block is done (a clean-up or a
+    commit that a signal must not cut in half): a signal that comes meanwhile
+    is only noted, and raised again on leaving the block.  (Swapping the
+    handlers, not masking the signals: a mask holds only the calling thread,
+    and the pool of a parallel run has threads of its own.)"""
+    came = []
+    previous = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if came:
+            signal.raise_signal(came[0])
 
 
 def stop_workers() -> None:

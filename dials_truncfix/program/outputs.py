@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from dials_truncfix.program.interruption import stop_workers
+from dials_truncfix.program.interruption import signals_held, stop_workers
 
 LOCK_NAME = ".dials.correct_truncation.lock"
 STAGING_PREFIX = ".dials.correct_truncation.staging-"
@@ -110,27 +110,46 @@ def _directory_lock(directory):
 
 
 class Staging:
-    """A hidden directory per output directory, for the images of this run."""
+    """The hidden directory of each output directory that holds this run's images."""
 
-    def __init__(self, image_outputs: Sequence[str]) -> None:
-        self.directories = {}
-        for directory in sorted({os.path.dirname(p) for p in image_outputs}):
-            for stale in glob.glob(os.path.join(directory, STAGING_PREFIX + "*")):
-                shutil.rmtree(stale, ignore_errors=True)  # of a run killed outright
-            self.directories[directory] = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
+    def __init__(self, directories: Mapping[str, str]) -> None:
+        self.directories = directories
 
     def path(self, final: str) -> str:
         """Where the image of ``final`` is written first."""
         return os.path.join(self.directories[os.path.dirname(final)], os.path.basename(final))
 
     def commit(self, finals: Iterable[str]) -> None:
-        """Move the staged images into place."""
-        for final in finals:
-            os.replace(self.path(final), final)
+        """Move the staged images into place, all of them even if a signal
+        comes meanwhile."""
+        with signals_held():
+            for final in finals:
+                os.replace(self.path(final), final)
 
-    def remove(self) -> None:
-        """Remove the staging directories, once no worker of an interrupted
-        parallel run can still be writing into them."""
-        stop_workers()
-        for staging in self.directories.values():
-            shutil.rmtree(staging, ignore_errors=True)
+
+@contextlib.contextmanager
+def staging(image_outputs: Sequence[str]) -> Iterator[Staging]:
+    """A :class:`Staging` for the images to write, removed at the end.
+
+    The removal takes every staging directory in the output directories, not
+    only those this run knows it made: a signal may land after ``mkdtemp``
+    made one and before its name is kept.  That is safe because the run holds
+    the lock of those directories (:func:`run_lock`), so no other run can be
+    staging there; a stale one is of a run killed outright.  Workers of an
+    interrupted parallel run are stopped first, so that none still writes
+    into them, and further signals wait until the removal is done.
+    """
+    directories = sorted({os.path.dirname(p) for p in image_outputs})
+    try:
+        _remove_staging(directories)
+        yield Staging({d: tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=d) for d in directories})
+    finally:
+        with signals_held():
+            stop_workers()
+            _remove_staging(directories)
+
+
+def _remove_staging(directories):
+    for directory in directories:
+        for found in glob.glob(os.path.join(glob.escape(directory), STAGING_PREFIX + "*")):
+            shutil.rmtree(found, ignore_errors=True)
