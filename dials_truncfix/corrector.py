@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scitbx.array_family import flex
+from dxtbx import flumpy
 
 from dials_truncfix import compat
 from dials_truncfix.core.assignment import LOWEST_VALUE
@@ -19,13 +19,6 @@ from dials_truncfix.geometry import ShellGeometry, shell_map_for
 
 if TYPE_CHECKING:
     from dxtbx.model import Detector, Panel
-
-
-
-def _to_flex(array, like):
-    if isinstance(like, flex.double):
-        return flex.double(np.ascontiguousarray(array, dtype=np.float64))
-    return flex.int(np.ascontiguousarray(array, dtype=np.int32))
 
 
 class ImageCorrector:
@@ -44,19 +37,20 @@ class ImageCorrector:
         that it stays masked under the corrected trusted range."""
         if not isinstance(raw_data, tuple):
             raw_data = (raw_data,)
-        # two copies of a corrected image, flex -> numpy and back: scitbx flex
-        # arrays offer no buffer numpy could view (memoryview() refuses them,
-        # np.asarray iterates element by element), and a flex deep_copy with
-        # set_selected of the zero pixels is no faster than flex.int(numpy)
-        panels = [p.as_numpy_array() for p in raw_data]
-        # the numpy arrays are private copies of the flex data: correct them in place
-        result = correct_image(panels, self.shell_map, self.params, image_key, overwrite_input=True)
+        # numpy views of the stock flex arrays, which the core never writes
+        # (a format class may keep and hand out its arrays again); the one
+        # copy is the core's output, which the returned flex arrays share
+        panels = [flumpy.to_numpy(p) for p in raw_data]
+        result = correct_image(panels, self.shell_map, self.params, image_key)
         masked_zeros = () if zeros_valid else result.zeros_left()
+        data = result.data
+        if all(a is b for a, b in zip(data, panels)):
+            if not len(masked_zeros):
+                return raw_data, result
+            data = [a.astype(np.float64 if a.dtype.kind == "f" else np.int32) for a in data]
         if len(masked_zeros):
-            _set_flat(result.data, masked_zeros, NOT_VALID)
-        elif all(a is b for a, b in zip(result.data, panels)):
-            return raw_data, result
-        return tuple(_to_flex(a, like) for a, like in zip(result.data, raw_data)), result
+            _set_flat(data, masked_zeros, NOT_VALID)
+        return tuple(flumpy.from_numpy(a) for a in data), result
 
 
 #: what the zero pixels given no value hold where the stock format class

@@ -67,7 +67,7 @@ def test_image_corrector_leaves_the_raw_flex_data_alone():
     from scitbx.array_family import flex
 
     from dials_truncfix.core.parameters import CorrectionParameters
-    from dials_truncfix.corrector import ImageCorrector
+    from dials_truncfix.corrector import NOT_VALID, ImageCorrector
     from devtools.synthetic import draw_true_values, falling_parameters, truncate
 
     detector, beam = _simple(size=(300, 200)), _beam()
@@ -80,3 +80,12 @@ def test_image_corrector_leaves_the_raw_flex_data_alone():
     got = corrected[0].as_numpy_array()
     assert result.n_changed > 0 and np.array_equal(got[image > 0], image[image > 0])
     assert np.count_nonzero(got != image) == result.n_changed
+    # passed through (negative values: not truncated), its zeros masked for
+    # a stock class that masks zeros: a new array, the raw one untouched
+    signed = image.copy()
+    signed[0, 0] = -5
+    raw = (flex.int(signed),)
+    masked, result = corrector.correct(raw, "img#1", zeros_valid=False)
+    assert result.status.startswith("not truncated") and np.array_equal(raw[0].as_numpy_array(), signed)
+    got = masked[0].as_numpy_array()
+    assert np.array_equal(got[signed != 0], signed[signed != 0]) and (got[signed == 0] == NOT_VALID).all()
