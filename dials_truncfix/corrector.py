@@ -8,12 +8,11 @@ import functools
 import os
 from typing import TYPE_CHECKING
 
-import numpy as np
 from dxtbx import flumpy
 
 from dials_truncfix import compat
 from dials_truncfix.core.assignment import LOWEST_VALUE
-from dials_truncfix.core.correction import ImageCorrection, correct_image
+from dials_truncfix.core.correction import ImageCorrection, correct_image, corrected_dtype
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry, shell_map_for
 
@@ -47,7 +46,7 @@ class ImageCorrector:
         if all(a is b for a, b in zip(data, panels)):
             if not len(masked_zeros):
                 return raw_data, result
-            data = [a.astype(np.float64 if a.dtype.kind == "f" else np.int32) for a in data]
+            data = [a.astype(corrected_dtype(a.dtype)) for a in data]
         if len(masked_zeros):
             _set_flat(data, masked_zeros, NOT_VALID)
         return tuple(flumpy.from_numpy(a) for a in data), result

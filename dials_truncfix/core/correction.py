@@ -301,10 +301,16 @@ def region_histograms(flat, labels, stride, base, n_sampled, negative_masked):
     return RegionHistograms(flat, labels, stride, base, n_sampled, clip_negative=negative_masked)
 
 
+def corrected_dtype(dtype: np.dtype) -> type:
+    """The type of corrected pixels: int32 (room for the non-positive values)
+    for integer input, float64 for float input."""
+    return np.float64 if np.dtype(dtype).kind == "f" else np.int32
+
+
 def _output(flat, writable):
-    """The flat array the corrected values go into: int32 (float64 for float
-    input), ``flat`` itself when it may be written and has that type."""
-    dtype = np.float64 if flat.dtype.kind == "f" else np.int32
+    """The flat array the corrected values go into (corrected_dtype),
+    ``flat`` itself when it may be written and has that type."""
+    dtype = corrected_dtype(flat.dtype)
     if writable and flat.dtype == dtype:
         return flat
     return flat.astype(dtype, copy=True)
