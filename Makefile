@@ -1,20 +1,33 @@
 # The two commands of the README: `make demo` and `make test`.
 # DIALS comes from Debian's `dials` package for /usr/bin/python3 (the first
 # python3 on PATH may be another interpreter that cannot import dials).
-# `make test-current` is the second lane: current dxtbx and DIALS built from
-# the source archives in ../shared/upstream into a cached virtualenv.
+# `make test-current` is the second lane: the same suite in a current DIALS
+# environment that already exists, named by CURRENT_DIALS=<prefix> (a
+# conda-forge DIALS environment or a virtualenv whose python imports dials),
+# by default the cached one of the development machines. Nothing here builds
+# DIALS: where no such environment exists the lane says so and is skipped.
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
-UPSTREAM ?= $(abspath $(CURDIR)/../shared/upstream)
-CURRENT_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dials-truncfix/current-dials
-CURRENT_PYTHON = $(CURRENT_VENV)/bin/python
-# what the current-DIALS lane needs beyond the build: plotly (report),
-# scikit-learn (dials.scale, for the validation)
-CURRENT_EXTRAS = plotly==7.1.0 scikit-learn==1.9.1
+CURRENT_DIALS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dials-truncfix/current-dials
+CURRENT_PYTHON = $(CURRENT_DIALS)/bin/python
+# what the current-DIALS lane needs beyond DIALS itself: the test tools,
+# plotly (report, where DIALS ships no plotly.js), scikit-learn (dials.scale)
+CURRENT_EXTRAS = pytest hypothesis plotly==7.1.0 scikit-learn
 # runs a command in the current-DIALS environment (its programs first on PATH)
-IN_CURRENT = . $(CURRENT_VENV)/bin/current-dials-env.sh &&
+IN_CURRENT = PATH="$(CURRENT_DIALS)/bin:$$PATH"
+# true where CURRENT_DIALS holds a python that imports DIALS
+CURRENT_PRESENT = test -x $(CURRENT_PYTHON) && $(CURRENT_PYTHON) -c "import dials, dxtbx" >/dev/null 2>&1
+# where it does not: a default that is missing skips the lane with one line,
+# a CURRENT_DIALS given by the user that is not a DIALS environment is an error
+define current_missing
+	if [ "$(origin CURRENT_DIALS)" = file ]; then \
+		echo "make $@: skipped, no current DIALS environment at $(CURRENT_DIALS); to run this lane: CURRENT_DIALS=<prefix of a DIALS environment> make $@ (e.g. CURRENT_DIALS=\$$CONDA_PREFIX)"; \
+	else \
+		echo "make $@: CURRENT_DIALS=$(CURRENT_DIALS): $(CURRENT_PYTHON) cannot import dials and dxtbx" >&2; exit 2; \
+	fi
+endef
 
-.PHONY: setup setup-current demo report-screenshot test test-current test-fast bench validate clean
+.PHONY: setup setup-current install-current-checkout demo report-screenshot test test-current test-fast bench validate clean
 
 # Installs this checkout (editable) into $(1) unless that interpreter already
 # imports it from here; checked from / so that a clone elsewhere reinstalls.
@@ -45,14 +58,16 @@ setup:
 	$(install_chromium)
 	$(call install_checkout,$(PYTHON),--break-system-packages)
 
-# Idempotent: the build script reuses a finished build in seconds.
+# Idempotent: installs into the current-DIALS environment only what is missing.
 setup-current:
-	@test -x $(UPSTREAM)/build-current-dials.sh || { \
-		echo "make setup-current: no $(UPSTREAM)/build-current-dials.sh (set UPSTREAM=...)" >&2; exit 2; }
-	@$(UPSTREAM)/build-current-dials.sh $(CURRENT_VENV) | grep -E "Done|Stamp|ERROR|\] \[[0-9]/8\]" || exit 1
-	@$(CURRENT_PYTHON) -c "import plotly, sklearn" 2>/dev/null || { \
-		echo "Installing $(CURRENT_EXTRAS) into $(CURRENT_VENV)"; \
-		$(CURRENT_PYTHON) -m pip install --quiet $(CURRENT_EXTRAS); }
+	@if $(CURRENT_PRESENT); then \
+		$(CURRENT_PYTHON) -c "import pytest, hypothesis, plotly, sklearn" 2>/dev/null || { \
+			echo "Installing $(CURRENT_EXTRAS) into $(CURRENT_DIALS)"; \
+			$(CURRENT_PYTHON) -m pip install --quiet $(CURRENT_EXTRAS) || exit 1; }; \
+		$(MAKE) --no-print-directory install-current-checkout; \
+	else $(current_missing); fi
+
+install-current-checkout:
 	$(call install_checkout,$(CURRENT_PYTHON),)
 
 demo: setup
@@ -70,8 +85,11 @@ report-screenshot:
 test: setup
 	$(PYTHON) -m pytest --junitxml=test-results.xml $(PYTEST_ARGS)
 
-test-current: setup-current
-	$(IN_CURRENT) python -m pytest -p no:cacheprovider --junitxml=test-results-current.xml $(PYTEST_ARGS)
+test-current:
+	@if $(CURRENT_PRESENT); then \
+		$(MAKE) --no-print-directory setup-current && \
+		$(IN_CURRENT) $(CURRENT_PYTHON) -m pytest -p no:cacheprovider --junitxml=test-results-current.xml $(PYTEST_ARGS); \
+	else $(current_missing); fi
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -80,9 +98,11 @@ bench: setup
 	$(PYTHON) benchmarks/run.py --json benchmarks/results/bench.json
 
 # both crystals (strong, weak), both lanes (Debian's DIALS 3.12 and the
-# current DIALS of setup-current); about an hour on 2 cores
+# current DIALS of CURRENT_DIALS, the Debian lane alone where there is none);
+# about an hour on 2 cores
 validate: setup setup-current
-	$(PYTHON) -m devtools.validation current_venv=$(CURRENT_VENV) output=benchmarks/results/validation.md
+	@if $(CURRENT_PRESENT); then lanes=debian+current; else lanes=debian; fi; \
+	$(PYTHON) -m devtools.validation lanes=$$lanes current_dials=$(CURRENT_DIALS) output=benchmarks/results/validation.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis demo benchmarks/work test-results*.xml

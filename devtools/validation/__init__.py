@@ -13,8 +13,8 @@ identical DIALS parameters, by two installations of DIALS ("lanes"):
       expectation   the same with truncfix.assignment=expectation
       sectors       the same with truncfix.assignment=expectation
                     truncfix.n_sectors=8 (regions = shell x sector)
-    lane current  current DIALS (3.25.dev, a virtualenv built by
-                  ``make setup-current``; its current-dials-env.sh)
+    lane current  current DIALS (3.2x: the environment named by
+                  CURRENT_DIALS, as for ``make test-current``)
       truth         as above
       truncated     as above: current dxtbx masks every zero pixel of the
                     truncated SMVs (what current users get today)
@@ -25,8 +25,8 @@ through ``dials.import``, ``dials.find_spots``, ``dials.index`` (known space
 group and unit cell), ``dials.refine``, ``dials.integrate``, ``dials.scale``
 (``anomalous=False``, a common ``d_min``: see scale_d_min) and ``dials.export``.  Each lane runs
 its own programs (the subprocess environment is built from the lane: Debian
-= /usr/bin first on PATH and no LD_PRELOAD; current = what the venv's
-current-dials-env.sh sets, except that the driver's PYTHONPATH is passed on,
+= /usr/bin first on PATH and no LD_PRELOAD; current = the environment's
+bin first on PATH; in both the driver's PYTHONPATH is passed on,
 so that a checkout given by PYTHONPATH is the plugin every lane imports);
 the statistics are computed by the interpreter running this module.  It
 then writes, per crystal, a table like Table 1 of Hattne et al. (2016) --
@@ -42,7 +42,7 @@ than annuli (azimuthal sectors) help.
         [workdir=validation_work] [image_size=2048] [n_images=90] [seed=1] \\
         [nproc=2] [d_min=1.3] [crystals=strong+weak] [lanes=debian+current] \\
         [datasets=truth+truncated+...] \\
-        [current_venv=~/.cache/dials-truncfix/current-dials] [reuse=True]
+        [current_dials=~/.cache/dials-truncfix/current-dials] [reuse=True]
 
 (PHIL arguments as in :mod:`devtools.simulate`, ``-h`` lists them;
 defaults: 2048 x 2048 pixels, 90 images, both crystals, both lanes, every

@@ -14,7 +14,7 @@ from libtbx.utils import Sorry
 import devtools.validation
 from devtools.validation.datasets import CRYSTALS, DATASETS
 from devtools.validation.driver import run_validation
-from devtools.validation.lanes import DEFAULT_CURRENT_VENV, LANES, StepError
+from devtools.validation.lanes import DEFAULT_CURRENT_DIALS, LANES, StepError
 from devtools.validation.report import report
 
 logger = logging.getLogger("devtools.validation")
@@ -48,14 +48,15 @@ crystals = %(crystals)s
   .help = "The simulated crystals (devtools.simulate presets)."
 lanes = %(lanes)s
   .type = choice(multi=True)
-  .help = "debian: /usr/bin/dials.*; current: the programs of current_venv;"
+  .help = "debian: /usr/bin/dials.*; current: the programs of current_dials;"
           "this: the programs on PATH as they are."
 datasets = %(datasets)s
   .type = choice(multi=True)
   .help = "Only these columns (of each lane that has them); none chosen: all."
-current_venv = None
+current_dials = None
   .type = path
-  .help = "The current-DIALS virtualenv (make setup-current); None: %(venv)s"
+  .help = "The current-DIALS environment (a conda-forge DIALS environment or a"
+          "virtualenv whose python imports dials); None: %(venv)s"
 reuse = False
   .type = bool
   .help = "Reuse the simulations and processed datasets found in workdir"
@@ -65,7 +66,7 @@ reuse = False
         "crystals": " ".join("*" + c for c in CRYSTALS),
         "lanes": " ".join(["*" + lane for lane in LANES] + ["this"]),
         "datasets": " ".join(DATASETS),
-        "venv": DEFAULT_CURRENT_VENV,
+        "venv": DEFAULT_CURRENT_DIALS,
     }
 )
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         results, info = run_validation(
             params.workdir, params.image_size, params.n_images, params.seed, params.nproc, params.d_min, params.reuse,
             crystals=params.crystals, lanes=params.lanes, datasets=params.datasets or None,
-            current_venv=os.path.expanduser(params.current_venv or DEFAULT_CURRENT_VENV),
+            current_dials=os.path.expanduser(params.current_dials or DEFAULT_CURRENT_DIALS),
         )
     except (Sorry, StepError) as e:
         sys.exit("devtools.validation: %s" % e)

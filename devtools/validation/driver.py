@@ -16,7 +16,7 @@ import time
 from devtools import simulate as simulator
 from devtools.validation.datasets import CORRECTION_ARGUMENTS, CRYSTALS, default_assignment, lane_datasets
 from devtools.validation.lanes import (
-    DEFAULT_CURRENT_VENV,
+    DEFAULT_CURRENT_DIALS,
     LANES,
     StepError,
     describe_lane,
@@ -48,7 +48,7 @@ def run_validation(
     crystals=CRYSTALS,
     lanes=LANES,
     datasets=None,
-    current_venv=DEFAULT_CURRENT_VENV,
+    current_dials=DEFAULT_CURRENT_DIALS,
 ):
     """Simulate, process and analyse.  Returns (results, info), results =
     {crystal: {lane: {dataset: statistics dict}}}.  ``datasets`` (None: all
@@ -57,7 +57,7 @@ def run_validation(
     start = time.time()
     os.makedirs(workdir, exist_ok=True)
     lanes = lane_order(lanes)
-    envs = {lane: lane_environment(lane, current_venv) for lane in lanes}
+    envs = {lane: lane_environment(lane, current_dials) for lane in lanes}
     lane_info = {lane: describe_lane(lane, envs[lane]) for lane in lanes}
     columns = {lane: lane_datasets(lane, datasets) for lane in lanes}
     if not any(columns.values()):

@@ -14,7 +14,10 @@ import subprocess
 #: programs on PATH as they are)
 LANES = ("debian", "current")
 
-DEFAULT_CURRENT_VENV = os.path.join(
+#: the current-DIALS environment (a conda-forge DIALS environment or a
+#: virtualenv whose python imports dials): CURRENT_DIALS, as for ``make
+#: test-current``, else the cached one of the development machines
+DEFAULT_CURRENT_DIALS = os.environ.get("CURRENT_DIALS") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
     "dials-truncfix",
     "current-dials",
@@ -46,51 +49,27 @@ def without_truncfix_variable(env):
     return {k: v for k, v in env.items() if k != ENVIRONMENT_VARIABLE}
 
 
-#: variables that sourcing a script in bash sets by itself
-_SHELL_VARIABLES = ("_", "SHLVL", "PWD", "OLDPWD")
-
-
-def sourced_environment(script, base):
-    """``base`` changed as ``. script`` in bash changes it."""
-    result = subprocess.run(
-        ["bash", "-c", '. "$1" >/dev/null && env -0', "bash", script], env=base, capture_output=True
-    )
-    if result.returncode:
-        raise StepError("sourcing %s failed: %s" % (script, result.stderr.decode(errors="replace").strip()))
-    sourced = dict(item.split("=", 1) for item in result.stdout.decode().split("\0") if "=" in item)
-    env = dict(base)
-    for key, value in sourced.items():
-        if key not in _SHELL_VARIABLES:
-            env[key] = value
-    for key in base:
-        if key not in sourced and key not in _SHELL_VARIABLES:
-            del env[key]
-    return env
-
-
-def lane_environment(lane, current_venv=DEFAULT_CURRENT_VENV, base=None):
+def lane_environment(lane, current_dials=DEFAULT_CURRENT_DIALS, base=None):
     """The environment of the programs of ``lane``: debian = /usr/bin first
-    on PATH and no LD_PRELOAD; current = what ``current-dials-env.sh`` of
-    ``current_venv`` sets, with the PYTHONPATH of ``base`` kept (the script
-    unsets it; kept so that the plugin under test is the same in every
-    lane); this = ``base`` as it is.  Never DIALS_TRUNCFIX (it is added for
-    the dials.import of the on-read dataset only)."""
+    on PATH and no LD_PRELOAD; current = the ``bin`` of the environment
+    ``current_dials`` first on PATH (its programs run its own python, as in
+    an activated conda environment), no LD_PRELOAD or PYTHONHOME;
+    this = ``base`` as it is.  The PYTHONPATH of ``base`` is kept, so that
+    the plugin under test is the same in every lane.  Never DIALS_TRUNCFIX
+    (it is added for the dials.import of the on-read dataset only)."""
     base = without_truncfix_variable(os.environ if base is None else base)
     if lane == "this":
         return base
-    if lane == "debian":
-        env = {k: v for k, v in base.items() if k != "LD_PRELOAD"}
-        env["PATH"] = os.pathsep.join(["/usr/bin"] + [p for p in base.get("PATH", "").split(os.pathsep) if p])
-        return env
-    if lane == "current":
-        script = os.path.join(current_venv, "bin", "current-dials-env.sh")
-        if not os.path.isfile(script):
-            raise StepError("no %s: build current DIALS first (make setup-current)" % script)
-        env = without_truncfix_variable(sourced_environment(script, base))
-        if "PYTHONPATH" in base:
-            env["PYTHONPATH"] = base["PYTHONPATH"]
-        return env
-    raise ValueError("unknown lane %r" % lane)
+    if lane not in LANES:
+        raise ValueError("unknown lane %r" % lane)
+    bindir = "/usr/bin" if lane == "debian" else os.path.join(current_dials, "bin")
+    if lane == "current" and not os.path.isfile(os.path.join(bindir, "dials.import")):
+        raise StepError(
+            "no DIALS programs in %s: name a current DIALS environment with CURRENT_DIALS=<prefix>" % bindir
+        )
+    env = {k: v for k, v in base.items() if k not in ("LD_PRELOAD", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join([bindir] + [p for p in base.get("PATH", "").split(os.pathsep) if p])
+    return env
 
 
 def _interpreter(script):
