@@ -97,7 +97,7 @@ test-fast: setup
 bench: setup
 	$(PYTHON) benchmarks/run.py --json benchmarks/results/bench.json
 
-# both crystals (strong, weak), both lanes (Debian's DIALS 3.12 and the
+# the three crystals (strong, weak, readnoise), both lanes (Debian's DIALS 3.12 and the
 # current DIALS of CURRENT_DIALS, the Debian lane alone where there is none);
 # about an hour on 2 cores
 validate: setup setup-current

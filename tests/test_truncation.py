@@ -14,7 +14,7 @@ from devtools.synthetic import draw_true_values, falling_parameters, smv_geometr
 from devtools.truncation_rates import offset_camera_image, radial_map
 from dials_truncfix.core.correction import CORRECTED, correct_image
 from dials_truncfix.core.histogram import counts_up_to, imax
-from dials_truncfix.core.lognormal import LognormalFit, fit_lognormal
+from dials_truncfix.core.lognormal import Distribution, LognormalFit, fit_lognormal
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.truncation import why_not_truncation
 from dials_truncfix.corrector import NOT_VALID
@@ -58,15 +58,21 @@ def test_offset_camera_zeros_with_a_gap_are_not_truncation(offset):
     assert reason is not None and reason.startswith("gap of empty bins above 0")
 
 
+def _converged(theta, mu, sigma):
+    """A converged fit of the paper's lognormal (theta, mu, sigma)."""
+    d = Distribution.from_lognormal(theta, mu, sigma)
+    return LognormalFit(d.location, d.scale, d.shape, 0.0, 0.0, True, 1)
+
+
 def test_a_fit_that_misses_the_low_bins_is_not_truncation():
     """Converged fits whose low bins miss the observed ones several-fold
     (theta shifted either way): the zeros are not their censored tail, but
     under the true parameters they are."""
     n, theta, mu, sigma = 200000, -8.0, 2.2, 0.5
     histogram = _truncated(theta, mu, sigma, n, seed=3)
-    assert why_not_truncation(histogram, n, LognormalFit(theta, mu, sigma, 0.0, 0.0, True, 1)) is None
+    assert why_not_truncation(histogram, n, _converged(theta, mu, sigma)) is None
     for shift in (-8.0, 4.0):
-        reason = why_not_truncation(histogram, n, LognormalFit(theta + shift, mu, sigma, 0.0, 0.0, True, 1))
+        reason = why_not_truncation(histogram, n, _converged(theta + shift, mu, sigma))
         assert reason is not None and reason.startswith("the fit misses the low counts"), shift
 
 

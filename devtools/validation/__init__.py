@@ -1,7 +1,9 @@
 """Validation against a simulated truth (behind ``make validate``).
 
-Two simulated MicroED sweeps (:mod:`devtools.simulate`, ``preset=strong``
-and ``preset=weak``: the same crystal with a tenth of the flux) are each
+Three simulated MicroED sweeps (:mod:`devtools.simulate`, ``preset=strong``,
+``preset=weak``: the same crystal with a tenth of the flux, and
+``preset=readnoise``: the strong crystal on a read-noise-dominated camera,
+near-Gaussian low counts) are each
 processed in several versions ("datasets", the columns of the report), with
 identical DIALS parameters, by two installations of DIALS ("lanes"):
 
@@ -40,12 +42,12 @@ than annuli (azimuthal sectors) help.
 
     /usr/bin/python3 -m devtools.validation output=validation.md \\
         [workdir=validation_work] [image_size=2048] [n_images=90] [seed=1] \\
-        [nproc=2] [d_min=1.3] [crystals=strong+weak] [lanes=debian+current] \\
+        [nproc=2] [d_min=1.3] [crystals=strong+weak+readnoise] [lanes=debian+current] \\
         [datasets=truth+truncated+...] \\
         [current_dials=~/.cache/dials-truncfix/current-dials] [reuse=True]
 
 (PHIL arguments as in :mod:`devtools.simulate`, ``-h`` lists them;
-defaults: 2048 x 2048 pixels, 90 images, both crystals, both lanes, every
+defaults: 2048 x 2048 pixels, 90 images, all three crystals, both lanes, every
 column of each lane; ``make validate`` runs it with
 ``output=benchmarks/results/validation.md``).  A third lane, ``this``, runs
 the programs found on PATH as they are (the CI test uses it: there PATH

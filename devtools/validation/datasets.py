@@ -4,7 +4,7 @@ versions of the simulated images each lane processes, and how each is made."""
 from __future__ import annotations
 
 #: the simulated crystals (devtools.simulate presets)
-CRYSTALS = ("strong", "weak")
+CRYSTALS = ("strong", "weak", "readnoise")
 
 #: the columns of each lane, in the order of the report
 LANE_DATASETS = {

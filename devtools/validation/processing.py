@@ -99,6 +99,16 @@ def scale_d_min(experiments, sim_params, d_min):
     return d_min * (volume / sim_params.crystal.unit_cell.volume()) ** (1.0 / 3.0)
 
 
+#: dials.find_spots parameters of a crystal (devtools.simulate preset) beyond
+#: DIALS' defaults, the same for each of its datasets, the truth included:
+#: the default dispersion threshold assumes Poisson noise and flags most
+#: pixels of a read-noise-dominated camera as strong (over DIALS' limit of
+#: strong pixels, on the untruncated truth as well), so that camera's sweep
+#: is spot-found as electron-diffraction users do, with the radial-profile
+#: threshold
+SPOT_FINDING_ARGUMENTS = {"readnoise": ("spotfinder.threshold.algorithm=radial_profile",)}
+
+
 def process(dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None, env=None):
     """Process one ``dataset`` (one of DATASETS) of the simulation in
     ``sim_dir`` inside ``dataset_dir``, with the programs of ``env`` (default:
@@ -129,7 +139,8 @@ def process(dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None,
             "corrected.expt",
         )
         experiments = "corrected.expt"
-    run_step(["dials.find_spots", experiments, "nproc=%d" % nproc], dataset_dir, env, log, "strong.refl")
+    run_step(["dials.find_spots", experiments, "nproc=%d" % nproc, *SPOT_FINDING_ARGUMENTS.get(sim_params.preset, ())],
+             dataset_dir, env, log, "strong.refl")
     run_step(
         ["dials.index", experiments, "strong.refl", *symmetry_arguments(sim_params)],
         dataset_dir,

@@ -349,7 +349,8 @@ def assignment_section(decisions, labels):
         if len(choices) == 1:
             choice = choices.pop()
             lines.append(
-                "Both crystals give **%s**%s." % (
+                "%s crystals give **%s**%s." % (
+                    "Both" if len(outcomes) == 2 else "All %d" % len(outcomes),
                     choice,
                     ": the present default is confirmed" if choice == current
                     else " -- the rule says the default should change from %s to %s" % (current, choice),

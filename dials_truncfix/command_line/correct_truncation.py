@@ -26,8 +26,9 @@ logger = logging.getLogger("dials.command_line.correct_truncation")
 help_message = """
 Correct diffraction images whose negative pixel values were truncated to 0,
 by modelling the low counts of each resolution shell with a shifted lognormal
-and giving the zero-valued pixels values <= 0 that follow it (Hattne et al.,
-2016, J. Appl. Cryst. 49, 1029-1034).
+(or its limit, the normal, where read noise makes them symmetric) and giving
+the zero-valued pixels values <= 0 that follow it (Hattne et al., 2016,
+J. Appl. Cryst. 49, 1029-1034).
 
 Input: an experiment list (e.g. imported.expt) or image files, read as
 dials.import would read them. The shells come from the experiment's beam and

@@ -3,7 +3,8 @@
 * :mod:`.shells`: resolution shells of equal valid-pixel count (optionally
   split into azimuthal sectors): the regions modelled separately;
 * :mod:`.histogram`: low-count histograms per region and the choice of Imax;
-* :mod:`.lognormal`: the maximum-likelihood fit of a shifted lognormal;
+* :mod:`.lognormal`: the maximum-likelihood fit of a shifted lognormal,
+  closed by its normal limit;
 * :mod:`.truncation`: whether a region's zeros are truncation at all;
 * :mod:`.assignment`: the values given to the zero pixels (independent draws);
 * :mod:`.parameters`: what controls the correction;
@@ -16,5 +17,7 @@
 #: shuffled); 2: fits on a fixed pixel subsample (an image's regions fitted
 #: together), independent draws through 65536-slot lookup tables, Newton
 #: stopped at the objective's rounding, and the truncation test (regions
-#: whose zeros are not truncation left alone).
-ALGORITHM = 2
+#: whose zeros are not truncation left alone); 3: the fit in location, scale
+#: and shape, the normal (shape 0) included, so that near-Gaussian read noise
+#: fits (dials-truncfix 0.4).
+ALGORITHM = 3

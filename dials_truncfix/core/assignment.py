@@ -26,9 +26,8 @@ import hashlib
 import math
 
 import numpy as np
-from scipy import special
 
-from dials_truncfix.core.lognormal import cdf
+from dials_truncfix.core.lognormal import Distribution
 
 #: the lowest value the assignment may give (keeps int32 output safe)
 LOWEST_VALUE = -(2**30)
@@ -57,31 +56,33 @@ def uniform_slots(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.ascontiguousarray(words, dtype="<u8").view("<u2")[:n]
 
 
-def zero_value_probabilities(n_zero, theta, mu, sigma):
+def zero_value_probabilities(n_zero: int, distribution: Distribution):
     """(values v = 0, -1, ..., v_lo; their probabilities P(v), not normalised).
 
     P(v) is the probability of [v - 0.5, v + 0.5), the lowest bin also takes
     the tail below it; the values stop where the expected number of the
     ``n_zero`` pixels further down is below TAIL_PIXELS."""
-    f_half = float(cdf([0.5], theta, mu, sigma)[0])
+    f_half = float(distribution.cdf([0.5])[0])
     if not f_half > 0:
         raise ValueError("the fitted distribution gives no probability below 0.5")
-    p_tail = f_half * TAIL_PIXELS / n_zero
-    x_tail = theta + math.exp(mu + sigma * float(special.ndtri(p_tail)))
-    v_lo = max(math.floor(x_tail + 0.5), math.floor(theta + 0.5), LOWEST_VALUE)
+    x_tail = distribution.quantile(f_half * TAIL_PIXELS / n_zero)
+    v_lo = max(math.floor(x_tail + 0.5), LOWEST_VALUE)
+    if distribution.shape > 0:  # not below the lognormal's support
+        v_lo = max(v_lo, math.floor(distribution.theta + 0.5))
     v_lo = min(v_lo, 0)
     values = np.arange(0, v_lo - 1, -1, dtype=np.int64)
-    upper = cdf(values + 0.5, theta, mu, sigma)
+    upper = distribution.cdf(values + 0.5)
     lower = np.append(upper[1:], 0.0)
     return values, np.clip(upper - lower, 0, None)
 
 
-def value_distribution(mode: str, n_zero: int, theta: float, mu: float, sigma: float):
+def value_distribution(mode: str, n_zero: int, distribution: Distribution):
     """(values in descending order, the probability of each, the conditional
-    mean m) of a zero pixel's value in this assignment mode."""
+    mean m) of a zero pixel's value in this assignment mode, for a region
+    whose fit is ``distribution``."""
     if mode not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {mode!r}; use one of {ASSIGNMENTS}")
-    values, prob = zero_value_probabilities(n_zero, theta, mu, sigma)
+    values, prob = zero_value_probabilities(n_zero, distribution)
     prob = prob / prob.sum()
     mean = float(np.dot(values, prob))
     if mode == "expectation":

@@ -16,7 +16,7 @@ from dials_truncfix.core.assignment import (
     TABLE_SIZE, image_rng, set_slot_steps, slot_ends, uniform_slots, value_distribution,
 )
 from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
-from dials_truncfix.core.lognormal import LognormalFit, cdf, fit_lognormals
+from dials_truncfix.core.lognormal import LognormalFit, fit_lognormals
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import INVALID, ShellMap, sample_keys
 from dials_truncfix.core.truncation import why_not_truncation
@@ -81,6 +81,30 @@ def _ranges(indices):
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
 
 
+#: all-zero lines other than a file's missing end count as damage (dead
+#: lines) only while they are at most this fraction of a panel's lines: a
+#: real camera's fixed-pattern line offsets put many scattered lines wholly
+#: below 0.5 when the background is low (a Ceta dark frame shifted to 89%
+#: zeros has 104 of its 512 columns all zero), and those are truncated data
+DEAD_LINES_MAX_FRACTION = 0.02
+
+
+def _damage(lines, n_lines, trailing):
+    """The all-zero ``lines`` (sorted indices) that are damage: a run that
+    ends at the panel's last line when ``trailing`` (rows: a file cut short,
+    read as zeros), and the others while they are few (dead lines)."""
+    if not len(lines):
+        return lines
+    end = len(lines)
+    if trailing:
+        while end and lines[end - 1] == n_lines - (len(lines) - end) - 1:
+            end -= 1
+    others, block = lines[:end], lines[end:]
+    if len(others) > DEAD_LINES_MAX_FRACTION * n_lines:
+        return block
+    return lines
+
+
 #: rows (columns) checked first: a line can be all zero only where these
 #: columns (rows) are zero, so only such candidates are checked in full
 PROBE_LINES = 16
@@ -107,8 +131,8 @@ def damaged_lines(panels: list, shell_map: ShellMap) -> tuple:
     damaged, described, offset = None, [], 0
     for k, (panel, (per_row, per_column)) in enumerate(zip(panels, shell_map.valid_per_line())):
         panel = np.asarray(panel)
-        rows = _zero_lines(panel, 1, per_row)
-        columns = _zero_lines(panel, 0, per_column)
+        rows = _damage(_zero_lines(panel, 1, per_row), panel.shape[0], trailing=True)
+        columns = _damage(_zero_lines(panel, 0, per_column), panel.shape[1], trailing=False)
         if len(rows) or len(columns):
             if damaged is None:
                 damaged = np.zeros(sum(int(np.prod(np.shape(p))) for p in panels), dtype=bool)
@@ -177,9 +201,9 @@ def _fit_shells(problems, params):
 def _usable(fit):
     """The fit, not converged if it gives no probability below 0.5 (no
     values for the zero pixels)."""
-    if fit.converged and not cdf([0.5], fit.theta, fit.mu, fit.sigma)[0] > 0:
+    if fit.converged and not fit.distribution.cdf([0.5])[0] > 0:
         return LognormalFit(
-            fit.theta, fit.mu, fit.sigma, fit.log_likelihood, fit.rmsd, False,
+            fit.location, fit.scale, fit.shape, fit.log_likelihood, fit.rmsd, False,
             fit.n_iterations, "no probability below 0.5",
         )
     return fit
@@ -334,7 +358,7 @@ def value_table(batch, results, fits, params):
             continue
         fit = fits[r]
         values, probabilities, results[r].conditional_mean = value_distribution(
-            params.assignment, results[r].n_zero, fit.theta, fit.mu, fit.sigma
+            params.assignment, results[r].n_zero, fit.distribution
         )
         results[r].assignment = params.assignment
         ends = slot_ends(probabilities)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-from dials_truncfix.core.lognormal import LognormalFit, bin_probabilities
+from dials_truncfix.core.lognormal import LognormalFit
 
 #: bins 1..LOW_BINS are "next to zero" (Imax is never below 3)
 LOW_BINS = 3
@@ -48,7 +48,7 @@ def low_bin_excess(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> np
     deviance from the band's nearer edge; 0 inside, inf for counts where
     the fit expects none)."""
     observed = _counts(histogram, LOW_BINS)
-    expected = n_valid * bin_probabilities(fit.theta, fit.mu, fit.sigma, LOW_BINS)[:-1]
+    expected = n_valid * fit.distribution.bin_probabilities(LOW_BINS)[:-1]
     observed = np.append(observed, observed[1:].sum())
     expected = np.append(expected, expected[1:].sum())
     edge = np.clip(observed, expected / MODEL_FACTOR, expected * MODEL_FACTOR)
@@ -65,12 +65,12 @@ def why_not_truncation(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -
     pixels, ``fit`` a converged fit (of this region, or pooled with a
     neighbour's), or one that did not converge (only a gap is judged)."""
     h = np.asarray(histogram)
-    if len(h) == 0 or h[0] == 0 or not np.isfinite([fit.theta, fit.mu, fit.sigma]).all():
+    if len(h) == 0 or h[0] == 0 or not np.isfinite([fit.location, fit.scale, fit.shape]).all():
         return None
     populated = np.flatnonzero(h[1:])
     gap = int(populated[0]) if populated.size else len(h) - 1
     if gap:
-        expected = n_valid * float(np.sum(bin_probabilities(fit.theta, fit.mu, fit.sigma, gap)[1:-1]))
+        expected = n_valid * float(np.sum(fit.distribution.bin_probabilities(gap)[1:-1]))
         if expected >= GAP_EXPECTED:
             lowest = f"lowest populated count {gap + 1}" if populated.size else "no positive counts"
             return f"gap of empty bins above 0 ({lowest}; the fit expects {expected:.0f} counts in 1-{gap})"
@@ -81,7 +81,7 @@ def why_not_truncation(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -
     if abs(excess[worst]) > TOLERANCE:
         which = f"H({worst})" if worst <= LOW_BINS else f"H(1..{LOW_BINS})"
         observed = _counts(h, LOW_BINS)
-        expected = n_valid * bin_probabilities(fit.theta, fit.mu, fit.sigma, LOW_BINS)[:-1]
+        expected = n_valid * fit.distribution.bin_probabilities(LOW_BINS)[:-1]
         o, e = (observed[worst], expected[worst]) if worst <= LOW_BINS else (observed[1:].sum(), expected[1:].sum())
         return f"the fit misses the low counts ({which} = {o:.0f}, fit {e:.0f})"
     return None

@@ -17,7 +17,7 @@ from plotly.colors import qualitative
 
 from dials_truncfix import __version__
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
-from dials_truncfix.core.lognormal import cdf
+from dials_truncfix.core.lognormal import LOGNORMAL, NORMAL, Distribution
 from dials_truncfix.core.shells import region_label
 
 if TYPE_CHECKING:
@@ -114,9 +114,13 @@ def left_alone_rows(sweeps: list[SweepResult], n_sectors: int) -> list:
     return [["imageset", "images", "pixels", "why"], *rows] if rows else []
 
 
+#: the models of the fits, as the summary counts them
+MODELS = (LOGNORMAL, NORMAL)
+
+
 def summary_rows(sweeps: list[SweepResult]) -> list:
     rows = [["imageset", "status", "images", "pixels changed", "lowest value", "mean zero fraction",
-             "converged fits"]]
+             "converged fits", "lognormal / normal"]]
     for sweep in sweeps:
         c = sweep.images
         fits = [sh["fit"] for s in c for sh in s["shells"] if sh.get("fit")]
@@ -125,6 +129,7 @@ def summary_rows(sweeps: list[SweepResult]) -> list:
             "-" if sweep.lowest_value is None else sweep.lowest_value,
             f"{np.mean([s['zero_fraction'] for s in c]):.1%}" if c else "-",
             f"{sum(1 for f in fits if f['converged'])}/{len(fits)}",
+            " / ".join(str(sum(1 for f in fits if f["converged"] and f.get("model") == m)) for m in MODELS),
         ])
     return rows
 
@@ -171,24 +176,25 @@ def histogram_graphs(sweep: SweepResult, n_sectors: int) -> dict:
                          "name": name, "legendgroup": name, "marker": {"color": colour}})
             fit = shell.get("fit")
             if fit and fit["converged"]:
-                xs = np.arange(max(int(np.floor(fit["theta"])), -10 * len(hist)), len(hist))
-                y = shell["n_valid"] * (cdf(xs + 0.5, fit["theta"], fit["mu"], fit["sigma"])
-                                        - cdf(xs - 0.5, fit["theta"], fit["mu"], fit["sigma"]))
+                distribution = Distribution(fit["location"], fit["scale"], fit["shape"])
+                xs = np.arange(max(int(np.floor(distribution.quantile(1e-9))), -10 * len(hist)), len(hist))
+                y = shell["n_valid"] * (distribution.cdf(xs + 0.5) - distribution.cdf(xs - 0.5))
                 drawn = y >= CURVE_FLOOR
                 data.append({"type": "scatter", "mode": "lines", "x": xs[drawn].tolist(), "y": _rounded(y[drawn]),
                              "name": name + " fit", "legendgroup": name, "showlegend": False,
                              "line": {"color": colour}})
         graphs[f"histogram_{sweep.plan.number}_{s['image']}"] = _graph(
-            f"Image {s['image']}: low counts (points) and fitted lognormals (lines)", "pixel value", "pixels", data, "log"
+            f"Image {s['image']}: low counts (points) and fits (lines)", "pixel value", "pixels", data, "log"
         )
     return graphs
 
 
 def parameter_graphs(sweep: SweepResult, n_sectors: int) -> dict:
-    """theta, mu and sigma of the converged fits against resolution (one line
-    per image) and against image (one line per region)."""
+    """Location, scale and shape of the converged fits (shape 0: the normal)
+    against resolution (one line per image) and against image (one line per
+    region)."""
     graphs = {}
-    for par in ("theta", "mu", "sigma"):
+    for par in ("location", "scale", "shape"):
         by_resolution = []
         for s in sweep.images:
             fitted = [shell for shell in s["shells"] if shell.get("fit") and shell["fit"]["converged"]]
