@@ -27,7 +27,7 @@ define current_missing
 	fi
 endef
 
-.PHONY: setup setup-current install-current-checkout demo report-screenshot test test-current test-fast bench validate clean
+.PHONY: setup setup-current install-current-checkout demo report-screenshot test test-current test-release test-fast bench validate clean
 
 # Installs this checkout (editable) into $(1) unless that interpreter already
 # imports it from here; checked from / so that a clone elsewhere reinstalls.
@@ -90,6 +90,22 @@ test-current:
 		$(MAKE) --no-print-directory setup-current && \
 		$(IN_CURRENT) $(CURRENT_PYTHON) -m pytest -p no:cacheprovider --junitxml=test-results-current.xml $(PYTEST_ARGS); \
 	else $(current_missing); fi
+
+# The release as a user installs it (devtools/release_check.py): the sdist and
+# the wheel built from a clean copy of the checkout, the wheel installed (not
+# editable) into a fresh environment of each lane and run from there. No
+# `make setup` first: it installs nothing into the lanes' own environments.
+# The current-DIALS lane is skipped with one line where there is no current
+# DIALS environment (a CURRENT_DIALS given that is none is an error).
+test-release:
+	@if $(CURRENT_PRESENT); then \
+		$(PYTHON) -m devtools.release_check --current-dials $(CURRENT_DIALS); \
+	elif [ "$(origin CURRENT_DIALS)" = file ]; then \
+		echo "make $@: current-DIALS lane skipped, no current DIALS environment at $(CURRENT_DIALS); to run it: CURRENT_DIALS=<prefix of a DIALS environment> make $@"; \
+		$(PYTHON) -m devtools.release_check; \
+	else \
+		echo "make $@: CURRENT_DIALS=$(CURRENT_DIALS): $(CURRENT_PYTHON) cannot import dials and dxtbx" >&2; exit 2; \
+	fi
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
