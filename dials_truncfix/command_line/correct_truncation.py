@@ -182,7 +182,7 @@ def _check_arguments(args):
 def run(args: list[str] | None = None, phil: libtbx.phil.scope = phil_scope) -> None:
     """The command line: every error a one-line message (DIALS' Sorry), an
     interruption exit status 128 + signal with no experiment list."""
-    from dials_truncfix.program.interruption import Interrupted
+    from dials_truncfix.program.interruption import Interrupted, interruptible
 
     args = sys.argv[1:] if args is None else args
     _check_arguments(args)
@@ -206,7 +206,8 @@ def run(args: list[str] | None = None, phil: libtbx.phil.scope = phil_scope) -> 
         raise Sorry("no images or experiment list were given (or none could be read)")
     input_files = [a for a in args if "=" not in a and os.path.isfile(a)]
     try:
-        correct(experiments, params, options, parser.diff_phil.as_str(), input_files)
+        with interruptible():  # the process-wide signal handling: the command line's alone
+            correct(experiments, params, options, parser.diff_phil.as_str(), input_files)
     except Interrupted as e:
         print(f"dials.correct_truncation: interrupted (signal {e.code - 128}); no experiment list written", file=sys.stderr)
         raise
@@ -257,7 +258,8 @@ def correct(
     except (planning.TruncationInputError, outputs.OutputError) as e:
         raise Sorry(str(e)) from None
     directories = {os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p}
-    with outputs.run_lock(directories), interruption.interruptible() as interrupted:
+    interrupted = interruption.current()
+    with outputs.run_lock(directories):
         dials.util.log.config(options.verbose, logfile=params.output.log)
         logger.info("%s, dials-truncfix %s", dials_version(), __version__)
         if diff_phil:
