@@ -17,6 +17,7 @@ from dials.util import Sorry, show_mail_handle_errors
 from dials.util.options import ArgumentParser, flatten_experiments
 
 from dials_truncfix import __version__
+from dials_truncfix.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from dxtbx.model.experiment_list import ExperimentList
@@ -125,8 +126,6 @@ output {
 
 
 def _atomic_text(path, text):
-    from dials_truncfix.io.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, [text.encode("utf-8")])
 
 
@@ -226,20 +225,27 @@ def correct(
 ) -> None:
     """Plan and check every output, then correct and write them, the
     experiment list last; ``input_files`` are the files named on the command
-    line, which no output may replace."""
+    line, which no output may replace.  The library entry point of the
+    command line: it installs no signal handler and stops no process (the
+    command line's ``run()`` does, with ``interruption.interruptible``)."""
     import dials.util.log
     from dials.util.version import dials_version
 
     from dials_truncfix.core.shells import ShellError
     from dials_truncfix.io import OutputFormatError
     from dials_truncfix.program import experiments as corrected
-    from dials_truncfix.program import interruption, outputs, planning, record, tasks
+    from dials_truncfix.program import interruption, outputs, planning, record, report, tasks
     from dials_truncfix.settings import Settings
 
     try:
         settings = Settings.from_phil(params.truncfix)
     except ValueError as e:
         raise Sorry(f"truncfix: {e}") from None
+    if params.output.report:
+        try:  # what the report needs, found before anything is written
+            report.plotly_js_gzip()
+        except report.ReportUnavailable as e:
+            raise Sorry(str(e)) from None
     fmt = params.output.format
     if fmt != planning.ON_READ and not params.output.directory:
         raise Sorry(f"output.directory=None: output.format={fmt} writes images and needs a directory")
@@ -284,9 +290,7 @@ def correct(
                     _atomic_text(params.output.json, record.as_json(run_record))
                     logger.info("Wrote %s", params.output.json)
                 if params.output.report:
-                    from dials_truncfix.program.report import html_report
-
-                    _atomic_text(params.output.report, html_report(results, run_record))
+                    _atomic_text(params.output.report, report.html_report(results, run_record))
                     logger.info("Wrote %s", params.output.report)
                 if params.output.experiments:
                     interrupted.check()
