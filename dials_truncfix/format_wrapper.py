@@ -66,6 +66,7 @@ sort before every stock top-level class.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -159,11 +160,25 @@ def stock_format_class(path, format_hint=None):
     """The class stock dxtbx would choose for ``path`` (the dispatchers step aside)."""
     from dxtbx.format.Registry import get_format_class_for_file
 
+    with resolving_stock_class():
+        return get_format_class_for_file(path, format_hint=format_hint)
+
+
+@contextlib.contextmanager
+def resolving_stock_class():
+    """While stock dxtbx chooses a class the dispatchers claim nothing (in
+    this thread); nested uses restore the state they found."""
+    previous = getattr(_resolving, "active", False)
     _resolving.active = True
     try:
-        return get_format_class_for_file(path, format_hint=format_hint)
+        yield
     finally:
-        _resolving.active = False
+        _resolving.active = previous
+
+
+def stock_class_being_resolved() -> bool:
+    """Whether this thread is inside :func:`resolving_stock_class`."""
+    return getattr(_resolving, "active", False)
 
 
 def can_wrap(stock):
@@ -486,7 +501,7 @@ def _claim(name, multi):
     """(stock class, why it stays uncorrected or None) if this dispatcher
     reads ``name``: a truncfix URL, or, with DIALS_TRUNCFIX set, any image
     file that is becoming an imageset (see the module docstring)."""
-    if getattr(_resolving, "active", False):
+    if stock_class_being_resolved():
         return None
     name = os.fspath(name)
     if is_truncfix_name(name):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from libtbx.utils import Sorry
 
 from dials_truncfix.core import ALGORITHM
+from dials_truncfix.core.correction import RecentKeys
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry
 from dials_truncfix.phil import correction_parameters, correction_phil_scope, read_phil_file
@@ -99,7 +100,8 @@ class Settings:
         return cls(correction_parameters(truncfix), mask, truncfix.detector)
 
 
-_noted_records: set = set()
+#: records already warned about (the latest REMEMBERED_KEYS: a long session reads many experiment lists)
+noted_records = RecentKeys()
 
 
 def _note_algorithm(record):
@@ -109,8 +111,7 @@ def _note_algorithm(record):
     if algorithm == ALGORITHM:
         return
     key = json.dumps(record, sort_keys=True, default=str)
-    if key not in _noted_records:
-        _noted_records.add(key)
+    if noted_records.first_time(key):
         logger.warning(
             "This experiment list was made with truncation-correction algorithm %s; its images are now corrected"
             " with algorithm %s, so corrected pixels may differ from what earlier processing steps saw:"

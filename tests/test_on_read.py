@@ -670,3 +670,53 @@ def test_the_stock_choice_remembers_a_bounded_number_of_files(smv_sweep, monkeyp
     stock = type(dxtbx.load(smv_sweep[0]))
     assert [choice(p) for p in smv_sweep + smv_sweep[:1]] == [stock] * 4
     assert [key[0] for key in choice._by_file] == [smv_sweep[2], smv_sweep[0]]
+
+
+# --- more dials.import routes ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("routes")
+    paths, _ = write_truncated_smv_sweep(directory, n_images=3, size=256, seed=2)
+    return paths
+
+
+def _routed_import(workdir, args, expected_paths):
+    """DIALS_TRUNCFIX=1 dials.import ``args``: a corrected sequence of
+    ``expected_paths`` with its settings recorded, pixels as the core corrects
+    each file with its header geometry (as an import of the files gives)."""
+    run(["dials.import", *args, "output.experiments=routed.expt"], workdir, DIALS_TRUNCFIX="1")
+    assert record_of(workdir / "routed.expt") is not None
+    info, pixels, masks = read_back("routed.expt", workdir)
+    assert info["format"] == "Truncfix_FormatSMVADSC" and info["n"] == len(expected_paths)
+    for data, mask, path in zip(pixels, masks, expected_paths):
+        expected, raw = header_correction(path)
+        assert np.array_equal(data, expected) and (data < 0).sum() > 1000 and mask[data < 0].all()
+    return pixels
+
+
+@pytest.mark.slow
+def test_import_by_template(small_sweep, tmp_path):
+    template = small_sweep[0].replace("00001.img", "#####.img")
+    pixels = _routed_import(tmp_path, [f"template={template}"], small_sweep)
+    run(["dials.import", *small_sweep, "output.experiments=files.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    _, by_files, _ = read_back("files.expt", tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels, by_files))
+
+
+@pytest.mark.slow
+def test_import_with_an_image_range(small_sweep, tmp_path):
+    _routed_import(tmp_path, [*small_sweep, "geometry.scan.image_range=2,3"], small_sweep[1:])
+    with open(tmp_path / "routed.expt") as fh:
+        assert json.load(fh)["scan"][0]["image_range"] == [2, 3]
+
+
+@pytest.mark.slow
+def test_import_of_stills_converted_to_a_sequence(tmp_path):
+    stills, _ = write_truncated_smv_sweep(tmp_path / "stills", n_images=2, size=256, seed=3, osc_width=0.0,
+                                          prefix="still")
+    assert all(type(dxtbx.load(p)).__name__ == "FormatSMVADSC" for p in stills)
+    _routed_import(tmp_path, [*stills, "convert_stills_to_sequences=True", "geometry.scan.oscillation=0,0.5"], stills)
+    with open(tmp_path / "routed.expt") as fh:
+        assert json.load(fh)["imageset"][0]["__id__"] == "ImageSequence"

@@ -17,6 +17,7 @@ from dials.util import Sorry, show_mail_handle_errors
 from dials.util.options import ArgumentParser, flatten_experiments
 
 from dials_truncfix import __version__
+from dials_truncfix.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from dxtbx.model.experiment_list import ExperimentList
@@ -125,8 +126,6 @@ output {
 
 
 def _atomic_text(path, text):
-    from dials_truncfix.io.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, [text.encode("utf-8")])
 
 
@@ -182,7 +181,7 @@ def _check_arguments(args):
 def run(args: list[str] | None = None, phil: libtbx.phil.scope = phil_scope) -> None:
     """The command line: every error a one-line message (DIALS' Sorry), an
     interruption exit status 128 + signal with no experiment list."""
-    from dials_truncfix.program.interruption import Interrupted
+    from dials_truncfix.program.interruption import Interrupted, interruptible
 
     args = sys.argv[1:] if args is None else args
     _check_arguments(args)
@@ -206,7 +205,8 @@ def run(args: list[str] | None = None, phil: libtbx.phil.scope = phil_scope) -> 
         raise Sorry("no images or experiment list were given (or none could be read)")
     input_files = [a for a in args if "=" not in a and os.path.isfile(a)]
     try:
-        correct(experiments, params, options, parser.diff_phil.as_str(), input_files)
+        with interruptible():  # the process-wide signal handling: the command line's alone
+            correct(experiments, params, options, parser.diff_phil.as_str(), input_files)
     except Interrupted as e:
         print(f"dials.correct_truncation: interrupted (signal {e.code - 128}); no experiment list written", file=sys.stderr)
         raise
@@ -225,20 +225,27 @@ def correct(
 ) -> None:
     """Plan and check every output, then correct and write them, the
     experiment list last; ``input_files`` are the files named on the command
-    line, which no output may replace."""
+    line, which no output may replace.  The library entry point of the
+    command line: it installs no signal handler and stops no process (the
+    command line's ``run()`` does, with ``interruption.interruptible``)."""
     import dials.util.log
     from dials.util.version import dials_version
 
     from dials_truncfix.core.shells import ShellError
     from dials_truncfix.io import OutputFormatError
     from dials_truncfix.program import experiments as corrected
-    from dials_truncfix.program import interruption, outputs, planning, record, tasks
+    from dials_truncfix.program import interruption, outputs, planning, record, report, tasks
     from dials_truncfix.settings import Settings
 
     try:
         settings = Settings.from_phil(params.truncfix)
     except ValueError as e:
         raise Sorry(f"truncfix: {e}") from None
+    if params.output.report:
+        try:  # what the report needs, found before anything is written
+            report.plotly_js_gzip()
+        except report.ReportUnavailable as e:
+            raise Sorry(str(e)) from None
     fmt = params.output.format
     if fmt != planning.ON_READ and not params.output.directory:
         raise Sorry(f"output.directory=None: output.format={fmt} writes images and needs a directory")
@@ -257,7 +264,8 @@ def correct(
     except (planning.TruncationInputError, outputs.OutputError) as e:
         raise Sorry(str(e)) from None
     directories = {os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p}
-    with outputs.run_lock(directories), interruption.interruptible() as interrupted:
+    interrupted = interruption.current()
+    with outputs.run_lock(directories):
         dials.util.log.config(options.verbose, logfile=params.output.log)
         logger.info("%s, dials-truncfix %s", dials_version(), __version__)
         if diff_phil:
@@ -282,9 +290,7 @@ def correct(
                     _atomic_text(params.output.json, record.as_json(run_record))
                     logger.info("Wrote %s", params.output.json)
                 if params.output.report:
-                    from dials_truncfix.program.report import html_report
-
-                    _atomic_text(params.output.report, html_report(results, run_record))
+                    _atomic_text(params.output.report, report.html_report(results, run_record))
                     logger.info("Wrote %s", params.output.report)
                 if params.output.experiments:
                     interrupted.check()

@@ -8,6 +8,8 @@ truncation, core/truncation.py).
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -502,13 +504,49 @@ def _split(flat, shapes):
     return data
 
 
-_said = set()
+#: how many keys a "say once" memory keeps.  The news that repeats comes
+#: close together (a program reads each image of a sweep several times, a
+#: sweep's images repeat each other's news), while a long session (a
+#: notebook, a server, dials.stills_process) may read unboundedly many
+#: images: the memory keeps the keys last seen, a few thousand, and forgets
+#: older ones, so that it stays a few hundred kB whatever the session reads.
+REMEMBERED_KEYS = 4096
+
+
+class RecentKeys:
+    """The last ``size`` distinct keys seen (an LRU set), thread-safe."""
+
+    def __init__(self, size: int = REMEMBERED_KEYS) -> None:
+        self.size = size
+        self._keys: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_time(self, key) -> bool:
+        """Whether ``key`` is not among the keys remembered; remember it as
+        the latest either way."""
+        with self._lock:
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                return False
+            self._keys[key] = None
+            while len(self._keys) > self.size:
+                self._keys.popitem(last=False)
+            return True
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+
+#: the keys :func:`say_once` has said (the latest REMEMBERED_KEYS)
+said = RecentKeys()
 
 
 def say_once(key, level, message, *args):
-    """Log ``message % args`` at ``level`` the first time ``key`` comes up:
-    DIALS programs read images repeatedly, and a sweep's images repeat each
-    other's news."""
-    if key not in _said:
-        _said.add(key)
+    """Log ``message % args`` at ``level`` the first time ``key`` comes up
+    (among the last REMEMBERED_KEYS keys): DIALS programs read images
+    repeatedly, and a sweep's images repeat each other's news."""
+    if said.first_time(key):
         logger.log(level, message, *args)

@@ -15,6 +15,9 @@ import math
 import time
 
 import numpy as np
+import pycbf
+from dxtbx.format.cbf_writer import FullCBFWriter
+from dxtbx.imageset import ImageSequence
 
 from dials_truncfix.io.atomic import atomic_path
 
@@ -86,10 +89,6 @@ def write_full_cbf(path, imageset, index, panels, valid_ranges):
     """Write image ``index`` of ``imageset`` as a full CBF holding ``panels``
     (int32 arrays, slow x fast), each valid in [lo, hi] of ``valid_ranges``,
     with the goniometer and scan of the image (of zero width for a still)."""
-    import pycbf
-    from dxtbx.format.cbf_writer import FullCBFWriter
-    from dxtbx.imageset import ImageSequence
-
     writer = FullCBFWriter(imageset=imageset)
     cbf = writer.get_cbf_handle(index=index, header_only=True)
 

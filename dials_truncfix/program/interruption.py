@@ -1,6 +1,13 @@
 """SIGTERM and SIGINT during dials.correct_truncation: the run stops without
 a partial output and without a traceback, and exits 143 or 130.
 
+All of it is process-wide (signal handlers, ``sys.unraisablehook``, the
+process's multiprocessing children), so it is in force only while the
+command line holds :func:`interruptible` (``run()`` enters it); the
+library functions a program calls from Python install nothing and kill
+nothing (:func:`current` gives them an :class:`Interruption` that no signal
+sets).
+
 Why this needs more than a signal handler:
 
 * The handler raises :class:`Interrupted` at once, but the code it lands in
@@ -47,10 +54,18 @@ class Interruption:
             raise Interrupted(128 + self.signum)
 
 
+#: the command line's Interruption while :func:`interruptible` is installed
+_installed: list[Interruption] = []
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[Interruption]:
-    """Turn SIGTERM and SIGINT into :class:`Interrupted` while the run works;
-    yields the :class:`Interruption` to check before committing."""
+    """The command line's process-wide installation, entered by
+    ``dials.correct_truncation``'s ``run()`` only: SIGTERM and SIGINT become
+    :class:`Interrupted` while the run works, the unraisable hook stays
+    silent about it, and :func:`signals_held` and :func:`stop_workers` act.
+    Yields the :class:`Interruption` to check before committing.  Everything
+    is restored on leaving."""
     interruption = Interruption()
 
     def handler(signum, frame):
@@ -63,12 +78,26 @@ def interruptible() -> Iterator[Interruption]:
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    _installed.append(interruption)
     try:
         yield interruption
     finally:
+        _installed.remove(interruption)
         sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def current() -> Interruption:
+    """The command line's :class:`Interruption` when :func:`interruptible` is
+    installed; else one that no signal ever sets (a program calling the
+    library handles its signals itself)."""
+    return _installed[-1] if _installed else Interruption()
+
+
+def installed() -> bool:
+    """Whether the command line's :func:`interruptible` is in force."""
+    return bool(_installed)
 
 
 @contextlib.contextmanager
@@ -77,7 +106,12 @@ def signals_held() -> Iterator[None]:
     commit that a signal must not cut in half): a signal that comes meanwhile
     is only noted, and raised again on leaving the block.  (Swapping the
     handlers, not masking the signals: a mask holds only the calling thread,
-    and the pool of a parallel run has threads of its own.)"""
+    and the pool of a parallel run has threads of its own.)  Only under the
+    command line's :func:`interruptible`: a library call leaves the
+    process's handlers alone."""
+    if not installed():
+        yield
+        return
     came = []
     previous = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -91,7 +125,11 @@ def signals_held() -> Iterator[None]:
 
 def stop_workers() -> None:
     """Kill this process's multiprocessing children: the workers of an
-    interrupted parallel run, which would go on writing their images."""
+    interrupted parallel run, which would go on writing their images.  Only
+    under the command line's :func:`interruptible`, where the process is the
+    run's own: a program calling the library keeps its children."""
+    if not installed():
+        return
     for child in multiprocessing.active_children():
         child.kill()
         child.join()

@@ -5,8 +5,8 @@ dials.correct_truncation.
   be an input (image, experiment list, mask), two outputs may not share a
   path, and existing files are refused unless ``output.overwrite=True``.
 * One run at a time owns its output directories: a hidden lock file in
-  each, locked for the run (``flock``, released by the system if the process
-  dies) and removed at its end.
+  each, locked for the run (``flock``, ``msvcrt.locking`` on Windows: released
+  by the system if the process dies) and removed at its end.
 * Images are written into a hidden staging directory next to their final
   place and moved there only when every image is done; the experiment list
   is written last.  An interrupted run (SIGTERM, SIGINT, an error) removes
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob
 import os
 import shutil
+import sys
 import tempfile
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -82,31 +82,73 @@ def run_lock(directories: Iterable[str]) -> Iterator[None]:
         yield
 
 
+def try_lock(fh) -> bool:
+    """Lock the open file ``fh`` for this process without waiting: False if
+    another process holds it.  The system releases it when the process ends,
+    however it ends.  POSIX: ``flock``; Windows: ``msvcrt.locking`` of its
+    first byte (each imported only where it exists)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        fh.seek(0)
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EDEADLK, errno.EAGAIN):
+                raise
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
+def unlock(fh) -> None:
+    """Release the lock :func:`try_lock` took on ``fh``."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def _directory_lock(directory):
-    """flock on a hidden file, removed when done; a lock taken on a file that
-    another run removed meanwhile is taken again on the new one."""
+    """The lock of a hidden file, removed when done; a lock taken on a file
+    that another run removed meanwhile is taken again on the new one."""
     path = os.path.join(directory, LOCK_NAME)
     while True:
         fh = open(path, "a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        if not try_lock(fh):
             fh.close()
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
             raise OutputError(
                 f"{directory}: another dials.correct_truncation is writing there; wait for it or choose "
                 "another output directory"
-            ) from None
+            )
         if os.path.exists(path) and os.path.samefile(path, fh.name) and os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
             break
         fh.close()
     try:
         yield
     finally:
-        os.remove(path)
-        fh.close()
+        if sys.platform == "win32":  # an open file cannot be removed there; a run that opens it meanwhile keeps it
+            unlock(fh)
+            fh.close()
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        else:
+            os.remove(path)
+            fh.close()
 
 
 class Staging:

@@ -158,6 +158,12 @@ def plan(experiments: ExperimentList, settings: Settings, directory: str | None,
                 check_single_panel(p.imageset.get_detector())
             except OutputFormatError as e:
                 raise TruncationInputError(f"{p.imageset.get_path(0)}: {e}") from None
+        elif not p.is_sequence and any(p.imageset.get_goniometer(i) is None for i in range(len(p.imageset))):
+            # dxtbx's full-CBF writer gives such an image a goniometer without axes, which dxtbx cannot read back
+            raise TruncationInputError(
+                f"{p.imageset.get_path(0)}: a still without a goniometer (an XFEL still) cannot be written as a "
+                "full CBF: use output.format=on_read"
+            )
     if fmt == ON_READ:
         return plans
     all_names = [n for p in plans for n in p.names]

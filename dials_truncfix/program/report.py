@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
+import os
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+import dials
 import numpy as np
-from plotly.colors import qualitative
+from jinja2 import ChoiceLoader, Environment, PackageLoader, select_autoescape
 
 from dials_truncfix import __version__
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS
@@ -27,8 +29,14 @@ if TYPE_CHECKING:
 DIGITS = 4
 #: fitted curves are drawn where they predict at least this many pixels (log axis)
 CURVE_FLOOR = 0.1
-#: a region's histogram and fitted curve share a colour
-COLOURS = qualitative.Plotly
+#: a region's histogram and fitted curve share a colour (plotly's qualitative.Plotly)
+COLOURS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
+#: plotly.js as DIALS ships it (current DIALS; not the Debian package of DIALS 3.12)
+DIALS_PLOTLY_JS = os.path.join("static", "js", "plotly-latest.min.js")
+
+
+class ReportUnavailable(RuntimeError):
+    """No plotly.js to embed: the report cannot be made."""
 #: statuses of images and regions that are not "left alone"
 DONE = (CORRECTED, NO_ZEROS)
 
@@ -226,19 +234,41 @@ def image_graphs(sweep: SweepResult) -> dict:
     return {f"fractions_{sweep.plan.number}": _graph("Zero and negative pixels", "image", "fraction of valid pixels", data)}
 
 
+def dials_plotly_js() -> str | None:
+    """The path of the plotly.js DIALS ships, if it does."""
+    path = os.path.join(os.path.dirname(os.path.abspath(dials.__file__)), DIALS_PLOTLY_JS)
+    return path if os.path.isfile(path) else None
+
+
+@functools.lru_cache(maxsize=1)
+def plotly_js() -> tuple[str, str]:
+    """(plotly.js, where it came from): the plotly package's where it is
+    installed (DIALS 3.12 relies on it), else the copy DIALS ships.  The
+    package comes first because DIALS' copy is an old plotly.js (1.x).
+    :class:`ReportUnavailable` if there is neither."""
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        path = dials_plotly_js()
+        if path is None:
+            raise ReportUnavailable(
+                "output.report: no plotly.js for the HTML report (neither the plotly package nor DIALS' "
+                f"{DIALS_PLOTLY_JS} is installed): install plotly, or set output.report=None to skip the report"
+            ) from None
+        with open(path, encoding="utf-8") as fh:
+            return fh.read(), path
+    return get_plotlyjs(), "the plotly package"
+
+
 @functools.lru_cache(maxsize=1)
 def plotly_js_gzip() -> str:
-    """plotly.js as the plotly package provides it, gzipped and base64
-    encoded (the same bytes in every run)."""
-    from plotly.offline import get_plotlyjs
-
-    return base64.b64encode(gzip.compress(get_plotlyjs().encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
+    """:func:`plotly_js`, gzipped and base64 encoded (the same bytes in every
+    run); raises :class:`ReportUnavailable` if there is none."""
+    return base64.b64encode(gzip.compress(plotly_js()[0].encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
 
 
 def _environment():
     """DIALS' templates and static files behind this package's template."""
-    from jinja2 import ChoiceLoader, Environment, PackageLoader, select_autoescape
-
     loader = ChoiceLoader([
         PackageLoader("dials_truncfix", "templates"),
         PackageLoader("dials", "templates"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from dials.util.mp import batch_multi_node_parallel_map
 
 from dials_truncfix import compat
 from dials_truncfix.core.histogram import counts_up_to, histogram_values, region_histogram
@@ -181,8 +182,6 @@ class SMVTask:
 
 def parallel_map(func, items, mp, callback=None):
     """``func`` over ``items`` in order, in nproc processes (DIALS' mp)."""
-    from dials.util.mp import batch_multi_node_parallel_map
-
     nproc = compat.available_cores() if mp.nproc in (None, 0) or str(mp.nproc) == "Auto" else mp.nproc
     if mp.method in (None, "none") and nproc == 1:
         results = []
