@@ -28,6 +28,12 @@ The switch, and why it stays on
   images through these classes, whatever its environment says.  Without the
   plugin the URL cannot be read at all: the mismatch fails loudly instead of
   silently giving uncorrected data.
+* The readers hand the URLs out only while dxtbx writes the imageset into
+  such a record (``ExperimentList.to_dict`` and the legacy serialisers,
+  compat.imageset_serialiser_code, found on the call stack); everyone else
+  asking for the files (``get_path``, ``paths``, ``master_path``) gets the
+  image files, which programs such as xia2 check and open.  A sequence's
+  template is kept and written by dxtbx's C++ imageset: it stays a URL.
 
 The experiment decides, once
 ----------------------------
@@ -81,7 +87,7 @@ from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
-from dials_truncfix.compat import unmangled_path, valid_integer_range
+from dials_truncfix.compat import imageset_serialiser_code, unmangled_path, valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS, say_once
 from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid
 from dials_truncfix.detectors import correction_refused
@@ -139,17 +145,28 @@ def _image_import_code():
     return frozenset(f.__code__ for f in (ExperimentListFactory.from_filenames, ExperimentListFactory.from_templates))
 
 
-def images_becoming_imagesets() -> bool:
-    """Whether dxtbx is now turning image files into imagesets
-    (``ExperimentListFactory.from_filenames`` or ``from_templates`` is
-    running), as opposed to decoding an experiment list."""
-    codes = _image_import_code()
-    frame = sys._getframe(1)
+def _running(codes) -> bool:
+    """Whether a function of one of these code objects is on the call stack."""
+    frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code in codes:
             return True
         frame = frame.f_back
     return False
+
+
+def images_becoming_imagesets() -> bool:
+    """Whether dxtbx is now turning image files into imagesets
+    (``ExperimentListFactory.from_filenames`` or ``from_templates`` is
+    running), as opposed to decoding an experiment list."""
+    return _running(_image_import_code())
+
+
+def imageset_being_recorded() -> bool:
+    """Whether dxtbx is now writing an imageset's file names into a record
+    that will be read back (``ExperimentList.to_dict``, which every .expt
+    goes through; compat.imageset_serialiser_code lists them all)."""
+    return _running(imageset_serialiser_code())
 
 
 # --- the stock class behind a file ----------------------------------------------
@@ -208,6 +225,14 @@ class _CorrectingReader:
     def _carry_over(self, copy):
         copy._followed, copy._geometries = self._followed, self._geometries
         return copy
+
+    @staticmethod
+    def _names(urls):
+        """The names this reader hands out (``paths()``, and through it the
+        imageset's ``get_path`` and ``paths``): the truncfix URLs while dxtbx
+        records the imageset (they mark it in the experiment list), the image
+        files themselves to everyone else, who may open them."""
+        return list(urls) if imageset_being_recorded() else [to_path(u) for u in urls]
 
     def _format_instance(self, index):
         raise NotImplementedError
@@ -281,6 +306,9 @@ class CorrectingReader(_CorrectingReader, single_image.Reader):
     def copy(self, filenames):
         return self._carry_over(CorrectingReader(self.format_class, filenames, **self._kwargs))
 
+    def paths(self):
+        return self._names(self._filenames)
+
     def _image(self, index):
         return to_path(self._filenames[index]), 0
 
@@ -301,6 +329,12 @@ class CorrectingMultiImageReader(_CorrectingReader, multi_image.Reader):
         return self._carry_over(
             CorrectingMultiImageReader(self.format_class, filenames, num_images, **self.kwargs)
         )
+
+    def paths(self):
+        return self._names([self._filename])
+
+    def master_path(self):
+        return self._names([self._filename])[0]
 
     def _image(self, index):
         return to_path(self._filename), index
