@@ -52,7 +52,10 @@ list after applying overrides and masks.  The record made at import is a
 geometry of its imageset as it is at that moment.  Stills escape this:
 dials.import gives each still experiment a copy of the imageset and applies
 overrides to the copies, which the record cannot see; their geometry is left
-to the experiment list (below).
+to the experiment list (below).  An imageset imported in another process
+(xia2 imports in forked workers and writes the experiment lists in its own
+process) comes pickled: its reader takes the record's geometry along and
+completes the record there (by the record's token, ``geometry_at_import``).
 
 The pixels are corrected by the imageset's reader, not by the format class,
 because only the imageset knows the experiment.  A record without a geometry
@@ -211,6 +214,7 @@ class _CorrectingReader:
         if record is None:
             raise TruncfixError(f"{self.paths()[0]}: correction on read needs recorded settings")
         self._settings = Settings.from_record(record)
+        self._token = None  # of the record made at import (RecordAtImport), if any
         self._followed = None
         self._geometries = {}
         self._zeros_valid = None
@@ -223,7 +227,7 @@ class _CorrectingReader:
         return self._followed() if self._followed else None
 
     def _carry_over(self, copy):
-        copy._followed, copy._geometries = self._followed, self._geometries
+        copy._followed, copy._geometries, copy._token = self._followed, self._geometries, self._token
         return copy
 
     @staticmethod
@@ -295,7 +299,17 @@ class _CorrectingReader:
                 self._geometry(index)
         state = dict(self.__dict__)
         state["_followed"] = None
+        if self._token is not None:  # the record's geometry, for an experiment list written there
+            state["_geometry_at_import"] = geometry_at_import(self._token)
         return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        geometry = state.pop("_geometry_at_import", None)
+        self._token = None
+        self.__dict__.update(state)
+        if self._token is not None and geometry is not None:
+            _fixed_at_import.setdefault(self._token, geometry)
 
 
 class CorrectingReader(_CorrectingReader, single_image.Reader):
@@ -351,6 +365,9 @@ class CorrectingMultiImageReader(_CorrectingReader, multi_image.Reader):
 
 #: readers of the imagesets being imported, by the token of their record
 _importing: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+#: shell geometries (records) of imagesets imported in another process that
+#: sent them here pickled, by the token of their record
+_fixed_at_import: dict = {}
 
 
 class RecordAtImport(dict):
@@ -368,18 +385,28 @@ class RecordAtImport(dict):
 def complete_record(record, token):
     """The record with the shell geometry of the imageset being imported,
     if it is (still) known and all its images share one; else as it is."""
+    if record.get("geometry") is not None:
+        return record
+    geometry = geometry_at_import(token)
+    return record if geometry is None else {**record, "geometry": geometry}
+
+
+def geometry_at_import(token):
+    """The shell geometry (as recorded) that the imageset imported under
+    ``token`` has now, if all its images share one: from the imageset itself
+    in the process that imported it, else as that process sent it along
+    with the pickled imageset (xia2 imports in worker processes); None if
+    unknown."""
     reader = _importing.get(token)
     imageset = reader.followed() if reader is not None else None
-    if imageset is None or record.get("geometry") is not None:
-        return record
+    if imageset is None:
+        return _fixed_at_import.get(token)
     try:
         geometries = {g.digest: g for g in (reader.geometry_now(imageset, i) for i in imageset.indices())}
     except Exception as e:  # noqa: BLE001 - never break dxtbx's unpickling
         logger.warning("%s: the shell geometry could not be fixed at import (%s)", reader.paths()[0], e)
-        return record
-    if len(geometries) != 1:
-        return record
-    return {**record, "geometry": next(iter(geometries.values())).to_record()}
+        return None
+    return next(iter(geometries.values())).to_record() if len(geometries) == 1 else None
 
 
 # --- wrapped classes ------------------------------------------------------------
@@ -441,6 +468,7 @@ class _CorrectOnRead:
         )
         imageset.reader().follow(imageset)
         if token is not None:
+            imageset.reader()._token = token
             _importing[token] = imageset.reader()
         return imageset
 

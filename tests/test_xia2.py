@@ -2,10 +2,15 @@
 with DIALS_TRUNCFIX exported, done here without xia2.
 
 xia2 checks that every image file is readable (``os.access(imageset.get_path(j),
-os.R_OK)``, xia2/Schema/XSweep.py)."""
+os.R_OK)``, xia2/Schema/XSweep.py), imports the images in forked worker
+processes (libtbx.easy_mp, xia2/Applications/xia2setup.py), pickles the
+imagesets back to its own process, copies and slices them there and writes
+the experiment lists its DIALS steps read
+(``ExperimentListFactory.from_imageset_and_crystal(imageset, None).as_file``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -67,3 +72,42 @@ def test_imported_imagesets_name_files_programs_can_open(kind, tmp_path, monkeyp
     assert info["format"] == imageset.get_format_class().__name__
     for a, b, mask in zip(pixels, in_process, masks):
         assert np.array_equal(a, b) and (a < 0).sum() > 100 and mask[a < 0].all()
+
+
+def import_sweep(args):
+    """What xia2's worker does (xia2setup_helpers.get_sweep): import a sweep;
+    the result goes back to xia2's process pickled."""
+    (files,) = args
+    imageset = ExperimentListFactory.from_filenames(files)[0].imageset
+    return os.getpid(), imageset
+
+
+def test_imported_in_a_forked_worker_as_xia2_does(tmp_path, monkeypatch):
+    """The worker imports, xia2's process writes the experiment list: the
+    shell geometry is recorded as by an import in one process, and a new
+    process without the variable reads the same pixels from either list."""
+    from libtbx import easy_mp
+
+    sweeps = [[os.path.abspath(f) for f in write_truncated_smv_sweep(tmp_path / name, n_images=2, size=256, seed=seed)[0]]
+              for name, seed in (("a", 7), ("b", 8))]
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
+    results = easy_mp.parallel_map(  # as xia2setup._get_sweeps calls it
+        import_sweep, [(files,) for files in sweeps], processes=2, method="multiprocessing",
+        asynchronous=True, preserve_order=True, preserve_exception_message=True,
+    )
+    for k, ((pid, imageset), files) in enumerate(zip(results, sweeps)):
+        assert pid != os.getpid()
+        # xia2's process: XSweep copies (and slices) the imageset, checks the files, writes the list
+        imageset = copy.deepcopy(imageset)[0 : len(imageset)]
+        assert all(os.access(imageset.get_path(j), os.R_OK) for j in range(len(imageset)))
+        forked = tmp_path / f"SWEEP{k + 1}_import.expt"
+        ExperimentListFactory.from_imageset_and_crystal(imageset, None).as_file(str(forked))
+        single = tmp_path / f"single{k + 1}.expt"
+        ExperimentListFactory.from_filenames(files).as_file(str(single))
+        assert json.loads(forked.read_text())["imageset"][0]["template"].startswith("truncfix:///")
+        assert record_of(forked)["geometry"] is not None
+        assert record_of(forked) == record_of(single)
+        _, from_worker, _ = read_back(str(forked), tmp_path)  # new processes, without the variable
+        _, from_one_process, _ = read_back(str(single), tmp_path)
+        for a, b in zip(from_worker, from_one_process):
+            assert np.array_equal(a, b) and (a < 0).sum() > 1000
