@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import re
+import sys
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,3 +65,29 @@ def unmangled_path(name, scheme: str) -> str | None:
     back as ``<dir>/scheme:/a/b_#####.img``."""
     match = re.match(r"^.*/" + re.escape(scheme) + r":(/.*)$", os.fspath(name))
     return match.group(1) if match else None
+
+
+#: (module, class or None, function): the dxtbx functions that write an
+#: imageset's file names into a record that is read back (an experiment
+#: list; the legacy datablock and imageset dictionaries where dxtbx has them)
+IMAGESET_SERIALISERS = (
+    ("dxtbx.model", "ExperimentList", "to_dict"),
+    ("dxtbx.datablock", "DataBlock", "to_dict"),
+    ("dxtbx.serialize.imageset", None, "basic_imageset_to_dict"),
+    ("dxtbx.serialize.imageset", None, "imagesequence_to_dict"),
+)
+
+
+def imageset_serialiser_code() -> set:
+    """The code objects of the IMAGESET_SERIALISERS this dxtbx has, among the
+    modules already imported (a function of a module not imported is not
+    running; importing dxtbx.datablock warns in current dxtbx)."""
+    found = set()
+    for module, owner, name in IMAGESET_SERIALISERS:
+        target = sys.modules.get(module)
+        if owner is not None:
+            target = getattr(target, owner, None)
+        code = getattr(getattr(target, name, None), "__code__", None)
+        if code is not None:
+            found.add(code)
+    return found

@@ -28,6 +28,12 @@ The switch, and why it stays on
   images through these classes, whatever its environment says.  Without the
   plugin the URL cannot be read at all: the mismatch fails loudly instead of
   silently giving uncorrected data.
+* The readers hand the URLs out only while dxtbx writes the imageset into
+  such a record (``ExperimentList.to_dict`` and the legacy serialisers,
+  compat.imageset_serialiser_code, found on the call stack); everyone else
+  asking for the files (``get_path``, ``paths``, ``master_path``) gets the
+  image files, which programs such as xia2 check and open.  A sequence's
+  template is kept and written by dxtbx's C++ imageset: it stays a URL.
 
 The experiment decides, once
 ----------------------------
@@ -46,7 +52,10 @@ list after applying overrides and masks.  The record made at import is a
 geometry of its imageset as it is at that moment.  Stills escape this:
 dials.import gives each still experiment a copy of the imageset and applies
 overrides to the copies, which the record cannot see; their geometry is left
-to the experiment list (below).
+to the experiment list (below).  An imageset imported in another process
+(xia2 imports in forked workers and writes the experiment lists in its own
+process) comes pickled: its reader takes the record's geometry along and
+completes the record there (by the record's token, ``geometry_at_import``).
 
 The pixels are corrected by the imageset's reader, not by the format class,
 because only the imageset knows the experiment.  A record without a geometry
@@ -82,7 +91,7 @@ from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
-from dials_truncfix.compat import unmangled_path, valid_integer_range
+from dials_truncfix.compat import imageset_serialiser_code, unmangled_path, valid_integer_range
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS, say_once
 from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid
 from dials_truncfix.detectors import correction_refused
@@ -140,17 +149,28 @@ def _image_import_code():
     return frozenset(f.__code__ for f in (ExperimentListFactory.from_filenames, ExperimentListFactory.from_templates))
 
 
-def images_becoming_imagesets() -> bool:
-    """Whether dxtbx is now turning image files into imagesets
-    (``ExperimentListFactory.from_filenames`` or ``from_templates`` is
-    running), as opposed to decoding an experiment list."""
-    codes = _image_import_code()
-    frame = sys._getframe(1)
+def _running(codes) -> bool:
+    """Whether a function of one of these code objects is on the call stack."""
+    frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code in codes:
             return True
         frame = frame.f_back
     return False
+
+
+def images_becoming_imagesets() -> bool:
+    """Whether dxtbx is now turning image files into imagesets
+    (``ExperimentListFactory.from_filenames`` or ``from_templates`` is
+    running), as opposed to decoding an experiment list."""
+    return _running(_image_import_code())
+
+
+def imageset_being_recorded() -> bool:
+    """Whether dxtbx is now writing an imageset's file names into a record
+    that will be read back (``ExperimentList.to_dict``, which every .expt
+    goes through; compat.imageset_serialiser_code lists them all)."""
+    return _running(imageset_serialiser_code())
 
 
 # --- the stock class behind a file ----------------------------------------------
@@ -209,6 +229,7 @@ class _CorrectingReader:
         if record is None:
             raise TruncfixError(f"{self.paths()[0]}: correction on read needs recorded settings")
         self._settings = Settings.from_record(record)
+        self._token = None  # of the record made at import (RecordAtImport), if any
         self._followed = None
         self._geometries = {}
         self._zeros_valid = None
@@ -221,8 +242,16 @@ class _CorrectingReader:
         return self._followed() if self._followed else None
 
     def _carry_over(self, copy):
-        copy._followed, copy._geometries = self._followed, self._geometries
+        copy._followed, copy._geometries, copy._token = self._followed, self._geometries, self._token
         return copy
+
+    @staticmethod
+    def _names(urls):
+        """The names this reader hands out (``paths()``, and through it the
+        imageset's ``get_path`` and ``paths``): the truncfix URLs while dxtbx
+        records the imageset (they mark it in the experiment list), the image
+        files themselves to everyone else, who may open them."""
+        return list(urls) if imageset_being_recorded() else [to_path(u) for u in urls]
 
     def _format_instance(self, index):
         raise NotImplementedError
@@ -285,7 +314,17 @@ class _CorrectingReader:
                 self._geometry(index)
         state = dict(self.__dict__)
         state["_followed"] = None
+        if self._token is not None:  # the record's geometry, for an experiment list written there
+            state["_geometry_at_import"] = geometry_at_import(self._token)
         return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        geometry = state.pop("_geometry_at_import", None)
+        self._token = None
+        self.__dict__.update(state)
+        if self._token is not None and geometry is not None:
+            _fixed_at_import.setdefault(self._token, geometry)
 
 
 class CorrectingReader(_CorrectingReader, single_image.Reader):
@@ -295,6 +334,9 @@ class CorrectingReader(_CorrectingReader, single_image.Reader):
 
     def copy(self, filenames):
         return self._carry_over(CorrectingReader(self.format_class, filenames, **self._kwargs))
+
+    def paths(self):
+        return self._names(self._filenames)
 
     def _image(self, index):
         return to_path(self._filenames[index]), 0
@@ -317,6 +359,12 @@ class CorrectingMultiImageReader(_CorrectingReader, multi_image.Reader):
             CorrectingMultiImageReader(self.format_class, filenames, num_images, **self.kwargs)
         )
 
+    def paths(self):
+        return self._names([self._filename])
+
+    def master_path(self):
+        return self._names([self._filename])[0]
+
     def _image(self, index):
         return to_path(self._filename), index
 
@@ -332,6 +380,9 @@ class CorrectingMultiImageReader(_CorrectingReader, multi_image.Reader):
 
 #: readers of the imagesets being imported, by the token of their record
 _importing: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+#: shell geometries (records) of imagesets imported in another process that
+#: sent them here pickled, by the token of their record
+_fixed_at_import: dict = {}
 
 
 class RecordAtImport(dict):
@@ -349,18 +400,28 @@ class RecordAtImport(dict):
 def complete_record(record, token):
     """The record with the shell geometry of the imageset being imported,
     if it is (still) known and all its images share one; else as it is."""
+    if record.get("geometry") is not None:
+        return record
+    geometry = geometry_at_import(token)
+    return record if geometry is None else {**record, "geometry": geometry}
+
+
+def geometry_at_import(token):
+    """The shell geometry (as recorded) that the imageset imported under
+    ``token`` has now, if all its images share one: from the imageset itself
+    in the process that imported it, else as that process sent it along
+    with the pickled imageset (xia2 imports in worker processes); None if
+    unknown."""
     reader = _importing.get(token)
     imageset = reader.followed() if reader is not None else None
-    if imageset is None or record.get("geometry") is not None:
-        return record
+    if imageset is None:
+        return _fixed_at_import.get(token)
     try:
         geometries = {g.digest: g for g in (reader.geometry_now(imageset, i) for i in imageset.indices())}
     except Exception as e:  # noqa: BLE001 - never break dxtbx's unpickling
         logger.warning("%s: the shell geometry could not be fixed at import (%s)", reader.paths()[0], e)
-        return record
-    if len(geometries) != 1:
-        return record
-    return {**record, "geometry": next(iter(geometries.values())).to_record()}
+        return None
+    return next(iter(geometries.values())).to_record() if len(geometries) == 1 else None
 
 
 # --- wrapped classes ------------------------------------------------------------
@@ -422,6 +483,7 @@ class _CorrectOnRead:
         )
         imageset.reader().follow(imageset)
         if token is not None:
+            imageset.reader()._token = token
             _importing[token] = imageset.reader()
         return imageset
 
