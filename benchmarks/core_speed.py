@@ -3,9 +3,12 @@
 (on the int32 pixels of the stock read, which it leaves alone: the core's
 one copy, its output, is timed), for both assignment modes.
 
-Two images with known per-shell lognormal backgrounds and 400 spots:
-  * "realistic": about 16% zero pixels, as in real MicroED data;
-  * "heavy": about 59% zero pixels, the stress case of benchmarks/run.py.
+Three images with known per-shell backgrounds and 400 spots:
+  * "realistic": lognormal, about 16% zero pixels, as in real MicroED data;
+  * "heavy": lognormal, about 59% zero pixels, the stress case of
+    benchmarks/run.py;
+  * "readnoise": normal read noise (sd 3 ADU, shell means falling from +3 to
+    -1 ADU), about 40% zero pixels: fits that end at the normal limit.
 
 Prints the median time per image and where it goes: the time spent in each
 function of dials_truncfix.core that ``correct_image`` calls (totals per
@@ -37,16 +40,23 @@ from dials_truncfix.core.shells import build_shell_map
 
 SIZE = 2048
 N_SHELLS = 10
-#: added to the falling parameters' theta: ~16% and ~59% zeros
-THETA_SHIFT = {"realistic": 5.7, "heavy": 0.0}
+#: added to the falling parameters' theta: ~16% and ~59% zeros; None: the
+#: read-noise image
+THETA_SHIFT = {"realistic": 5.7, "heavy": 0.0, "readnoise": None}
+#: the read-noise image: shell means (ADU) and the noise's sd
+READ_NOISE_MEANS, READ_NOISE_SD = np.linspace(3.0, -1.0, N_SHELLS), 3.0
 
 
 def synthetic_image(kind, shell_map, seed=7):
     """A truncated 2048x2048 image (uint16) of the given kind."""
-    truth = falling_parameters(N_SHELLS)
-    truth = ShellTruth(truth.theta + THETA_SHIFT[kind], truth.mu, truth.sigma)
     rng = np.random.default_rng(seed)
-    values = draw_true_values(shell_map.labels.reshape(SIZE, SIZE), truth, rng)
+    labels = shell_map.labels.reshape(SIZE, SIZE)
+    if THETA_SHIFT[kind] is None:
+        values = READ_NOISE_MEANS[labels] + READ_NOISE_SD * rng.standard_normal((SIZE, SIZE))
+    else:
+        truth = falling_parameters(N_SHELLS)
+        truth = ShellTruth(truth.theta + THETA_SHIFT[kind], truth.mu, truth.sigma)
+        values = draw_true_values(labels, truth, rng)
     return truncate(add_spots(values, 400, rng))
 
 
@@ -138,6 +148,9 @@ def main(argv=None):
             params = CorrectionParameters(n_shells=N_SHELLS, assignment=mode)
             median = median_correction_time(image, shell_map, params, args.repeats)
             print(f"  {mode:12s} correct_image median {1e3 * median:6.1f} ms over {args.repeats} repeats")
+            fits = [s.fit for s in correction.correct_image([image.astype(np.int32)], shell_map, params, "models").shells]
+            print("    models: " + ", ".join(f"{m} {sum(f.model == m for f in fits)}" for m in ("lognormal", "normal"))
+                  + f"; Newton iterations {sum(f.n_iterations for f in fits)} over {len(fits)} fits")
             total, steps, within = step_times(image, shell_map, params, max(3, args.repeats // 3))
             print(f"    per step (mean of the timed runs, {1e3 * total:.1f} ms an image):")
             for name, seconds in steps.items():

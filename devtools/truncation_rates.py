@@ -2,9 +2,11 @@
 real truncation, and whether it leaves the zeros of an offset camera alone.
 
 Real truncation: every region with at least 1% zeros of simulated sweeps
-(devtools/simulate.py, preset=strong and weak) and of the test cameras'
-synthetic scenes (devtools/synthetic.py, at several sizes and seeds) must be
-corrected.  Not truncation: an offset camera (background offset 10-40 counts,
+(devtools/simulate.py, preset=strong, weak and readnoise), of the test
+cameras' synthetic scenes (devtools/synthetic.py, at several sizes and
+seeds), of read-noise scenes (normal noise, near-Gaussian low counts) and of
+the real Ceta dark frame of ../shared/realdata shifted by 0-6 ADU (where
+present) must be corrected.  Not truncation: an offset camera (background offset 10-40 counts,
 dead border, beam-stop disc and dead pixels at 0) must have every region with
 zeros left alone.  Prints one table row per data set.
 
@@ -53,6 +55,17 @@ def core_scene(size, seed):
     shell_map = build_shell_map([inv_d2], [np.ones((size, size), bool)], 10)
     true = draw_true_values(shell_map.labels.reshape(size, size), falling_parameters(10), np.random.default_rng(seed))
     return shell_map, truncate(true)
+
+
+def read_noise_scene(size, seed):
+    """Normal read noise (sd 2-8 ADU by seed) around shell means falling from
+    +3 to -1 sd: near-Gaussian low counts, 10-85% zeros."""
+    shell_map = radial_map(size)
+    rng = np.random.default_rng(seed)
+    sd = 2.0 + 6.0 * rng.random()
+    means = sd * np.linspace(3.0, -1.0, 10)
+    values = means[shell_map.labels.reshape(size, size)] + sd * rng.standard_normal((size, size))
+    return shell_map, truncate(values)
 
 
 def radial_map(size):
@@ -121,7 +134,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.directory or scratch
         if not args.skip_simulation:
-            for preset in ("strong", "weak"):
+            for preset in ("strong", "weak", "readnoise"):
                 paths = simulated_sweep(preset, args.images, args.size, directory)
                 total += row(f"simulate preset={preset} {args.size}", len(paths), counted(dxtbx_shells(paths, params)))
         for size in (256, 512, 1024, 2048):
@@ -130,6 +143,21 @@ def main(argv=None):
                 shell_map, image = core_scene(size, seed)
                 shells += correct_image([image], shell_map, params, f"scene_{size}_{seed}").shells
             total += row(f"synthetic scene {size}", args.images, counted(shells))
+        for size in (512, 2048):
+            shells = []
+            for seed in range(args.images):
+                shell_map, image = read_noise_scene(size, seed)
+                shells += correct_image([image], shell_map, params, f"read_noise_{size}_{seed}").shells
+            total += row(f"read-noise scene {size}", args.images, counted(shells))
+        ceta = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "realdata",
+                            "Ceta_dark_frame_512x512_int16.npy")
+        if os.path.exists(ceta):
+            dark = np.load(ceta).astype(np.int64)
+            shells = []
+            for shift in range(7):
+                image = np.clip(dark + shift, 0, None).astype(np.uint16)
+                shells += correct_image([image], radial_map(512), params, f"ceta_{shift}").shells
+            total += row("real Ceta frame +0..6 ADU 512", 7, counted(shells))
         from devtools.synthetic import write_truncated_smv_sweep
 
         smv = write_truncated_smv_sweep(os.path.join(scratch, "smv"), n_images=args.images, size=512, seed=1)[0]
