@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from devtools import simulate
+from dials_truncfix.program.record import sequences
 from dials_truncfix.settings import ENVIRONMENT_VARIABLE
 
 MARKER = ".dials-truncfix-demo"
@@ -55,7 +56,7 @@ def compare_with_truth(directory, image_index=0):
 
     with open(os.path.join(directory, "dials.correct_truncation.json")) as fh:
         record = json.load(fh)
-    shells = record["sweeps"][0]["images"][image_index]["shells"]
+    shells = sequences(record)[0]["images"][image_index]["shells"]
     imported = ExperimentList.from_file(os.path.join(directory, "imported.expt"))[0].imageset
     from dials_truncfix.corrector import corrector_for
     from dials_truncfix.geometry import shell_geometry

@@ -119,7 +119,7 @@ def test_json_and_log_say_what_was_done_to_the_images(cbf_run):
     original = inputs(paths)
     _, pixels, _ = read_back("corrected.expt", tmp)
     record = json.loads((tmp / "dials.correct_truncation.json").read_text())
-    (sweep,) = record["sweeps"]
+    (sweep,) = record["sequences"]
     assert record["parameters"]["n_shells"] == 4 and record["parameters"]["format"] == "cbf"
     assert len(sweep["images"]) == len(pixels) == 5
     for i, image in enumerate(sweep["images"]):
@@ -204,7 +204,7 @@ def test_smv_output_two_sweeps_read_back_by_stock_dials(tmp_path):
     record = json.loads((tmp_path / "dials.correct_truncation.json").read_text())
     corrected = ExperimentList.from_file(str(tmp_path / "corrected.expt"))
     assert len(corrected) == 2
-    for expt, sweep, paths in zip(corrected, record["sweeps"], (a, b)):
+    for expt, sweep, paths in zip(corrected, record["sequences"], (a, b)):
         assert sweep["pedestal"] == 1 - sweep["lowest_value"] > 1
         assert expt.detector[0].get_pedestal() == sweep["pedestal"]
         fresh = ExperimentListFactory.from_filenames(sorted(glob.glob(str(tmp_path / "corrected" / f"{paths[0][-9]}_*.img"))))
@@ -314,7 +314,7 @@ def test_on_read_experiments_equal_the_written_images(tmp_path, kind):
     for a, b, mask in zip(on_read_pixels, written_pixels, on_read_masks):
         assert np.array_equal(a, b) and (a < 0).any() and mask[a < 0].all()
     record = json.loads((tmp_path / "on_read.json").read_text())
-    assert record["sweeps"][0]["images"][0]["n_changed"] == int(np.count_nonzero(on_read_pixels[0] < 0))
+    assert record["sequences"][0]["images"][0]["n_changed"] == int(np.count_nonzero(on_read_pixels[0] < 0))
 
 
 @pytest.mark.slow

@@ -290,7 +290,7 @@ def test_all_zero_images_are_left_alone_as_blank(tmp_path):
                   BEAM_CENTER_X=16.0, BEAM_CENTER_Y=16.0, OSC_START=0.5 * k, OSC_RANGE=0.5, TIME=1.0)
     correct(tmp_path, *paths)
     record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=_refuse)
-    assert [(i["status"], i["n_changed"]) for i in record["sweeps"][0]["images"]] == [(BLANK, 0)] * 2
+    assert [(i["status"], i["n_changed"]) for i in record["sequences"][0]["images"]] == [(BLANK, 0)] * 2
     iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
     assert all((iset.get_raw_data(i)[0].as_numpy_array() == left_zero_value(paths[0])).all() for i in range(2))
 

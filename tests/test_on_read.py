@@ -317,7 +317,7 @@ def test_the_experiment_decides_beam_centre_and_beam_stop(tmp_path):
             kept[kept == 0] = NOT_VALID  # zeros the stock class masks stay masked (current dxtbx)
         assert masked.sum() > 1000 and np.array_equal(routes["corrected.expt"][i][masked.ravel()], kept[masked.ravel()])
     record = json.loads((tmp_path / "dials.correct_truncation.json").read_text())
-    n_valid = sum(s["n_valid"] for s in record["sweeps"][0]["images"][0]["shells"])
+    n_valid = sum(s["n_valid"] for s in record["sequences"][0]["images"][0]["shells"])
     assert n_valid == SIZE * SIZE - masked.sum()
     shells = shell_map_for(ShellGeometry.from_record(record_of(tmp_path / "on_read.expt")["geometry"]), 10, 1000)
     inner = np.argwhere(shells.labels.reshape(SIZE, SIZE) == 0)

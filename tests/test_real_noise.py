@@ -129,7 +129,7 @@ def ceta_runs(tmp_path_factory):
 
 
 def _regions(record):
-    return [shell for sweep in record["sweeps"] for image in sweep["images"] for shell in image["shells"]]
+    return [shell for sweep in record["sequences"] for image in sweep["images"] for shell in image["shells"]]
 
 
 @pytest.mark.slow

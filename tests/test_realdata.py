@@ -57,7 +57,7 @@ def _corrected_unchanged(tmp_path, stock_pixels, *args):
     run([*CORRECT, *args], tmp_path)
     assert _same(read_back("corrected.expt", tmp_path)[1], stock_pixels)
     record = json.loads((tmp_path / "dials.correct_truncation.json").read_text())
-    assert sum(image["n_changed"] for sweep in record["sweeps"] for image in sweep["images"]) == 0
+    assert sum(image["n_changed"] for sweep in record["sequences"] for image in sweep["images"]) == 0
     return (tmp_path / "dials.correct_truncation.log").read_text()
 
 
@@ -114,4 +114,4 @@ def test_jhsim_still_is_corrected_alike_on_read_and_by_correct_truncation(tmp_pa
     _, corrected, _ = read_back("corrected.expt", tmp_path)
     assert np.array_equal(corrected[0], data)
     record = json.loads((tmp_path / "dials.correct_truncation.json").read_text())
-    assert record["sweeps"][0]["images"][0]["n_changed"] == int((data != raw).sum())
+    assert record["sequences"][0]["images"][0]["n_changed"] == int((data != raw).sum())

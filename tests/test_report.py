@@ -89,7 +89,7 @@ def test_record_holds_the_mean_pixel_value_per_shell_before_and_after(report_run
     original = ExperimentListFactory.from_filenames(paths)[0].imageset
     corrected = ExperimentListFactory.from_filenames(sorted(glob.glob(str(tmp / "corrected" / "*.cbf"))))[0].imageset
     labels = corrector_for(shell_geometry_of(original, 0, Settings(PARAMS)), PARAMS).shell_map.labels
-    images = record["sweeps"][0]["images"]
+    images = record["sequences"][0]["images"]
     assert [len(i["shells"]) for i in images] == [4, 4, 4, 4, 0]  # the blank image: no shells
     for index in range(4):
         before = original.get_raw_data(index)[0].as_numpy_array().ravel()
@@ -111,7 +111,7 @@ def test_report_first_tells_per_shell_truncation_and_background_then_what_was_le
     assert [heading for heading, _ in tables.headings][:2] == ["Imageset 1", "Left alone"]
     assert tables.headings[1][1] == 1, "the per-shell table comes before everything else"
 
-    images = record["sweeps"][0]["images"][:4]
+    images = record["sequences"][0]["images"][:4]
     assert len(shells_table) == 1 + 4
     for region, row in enumerate(shells_table[1:]):
         shells = [image["shells"][region] for image in images]
@@ -152,3 +152,16 @@ def test_report_renders_in_chromium(report_run, tmp_path):
     assert rendered.errors == []
     assert len(graphs) >= 5 and set(plotted) == graphs and n_svg >= len(graphs)
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_records_of_either_layout_are_read():
+    """Version 2 lists imagesets under "sequences" (DIALS' word since 3.0);
+    a version 1 record (dials-truncfix 0.1-0.3: "sweeps", no version) reads
+    the same through record.sequences."""
+    from dials_truncfix.program.record import RECORD_VERSION, sequences
+
+    images = [{"image": 1, "shells": []}]
+    current = {"version": RECORD_VERSION, "sequences": [{"sequence": 1, "images": images}]}
+    older = {"sweeps": [{"sweep": 1, "images": images}]}
+    assert RECORD_VERSION == 2
+    assert sequences(current) == sequences(older) == [{"sequence": 1, "images": images}]

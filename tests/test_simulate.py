@@ -390,7 +390,7 @@ def test_readnoise_camera_is_corrected_through_dials(tmp_path):
         tmp_path)
     with open(tmp_path / "dials.correct_truncation.json") as fh:
         record = json.load(fh)
-    regions = [sh for sweep in record["sweeps"] for image in sweep["images"] for sh in image["shells"]]
+    regions = [sh for sweep in record["sequences"] for image in sweep["images"] for sh in image["shells"]]
     assert all(r["status"] == "corrected" for r in regions if r["n_zero"]), [r["status"] for r in regions]
     assert "normal" in [r["fit"]["model"] for r in regions if r["fit"]]
     for i, (smv, corrected, mask) in enumerate(zip(smvs, pixels, masks)):

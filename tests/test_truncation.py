@@ -186,8 +186,8 @@ def test_offset_shells_read_as_stock_after_correct_truncation(offset_sweep, fmt)
          f"output.experiments={out}.expt", f"output.json={out}.json", "output.report=None",
          f"output.log={out}.log"], directory)
     record = json.loads((directory / f"{out}.json").read_text())
-    pedestal = smv_pedestal(record["sweeps"][0]["lowest_value"]) if fmt == "smv" else 0
+    pedestal = smv_pedestal(record["sequences"][0]["lowest_value"]) if fmt == "smv" else 0
     _assert_stock_where_left_alone(read_back(f"{out}.expt", directory), stock, offset_region, pedestal)
-    shells = [s for sweep in record["sweeps"] for image in sweep["images"] for s in image["shells"]]
+    shells = [s for sweep in record["sequences"] for image in sweep["images"] for s in image["shells"]]
     assert {s["status"].split(":")[0] for s in shells if s["shell"] < OFFSET_SHELLS} == {"not truncation"}
     assert {s["status"] for s in shells if s["shell"] >= OFFSET_SHELLS} == {CORRECTED}

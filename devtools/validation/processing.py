@@ -9,6 +9,7 @@ import logging
 import os
 import time
 
+from dials_truncfix.program.record import sequences
 from dials_truncfix.settings import ENVIRONMENT_VARIABLE
 
 from devtools import simulate as simulator
@@ -195,8 +196,8 @@ def correction_summary(dataset_dir):
     with open(path) as fh:
         record = json.load(fh)
     out = {"images": 0, "regions": 0, "failed": 0, "pooled": 0, "n_changed": 0, "n_zero": 0}
-    for sweep in record["sweeps"]:
-        for image in sweep["images"]:
+    for sequence in sequences(record):
+        for image in sequence["images"]:
             out["images"] += 1
             out["n_changed"] += image.get("n_changed", 0)
             for region in image["shells"]:

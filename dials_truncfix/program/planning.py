@@ -8,7 +8,7 @@ images form a template that a fresh ``dials.import`` reads as a sequence
 ``stack.mrc`` -> ``stack_#####.cbf``); stills keep their file names, with
 ``_#####`` added where a name has no number of its own (dxtbx reads a scan
 only from a numbered file).  Two imagesets whose names would collide go into
-``sweep_NN`` subdirectories.
+``sequence_NN`` subdirectories.
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ def plan(experiments: ExperimentList, settings: Settings, directory: str | None,
     if fmt == ON_READ:
         return plans
     all_names = [n for p in plans for n in p.names]
-    per_sweep = len(set(all_names)) != len(all_names)
+    per_sequence = len(set(all_names)) != len(all_names)
     planned = []
     for p in plans:
-        base = os.path.join(directory, f"sweep_{p.number:02d}") if per_sweep else directory
+        base = os.path.join(directory, f"sequence_{p.number:02d}") if per_sequence else directory
         planned.append(replace(p, outputs=tuple(os.path.abspath(os.path.join(base, n + EXTENSIONS[fmt])) for n in p.names)))
     return planned
 

@@ -24,14 +24,22 @@ def _strict(value):
     return value
 
 
+#: the version of the record's layout: 1 (dials-truncfix 0.1-0.3, no
+#: "version"): imagesets under "sweeps", each numbered by "sweep"; 2: under
+#: "sequences", numbered by "sequence" (DIALS' word since 3.0), fits with
+#: their model, location, scale and shape
+RECORD_VERSION = 2
+
+
 def run_record(results: list[SweepResult], settings: Settings, fmt: str) -> dict:
     """What the run did, per imageset and image, without the report's histograms."""
     return {
         "program": "dials.correct_truncation",
+        "version": RECORD_VERSION,
         "parameters": {**dataclasses.asdict(settings.parameters), "detector": settings.detector, "format": fmt},
-        "sweeps": [
+        "sequences": [
             {
-                "sweep": r.plan.number,
+                "sequence": r.plan.number,
                 "description": r.plan.description,
                 "not_corrected": r.plan.refused,
                 "lowest_value": r.lowest_value,
@@ -41,6 +49,15 @@ def run_record(results: list[SweepResult], settings: Settings, fmt: str) -> dict
             for r in results
         ],
     }
+
+
+def sequences(record: dict) -> list:
+    """The per-imageset entries of a record of any version (each with
+    "sequence", its number), older records (version 1: "sweeps") included."""
+    if record.get("version", 1) >= 2:
+        return record["sequences"]
+    return [{**{k: v for k, v in entry.items() if k != "sweep"}, "sequence": entry["sweep"]}
+            for entry in record["sweeps"]]
 
 
 def as_json(record: dict) -> str:
