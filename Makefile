@@ -27,7 +27,7 @@ define current_missing
 	fi
 endef
 
-.PHONY: setup setup-current install-current-checkout demo report-screenshot test test-current test-release test-fast bench validate clean
+.PHONY: lint setup setup-current install-current-checkout demo report-screenshot test test-current test-release test-fast bench validate clean
 
 # Installs this checkout (editable) into $(1) unless that interpreter already
 # imports it from here; checked from / so that a clone elsewhere reinstalls.
@@ -69,6 +69,19 @@ setup-current:
 
 install-current-checkout:
 	$(call install_checkout,$(CURRENT_PYTHON),)
+
+# `make lint`: DIALS' formatter and linter settings (pyproject.toml) on the
+# whole tree; ruff, pinned, in a tools virtualenv of its own (installed from
+# PyPI if missing), so that no DIALS environment is touched.
+RUFF_VERSION = 0.17.6
+TOOLS_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dials-truncfix/tools
+RUFF = $(TOOLS_VENV)/bin/ruff
+lint:
+	@$(RUFF) --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || { \
+		echo "Installing ruff $(RUFF_VERSION) into $(TOOLS_VENV)"; \
+		$(PYTHON) -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/pip install --quiet ruff==$(RUFF_VERSION); }
+	$(RUFF) format --check .
+	$(RUFF) check .
 
 demo: setup
 	$(PYTHON) -m devtools.demo demo
