@@ -16,6 +16,8 @@ checkout holding this file into the Python running it.
 tests/test_packaging.py runs it through libtbx's own module class.
 """
 
+from __future__ import annotations
+
 
 def _dials_truncfix_libtbx_refresh(module=None):
     import os
@@ -27,7 +29,16 @@ def _dials_truncfix_libtbx_refresh(module=None):
     else:
         root = os.path.dirname(os.path.abspath(__file__))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", root],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "-e",
+            root,
+        ],
         check=True,
     )
 

@@ -33,7 +33,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from devtools.synthetic import ShellTruth, add_spots, draw_true_values, falling_parameters, radial_inv_d2, truncate
+from devtools.synthetic import (
+    ShellTruth,
+    add_spots,
+    draw_true_values,
+    falling_parameters,
+    radial_inv_d2,
+    truncate,
+)
 from dials_truncfix.core import correction
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import build_shell_map
@@ -52,7 +59,9 @@ def synthetic_image(kind, shell_map, seed=7):
     rng = np.random.default_rng(seed)
     labels = shell_map.labels.reshape(SIZE, SIZE)
     if THETA_SHIFT[kind] is None:
-        values = READ_NOISE_MEANS[labels] + READ_NOISE_SD * rng.standard_normal((SIZE, SIZE))
+        values = READ_NOISE_MEANS[labels] + READ_NOISE_SD * rng.standard_normal(
+            (SIZE, SIZE)
+        )
     else:
         truth = falling_parameters(N_SHELLS)
         truth = ShellTruth(truth.theta + THETA_SHIFT[kind], truth.mu, truth.sigma)
@@ -124,7 +133,10 @@ def step_times(image, shell_map, params, repeats):
             total += time.perf_counter() - start
 
     def per_image(totals):
-        return {name: t / repeats for name, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+        return {
+            name: t / repeats
+            for name, t in sorted(totals.items(), key=lambda kv: -kv[1])
+        }
 
     return total / repeats, per_image(timer.totals), per_image(timer.within)
 
@@ -140,23 +152,47 @@ def main(argv=None):
     start = time.perf_counter()
     shell_map = build_shell_map([inv_d2], [np.ones(shape, bool)], N_SHELLS)
     shell_map.histogram_sample()
-    print(f"shell map (built once per geometry): {1e3 * (time.perf_counter() - start):.0f} ms")
+    print(
+        f"shell map (built once per geometry): {1e3 * (time.perf_counter() - start):.0f} ms"
+    )
     for kind in THETA_SHIFT:
         image = synthetic_image(kind, shell_map)
         print(f"\n{kind}: {np.count_nonzero(image == 0) / image.size:.1%} zero pixels")
         for mode in args.modes:
             params = CorrectionParameters(n_shells=N_SHELLS, assignment=mode)
             median = median_correction_time(image, shell_map, params, args.repeats)
-            print(f"  {mode:12s} correct_image median {1e3 * median:6.1f} ms over {args.repeats} repeats")
-            fits = [s.fit for s in correction.correct_image([image.astype(np.int32)], shell_map, params, "models").shells]
-            print("    models: " + ", ".join(f"{m} {sum(f.model == m for f in fits)}" for m in ("lognormal", "normal"))
-                  + f"; Newton iterations {sum(f.n_iterations for f in fits)} over {len(fits)} fits")
-            total, steps, within = step_times(image, shell_map, params, max(3, args.repeats // 3))
-            print(f"    per step (mean of the timed runs, {1e3 * total:.1f} ms an image):")
+            print(
+                f"  {mode:12s} correct_image median {1e3 * median:6.1f} ms over {args.repeats} repeats"
+            )
+            fits = [
+                s.fit
+                for s in correction.correct_image(
+                    [image.astype(np.int32)], shell_map, params, "models"
+                ).shells
+            ]
+            print(
+                "    models: "
+                + ", ".join(
+                    f"{m} {sum(f.model == m for f in fits)}"
+                    for m in ("lognormal", "normal")
+                )
+                + f"; Newton iterations {sum(f.n_iterations for f in fits)} over {len(fits)} fits"
+            )
+            total, steps, within = step_times(
+                image, shell_map, params, max(3, args.repeats // 3)
+            )
+            print(
+                f"    per step (mean of the timed runs, {1e3 * total:.1f} ms an image):"
+            )
             for name, seconds in steps.items():
                 print(f"      {name:28s} {1e3 * seconds:6.1f} ms")
-            print(f"      {'correct_image itself':28s} {1e3 * (total - sum(steps.values())):6.1f} ms  (checks, copies)")
-            print("      of which within the steps: " + ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in within.items()))
+            print(
+                f"      {'correct_image itself':28s} {1e3 * (total - sum(steps.values())):6.1f} ms  (checks, copies)"
+            )
+            print(
+                "      of which within the steps: "
+                + ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in within.items())
+            )
 
 
 if __name__ == "__main__":

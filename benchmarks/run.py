@@ -73,20 +73,41 @@ def _sweep(kind, workdir, n_images, size):
 
     directory = os.path.join(workdir, f"{kind}{size}")
     if kind == "microed":
-        paths = [os.path.join(directory, "truncated", f"sim_{i + 1:05d}.img") for i in range(n_images)]
+        paths = [
+            os.path.join(directory, "truncated", f"sim_{i + 1:05d}.img")
+            for i in range(n_images)
+        ]
         if not all(os.path.exists(p) for p in paths):
-            print(f"Simulating {n_images} {size}x{size} MicroED images in {directory}", flush=True)
+            print(
+                f"Simulating {n_images} {size}x{size} MicroED images in {directory}",
+                flush=True,
+            )
             subprocess.run(
-                [sys.executable, "-m", "devtools.simulate", f"output.directory={directory}",
-                 f"image_size={size}", f"n_images={n_images}", "seed=7", "output.nproc=2",
-                 "output.truth_images=False"],
-                check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                [
+                    sys.executable,
+                    "-m",
+                    "devtools.simulate",
+                    f"output.directory={directory}",
+                    f"image_size={size}",
+                    f"n_images={n_images}",
+                    "seed=7",
+                    "output.nproc=2",
+                    "output.truth_images=False",
+                ],
+                check=True,
+                capture_output=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             )
         return paths
     paths = [os.path.join(directory, f"bench_{i + 1:05d}.img") for i in range(n_images)]
     if not all(os.path.exists(p) for p in paths):
-        print(f"Writing {n_images} {size}x{size} heavily truncated images in {directory}", flush=True)
-        paths, _ = write_truncated_smv_sweep(directory, n_images, size, seed=7, spots=400, prefix="bench")
+        print(
+            f"Writing {n_images} {size}x{size} heavily truncated images in {directory}",
+            flush=True,
+        )
+        paths, _ = write_truncated_smv_sweep(
+            directory, n_images, size, seed=7, spots=400, prefix="bench"
+        )
     return paths
 
 
@@ -106,11 +127,16 @@ def measure(paths, mode, targets):
     for p in paths:  # warm the page cache
         stock_class(p).get_raw_data()
     stock_iset = ExperimentListFactory.from_filenames(paths)[0].imageset
-    corrector = corrector_for(experiment_shell_geometry(stock_iset, 0, stock_class(paths[0]), None), settings.parameters)
+    corrector = corrector_for(
+        experiment_shell_geometry(stock_iset, 0, stock_class(paths[0]), None),
+        settings.parameters,
+    )
     raws = [stock_class(p).get_raw_data() for p in paths]
     read, correction = _interleaved_times(
-        [lambda k: stock_class(paths[k % n]).get_raw_data(),
-         lambda k: corrector.correct(raws[k % n], image_identity(paths[k % n]))],
+        [
+            lambda k: stock_class(paths[k % n]).get_raw_data(),
+            lambda k: corrector.correct(raws[k % n], image_identity(paths[k % n])),
+        ],
         3 * n,
     )
     zeros = []  # (zero pixels, valid pixels) per image, not timed
@@ -124,7 +150,11 @@ def measure(paths, mode, targets):
     )
     corrected_iset.get_raw_data(0)  # the shell map is built once per geometry
     stock_read, corrected_read = _interleaved_times(
-        [lambda k: stock_iset.get_raw_data(k % n), lambda k: corrected_iset.get_raw_data(k % n)], 3 * n
+        [
+            lambda k: stock_iset.get_raw_data(k % n),
+            lambda k: corrected_iset.get_raw_data(k % n),
+        ],
+        3 * n,
     )
 
     rss = []
@@ -139,10 +169,16 @@ def measure(paths, mode, targets):
         "correct_over_read": round(_median_ratio(correction, read), 2),
         "stock_imageset_read_ms": round(1e3 * statistics.median(stock_read), 1),
         "corrected_imageset_read_ms": round(1e3 * statistics.median(corrected_read), 1),
-        "corrected_over_stock_read": round(_median_ratio(corrected_read, stock_read), 2),
-        "peak_rss_mib_after_corrections": {str(i + 1): round(rss[i], 1) for i in (n - 1, 2 * n - 1, 4 * n - 1)},
+        "corrected_over_stock_read": round(
+            _median_ratio(corrected_read, stock_read), 2
+        ),
+        "peak_rss_mib_after_corrections": {
+            str(i + 1): round(rss[i], 1) for i in (n - 1, 2 * n - 1, 4 * n - 1)
+        },
         "peak_rss_growth_mib": round(rss[-1] - rss[n - 1], 1),
-        "shell_map_bytes_per_pixel": round(shell_map_bytes_per_pixel(corrector.shell_map), 2),
+        "shell_map_bytes_per_pixel": round(
+            shell_map_bytes_per_pixel(corrector.shell_map), 2
+        ),
     }
     figures["targets_met"] = all(figures[k] <= v for k, v in targets.items())
     return figures
@@ -152,12 +188,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=12, help="images per sweep")
     parser.add_argument("--size", type=int, default=2048, help="image width and height")
-    parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "work"))
+    parser.add_argument(
+        "--workdir", default=os.path.join(os.path.dirname(__file__), "work")
+    )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     os.environ.pop("DIALS_TRUNCFIX", None)
 
-    figures = {"image_size": args.size, "load_average_before": os.getloadavg()[0], "targets": TARGETS}
+    figures = {
+        "image_size": args.size,
+        "load_average_before": os.getloadavg()[0],
+        "targets": TARGETS,
+    }
     for kind in ("microed", "heavy"):
         paths = _sweep(kind, args.workdir, args.images, args.size)
         for mode in MODES:

@@ -19,7 +19,13 @@ from html.parser import HTMLParser
 CHROMIUM = "chromium"
 #: the virtual time budget lets the page's asynchronous work (decompressing
 #: plotly.js, drawing) finish before the DOM is dumped or the screenshot taken
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=60000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--virtual-time-budget=60000",
+]
 #: a page that has not rendered by then is reported as hanging
 TIMEOUT_SECONDS = 300
 #: Chromium's console lines on stderr with --enable-logging=stderr
@@ -65,21 +71,32 @@ def chromium() -> str | None:
 
 
 def _chromium(args: list) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium(), *FLAGS, *args], capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    return subprocess.run(
+        [chromium(), *FLAGS, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+    )
 
 
-def render(path: str, screenshot: str | None = None, window: str = "1280,2000") -> Rendered:
+def render(
+    path: str, screenshot: str | None = None, window: str = "1280,2000"
+) -> Rendered:
     """Load ``path`` in headless Chromium; with ``screenshot`` also save a PNG
     of the top ``window`` (width,height) of the page."""
     url = "file://" + os.path.abspath(path)
     result = _chromium(["--enable-logging=stderr", "--v=0", "--dump-dom", url])
     if result.returncode:
         raise RuntimeError(f"{CHROMIUM} failed on {path}:\n{result.stderr[-2000:]}")
-    console = [m.group(1) for m in map(CONSOLE_LINE.search, result.stderr.splitlines()) if m]
+    console = [
+        m.group(1) for m in map(CONSOLE_LINE.search, result.stderr.splitlines()) if m
+    ]
     if screenshot:
         shot = _chromium([f"--screenshot={screenshot}", f"--window-size={window}", url])
         if shot.returncode:
-            raise RuntimeError(f"{CHROMIUM} could not take a screenshot of {path}:\n{shot.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{CHROMIUM} could not take a screenshot of {path}:\n{shot.stderr[-2000:]}"
+            )
     return Rendered(result.stdout, console)
 
 
@@ -87,10 +104,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report")
     parser.add_argument("--screenshot", help="PNG of the top of the page")
-    parser.add_argument("--window", default="1280,2000", help="width,height of the screenshot")
+    parser.add_argument(
+        "--window", default="1280,2000", help="width,height of the screenshot"
+    )
     args = parser.parse_args(argv)
     if not chromium():
-        print(f"{CHROMIUM} is not installed (apt-get install chromium)", file=sys.stderr)
+        print(
+            f"{CHROMIUM} is not installed (apt-get install chromium)", file=sys.stderr
+        )
         return 2
     page = render(args.report, args.screenshot, args.window)
     plotted, n_svg = page.plots()

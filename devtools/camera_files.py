@@ -128,16 +128,33 @@ def write_pilatus_cbfs(directory, n_images=2, seed=0):
     from dxtbx.model import BeamFactory, DetectorFactory, GoniometerFactory, ScanFactory
     from scitbx.array_family import flex
 
-    detector = DetectorFactory.simple("PAD", 300.0, (42.0, 53.0), "+x", "-y", (0.172, 0.172), (487, 619),
-                                      (-1, 1000000), [])
+    detector = DetectorFactory.simple(
+        "PAD",
+        300.0,
+        (42.0, 53.0),
+        "+x",
+        "-y",
+        (0.172, 0.172),
+        (487, 619),
+        (-1, 1000000),
+        [],
+    )
     rng = np.random.default_rng(seed)
     paths = []
     for k in range(n_images):
         path = os.path.join(str(directory), f"pilatus_{k + 1:05d}.cbf")
         scan = ScanFactory.make_scan((k + 1, k + 1), 0.1, (0.5 * k, 0.5), {k + 1: 0.0})
         counts = flex.int(rng.poisson(0.17, (619, 487)).astype(np.int32))
-        FormatCBFMini.as_file(detector, BeamFactory.simple(0.9795), GoniometerFactory.single_axis(), scan, counts,
-                              path, header_convention="PILATUS_1.2", det_type="PILATUS3 300K")
+        FormatCBFMini.as_file(
+            detector,
+            BeamFactory.simple(0.9795),
+            GoniometerFactory.single_axis(),
+            scan,
+            counts,
+            path,
+            header_convention="PILATUS_1.2",
+            det_type="PILATUS3 300K",
+        )
         paths.append(path)
     return paths
 
@@ -154,8 +171,19 @@ def write_timepix_smvs(directory, n_images=2, seed=0):
     paths = []
     for k in range(n_images):
         path = os.path.join(str(directory), f"timepix_{k + 1:05d}.img")
-        items = {**smv_geometry(512), "BEAMLINE": "TIMEPIX_SU", "DETECTOR_SN": "unknown", "PIXEL_SIZE": 0.055}
-        write_smv(path, rng.poisson(0.17, (512, 512)).astype(np.uint16), **items, OSC_START=0.36 * k,
-                  OSC_RANGE=0.36, PHI=0.36 * k)
+        items = {
+            **smv_geometry(512),
+            "BEAMLINE": "TIMEPIX_SU",
+            "DETECTOR_SN": "unknown",
+            "PIXEL_SIZE": 0.055,
+        }
+        write_smv(
+            path,
+            rng.poisson(0.17, (512, 512)).astype(np.uint16),
+            **items,
+            OSC_START=0.36 * k,
+            OSC_RANGE=0.36,
+            PHI=0.36 * k,
+        )
         paths.append(path)
     return paths

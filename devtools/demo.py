@@ -31,7 +31,9 @@ def _run(args, cwd, **env_extra):
     print(f"$ {shown + ' ' if shown else ''}{' '.join(args)}", flush=True)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"demo: {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        sys.exit(
+            f"demo: {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result.stdout
 
 
@@ -57,7 +59,9 @@ def compare_with_truth(directory, image_index=0):
     with open(os.path.join(directory, "dials.correct_truncation.json")) as fh:
         record = json.load(fh)
     shells = sequences(record)[0]["images"][image_index]["shells"]
-    imported = ExperimentList.from_file(os.path.join(directory, "imported.expt"))[0].imageset
+    imported = ExperimentList.from_file(os.path.join(directory, "imported.expt"))[
+        0
+    ].imageset
     from dials_truncfix.corrector import corrector_for
     from dials_truncfix.geometry import shell_geometry
     from dials_truncfix.phil import correction_parameters, correction_phil_scope
@@ -67,14 +71,22 @@ def compare_with_truth(directory, image_index=0):
     labels = corrector_for(geometry, params).shell_map.labels
     truncated = imported.get_raw_data(image_index)[0].as_numpy_array().ravel()
     corrected = _pixels(os.path.join(directory, "corrected.expt"), image_index)
-    truth_files = sorted(glob.glob(os.path.join(directory, "simulated", "truth", "*.cbf")))
+    truth_files = sorted(
+        glob.glob(os.path.join(directory, "simulated", "truth", "*.cbf"))
+    )
     import dxtbx
 
     truth = dxtbx.load(truth_files[image_index]).get_raw_data().as_numpy_array().ravel()
-    assert np.array_equal(np.clip(truth, 0, 65535), truncated), "simulation and import disagree"
+    assert np.array_equal(np.clip(truth, 0, 65535), truncated), (
+        "simulation and import disagree"
+    )
 
-    print(f"\nImage {image_index + 1}: the truncated pixels of each shell, truth against correction")
-    print(" shell  d range (A)   truncated   true mean (sd)   corrected mean (sd)   fit theta  mu  sigma")
+    print(
+        f"\nImage {image_index + 1}: the truncated pixels of each shell, truth against correction"
+    )
+    print(
+        " shell  d range (A)   truncated   true mean (sd)   corrected mean (sd)   fit theta  mu  sigma"
+    )
     for shell in shells:
         k = shell["shell"]
         lost = (labels == k) & (truncated == 0)
@@ -85,7 +97,11 @@ def compare_with_truth(directory, image_index=0):
         print(
             f"{k + 1:5d} {shell['d_max']:6.2f}-{shell['d_min']:5.2f} {lost.sum() / max(1, (labels == k).sum()):10.1%}"
             f"   {t.mean():6.2f} ({t.std():5.2f})    {c.mean():6.2f} ({c.std():5.2f})"
-            + (f"        {fit['theta']:7.2f} {fit['mu']:5.2f} {fit['sigma']:5.2f}" if fit else "")
+            + (
+                f"        {fit['theta']:7.2f} {fit['mu']:5.2f} {fit['sigma']:5.2f}"
+                if fit
+                else ""
+            )
         )
 
 
@@ -94,35 +110,80 @@ def main(argv=None):
     directory = os.path.abspath(argv[0] if argv else "demo")
     if os.path.exists(directory):
         if not os.path.exists(os.path.join(directory, MARKER)):
-            sys.exit(f"demo: {directory} exists and is not a demo directory: choose another")
+            sys.exit(
+                f"demo: {directory} exists and is not a demo directory: choose another"
+            )
         shutil.rmtree(directory)
     os.makedirs(directory)
     open(os.path.join(directory, MARKER), "w").close()
 
-    print("Simulating a 12-image MicroED sweep (1024x1024, proteinase-K-like crystal, truncating camera)")
-    print(f"$ python -m devtools.simulate output.directory=simulated {' '.join(SIMULATION)}", flush=True)
-    simulate.run([f"output.directory={os.path.join(directory, 'simulated')}", *SIMULATION])
-    images = sorted(glob.glob(os.path.join(directory, "simulated", "truncated", "*.img")))
-    truth_images = sorted(glob.glob(os.path.join(directory, "simulated", "truth", "*.cbf")))
+    print(
+        "Simulating a 12-image MicroED sweep (1024x1024, proteinase-K-like crystal, truncating camera)"
+    )
+    print(
+        f"$ python -m devtools.simulate output.directory=simulated {' '.join(SIMULATION)}",
+        flush=True,
+    )
+    simulate.run(
+        [f"output.directory={os.path.join(directory, 'simulated')}", *SIMULATION]
+    )
+    images = sorted(
+        glob.glob(os.path.join(directory, "simulated", "truncated", "*.img"))
+    )
+    truth_images = sorted(
+        glob.glob(os.path.join(directory, "simulated", "truth", "*.cbf"))
+    )
 
     _run(["dials.import", *images, "output.experiments=imported.expt"], directory)
     out = _run(["dials.correct_truncation", "imported.expt", "nproc=2"], directory)
-    print("\n".join(line for line in out.splitlines() if line.startswith(("Sweep", "Wrote", "Nothing"))))
+    print(
+        "\n".join(
+            line
+            for line in out.splitlines()
+            if line.startswith(("Sweep", "Wrote", "Nothing"))
+        )
+    )
     compare_with_truth(directory)
 
     print()
     _run(["dials.import", *truth_images, "output.experiments=truth.expt"], directory)
     spots = {
-        name: _spots(_run(["dials.find_spots", expt, f"output.reflections=strong_{name}.refl", "nproc=2"], directory))
-        for name, expt in (("truth", "truth.expt"), ("truncated", "imported.expt"), ("corrected", "corrected.expt"))
+        name: _spots(
+            _run(
+                [
+                    "dials.find_spots",
+                    expt,
+                    f"output.reflections=strong_{name}.refl",
+                    "nproc=2",
+                ],
+                directory,
+            )
+        )
+        for name, expt in (
+            ("truth", "truth.expt"),
+            ("truncated", "imported.expt"),
+            ("corrected", "corrected.expt"),
+        )
     }
     on_read = os.path.join(directory, "on_read")
     os.makedirs(on_read)
-    _run(["dials.import", *images, "output.experiments=imported.expt"], on_read, **{ENVIRONMENT_VARIABLE: "1"})
-    spots["corrected on read"] = _spots(_run(["dials.find_spots", "imported.expt", "nproc=2"], on_read))
-    same = np.array_equal(_pixels(os.path.join(on_read, "imported.expt"), 0), _pixels(os.path.join(directory, "corrected.expt"), 0))
+    _run(
+        ["dials.import", *images, "output.experiments=imported.expt"],
+        on_read,
+        **{ENVIRONMENT_VARIABLE: "1"},
+    )
+    spots["corrected on read"] = _spots(
+        _run(["dials.find_spots", "imported.expt", "nproc=2"], on_read)
+    )
+    same = np.array_equal(
+        _pixels(os.path.join(on_read, "imported.expt"), 0),
+        _pixels(os.path.join(directory, "corrected.expt"), 0),
+    )
 
-    print("\nSpots found by dials.find_spots: " + ", ".join(f"{k} {v}" for k, v in spots.items()))
+    print(
+        "\nSpots found by dials.find_spots: "
+        + ", ".join(f"{k} {v}" for k, v in spots.items())
+    )
     print(f"Pixels read on read equal the corrected images: {same}")
     print(f"Report: {os.path.join(directory, 'dials.correct_truncation.html')}")
     print(f"All outputs in {directory}")

@@ -56,14 +56,33 @@ DISTRIBUTION = "dials-truncfix"
 
 #: the entry points of pyproject.toml, as the wheel's entry_points.txt must name them
 ENTRY_POINTS = {
-    ("console_scripts", "dials.correct_truncation", "dials_truncfix.command_line.correct_truncation:run"),
-    ("dxtbx.format", "FormatATruncfix:Format", "dials_truncfix.format_wrapper:FormatATruncfix"),
-    ("dxtbx.format", "FormatATruncfixMultiImage:Format", "dials_truncfix.format_wrapper:FormatATruncfixMultiImage"),
+    (
+        "console_scripts",
+        "dials.correct_truncation",
+        "dials_truncfix.command_line.correct_truncation:run",
+    ),
+    (
+        "dxtbx.format",
+        "FormatATruncfix:Format",
+        "dials_truncfix.format_wrapper:FormatATruncfix",
+    ),
+    (
+        "dxtbx.format",
+        "FormatATruncfixMultiImage:Format",
+        "dials_truncfix.format_wrapper:FormatATruncfixMultiImage",
+    ),
 }
 
 #: what the environment of a lane must not pass on to the fresh environment
-DROPPED = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV", "LIBTBX_BUILD",
-           "DIALS_TRUNCFIX")
+DROPPED = (
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONUSERBASE",
+    "VIRTUAL_ENV",
+    "LIBTBX_BUILD",
+    "DIALS_TRUNCFIX",
+)
 
 
 class ReleaseError(Exception):
@@ -72,10 +91,14 @@ class ReleaseError(Exception):
 
 def run(args, cwd, env=None, what=None):
     """Run a command; fail with its output."""
-    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
-        raise ReleaseError(f"{what or args[0]} failed (exit {result.returncode}):\n"
-                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise ReleaseError(
+            f"{what or args[0]} failed (exit {result.returncode}):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result.stdout
 
 
@@ -88,20 +111,49 @@ def version():
 
 # ---------------------------------------------------------------- building
 
+
 def tracked_files():
     """The checkout's files as a fresh clone of the working tree would hold
     them: tracked or new, not ignored by git (every file but build and test
     output where this is no git checkout)."""
     try:
-        out = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             capture_output=True, check=True).stdout
-        return [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(ROOT, f))]
+        out = subprocess.run(
+            [
+                "git",
+                "-C",
+                ROOT,
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout
+        return [
+            f
+            for f in out.decode().split("\0")
+            if f and os.path.isfile(os.path.join(ROOT, f))
+        ]
     except (OSError, subprocess.CalledProcessError):
-        skip = {".git", "build", "dist", "demo", ".hypothesis", ".pytest_cache", "__pycache__"}
+        skip = {
+            ".git",
+            "build",
+            "dist",
+            "demo",
+            ".hypothesis",
+            ".pytest_cache",
+            "__pycache__",
+        }
         found = []
         for top, dirs, files in os.walk(ROOT):
             dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
-            found += [os.path.relpath(os.path.join(top, f), ROOT) for f in files if not f.endswith(".pyc")]
+            found += [
+                os.path.relpath(os.path.join(top, f), ROOT)
+                for f in files
+                if not f.endswith(".pyc")
+            ]
         return found
 
 
@@ -115,16 +167,42 @@ def build(work):
     dist = os.path.join(work, "dist")
     os.makedirs(dist)
     # the PEP 517 hook itself (what `python -m build --sdist --no-isolation` calls)
-    name = run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
-                "print(build_meta.build_sdist(sys.argv[1]))", dist], source, what="build_sdist").split()[-1]
+    name = run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))",
+            dist,
+        ],
+        source,
+        what="build_sdist",
+    ).split()[-1]
     sdist = os.path.join(dist, name)
     check_sdist(sdist, files)
     unpacked = os.path.join(work, "unpacked")
     with tarfile.open(sdist) as tar:
-        tar.extractall(unpacked, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        tar.extractall(
+            unpacked, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {})
+        )
     (top,) = os.listdir(unpacked)
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--wheel-dir", dist, os.path.join(unpacked, top)], work, what="pip wheel (from the sdist)")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            dist,
+            os.path.join(unpacked, top),
+        ],
+        work,
+        what="pip wheel (from the sdist)",
+    )
     (wheel,) = glob.glob(os.path.join(dist, "*.whl"))
     check_wheel(wheel)
     return sdist, wheel
@@ -134,14 +212,31 @@ def check_sdist(sdist, files):
     """The sdist is the tracked tree (MANIFEST.in): nothing missing, nothing else
     but setuptools' own PKG-INFO, setup.cfg and egg-info."""
     with tarfile.open(sdist) as tar:
-        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n and tar.getmember(n).isfile()}
-    generated = {n for n in names if n in ("PKG-INFO", "setup.cfg") or n.startswith("dials_truncfix.egg-info/")}
+        names = {
+            n.split("/", 1)[1]
+            for n in tar.getnames()
+            if "/" in n and tar.getmember(n).isfile()
+        }
+    generated = {
+        n
+        for n in names
+        if n in ("PKG-INFO", "setup.cfg") or n.startswith("dials_truncfix.egg-info/")
+    }
     wanted = set(files) - {".gitignore"}
     missing, extra = wanted - names, names - generated - wanted
     if missing or extra:
-        raise ReleaseError(f"sdist {os.path.basename(sdist)}: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for required in ("README.md", "LICENSE", "CHANGELOG.md", "dials_truncfix/templates/correct_truncation_report.html",
-                     "tests/test_core.py", "libtbx_config", "libtbx_refresh.py"):
+        raise ReleaseError(
+            f"sdist {os.path.basename(sdist)}: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    for required in (
+        "README.md",
+        "LICENSE",
+        "CHANGELOG.md",
+        "dials_truncfix/templates/correct_truncation_report.html",
+        "tests/test_core.py",
+        "libtbx_config",
+        "libtbx_refresh.py",
+    ):
         if required not in names:
             raise ReleaseError(f"sdist lacks {required}")
     if not any(n.startswith("phil/") and n.endswith(".phil") for n in names):
@@ -163,10 +258,16 @@ def check_wheel(wheel):
         raise ReleaseError("wheel lacks the report template")
     if not any(n.endswith("/LICENSE") for n in names if n.startswith(info)):
         raise ReleaseError("wheel lacks LICENSE")
-    fields = [line.split(": ", 1) for line in metadata.split("\n\n")[0].splitlines() if ": " in line]
+    fields = [
+        line.split(": ", 1)
+        for line in metadata.split("\n\n")[0].splitlines()
+        if ": " in line
+    ]
     get = lambda key: [v for k, v in fields if k == key]  # noqa: E731
     if get("Version") != [version()] or get("Name") != [DISTRIBUTION]:
-        raise ReleaseError(f"wheel metadata: {get('Name')} {get('Version')}, not {DISTRIBUTION} {version()}")
+        raise ReleaseError(
+            f"wheel metadata: {get('Name')} {get('Version')}, not {DISTRIBUTION} {version()}"
+        )
     if not {"numpy", "scipy"} <= set(get("Requires-Dist")):
         raise ReleaseError(f"wheel Requires-Dist: {get('Requires-Dist')}")
     found = set()
@@ -184,6 +285,7 @@ def check_wheel(wheel):
 
 # ------------------------------------------------------------ environments
 
+
 def interpreter_facts(python):
     """Where the interpreter's DIALS lives."""
     script = (
@@ -193,8 +295,12 @@ def interpreter_facts(python):
         "print(json.dumps({'venv': sys.prefix != sys.base_prefix, 'version': sys.version.split()[0],\n"
         "  'site': sorted({paths['purelib'], paths['platlib']}), 'libtbx_build': abs(libtbx.env.build_path)}))\n"
     )
-    out = run([python, "-c", script], "/", env=clean_environment(),
-              what=f"{python} (the lane's own DIALS, before any release is installed): loading DIALS")
+    out = run(
+        [python, "-c", script],
+        "/",
+        env=clean_environment(),
+        what=f"{python} (the lane's own DIALS, before any release is installed): loading DIALS",
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -213,19 +319,35 @@ def fresh_environment(python, prefix):
     environment variables to run it with, and interpreter_facts(python)."""
     facts = interpreter_facts(python)
     if facts["venv"]:
-        run([python, "-m", "venv", "--without-pip", prefix], "/", env=clean_environment())
+        run(
+            [python, "-m", "venv", "--without-pip", prefix],
+            "/",
+            env=clean_environment(),
+        )
         new = os.path.join(prefix, "bin", "python")
-        site = run([new, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], "/").strip()
+        site = run(
+            [new, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            "/",
+        ).strip()
         with open(os.path.join(site, "_dials_environment.pth"), "w") as fh:
             fh.write("".join(p + "\n" for p in facts["site"]))
     else:
-        run([python, "-m", "venv", "--without-pip", "--system-site-packages", prefix], "/", env=clean_environment())
+        run(
+            [python, "-m", "venv", "--without-pip", "--system-site-packages", prefix],
+            "/",
+            env=clean_environment(),
+        )
         new = os.path.join(prefix, "bin", "python")
     env = clean_environment(LIBTBX_BUILD=facts["libtbx_build"], VIRTUAL_ENV=prefix)
     env["PATH"] = os.path.join(prefix, "bin") + os.pathsep + env.get("PATH", "")
     # the environment has no pip of its own: the DIALS installation's pip
     # installs into it (pip installs into sys.prefix)
-    run([new, "-c", "import dials, dxtbx, pip"], "/", env=env, what=f"{prefix}: import dials, dxtbx, pip")
+    run(
+        [new, "-c", "import dials, dxtbx, pip"],
+        "/",
+        env=env,
+        what=f"{prefix}: import dials, dxtbx, pip",
+    )
     return new, env, facts
 
 
@@ -301,44 +423,111 @@ def check_lane(lane, python, wheel, images, work):
     slug = lane.split()[0].lower()
     prefix = os.path.join(work, f"env-{slug}")
     new, env, facts = fresh_environment(python, prefix)
-    run([new, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", wheel], work,
-        env=env, what=f"{lane}: pip install the wheel")
+    run(
+        [
+            new,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            wheel,
+        ],
+        work,
+        env=env,
+        what=f"{lane}: pip install the wheel",
+    )
     where = os.path.join(work, f"run-{slug}")
     os.makedirs(where)
-    probe = json.loads(run([new, "-c", PROBE], where, env=env, what=f"{lane}: probe").strip().splitlines()[-1])
-    problems = [key for key in ("package_inside", "classes_inside", "distribution_inside", "template", "script")
-                if not probe[key]]
+    probe = json.loads(
+        run([new, "-c", PROBE], where, env=env, what=f"{lane}: probe")
+        .strip()
+        .splitlines()[-1]
+    )
+    problems = [
+        key
+        for key in (
+            "package_inside",
+            "classes_inside",
+            "distribution_inside",
+            "template",
+            "script",
+        )
+        if not probe[key]
+    ]
     if probe["version"] != version():
         problems.append(f"version {probe['version']}")
     if {tuple(e) for e in probe["entry_points"]} != ENTRY_POINTS:
         problems.append(f"entry points {probe['entry_points']}")
     if problems:
-        raise ReleaseError(f"{lane}: the plugin is not the wheel's in {prefix}: {problems}\n{json.dumps(probe, indent=1)}")
-    run([os.path.join(prefix, "bin", "dials.correct_truncation"), *images, "nproc=1"], where, env=env,
-        what=f"{lane}: dials.correct_truncation")
-    for name in ("corrected.expt", "dials.correct_truncation.json", "dials.correct_truncation.html",
-                 "dials.correct_truncation.log"):
+        raise ReleaseError(
+            f"{lane}: the plugin is not the wheel's in {prefix}: {problems}\n{json.dumps(probe, indent=1)}"
+        )
+    run(
+        [os.path.join(prefix, "bin", "dials.correct_truncation"), *images, "nproc=1"],
+        where,
+        env=env,
+        what=f"{lane}: dials.correct_truncation",
+    )
+    for name in (
+        "corrected.expt",
+        "dials.correct_truncation.json",
+        "dials.correct_truncation.html",
+        "dials.correct_truncation.log",
+    ):
         if not os.path.isfile(os.path.join(where, name)):
             raise ReleaseError(f"{lane}: dials.correct_truncation wrote no {name}")
     if len(glob.glob(os.path.join(where, "corrected", "*.cbf"))) != len(images):
-        raise ReleaseError(f"{lane}: dials.correct_truncation wrote not {len(images)} CBF images")
+        raise ReleaseError(
+            f"{lane}: dials.correct_truncation wrote not {len(images)} CBF images"
+        )
     script = os.path.join(where, "in_process.py")
     with open(script, "w") as fh:
         fh.write(RUN_IN_PROCESS)
-    run([new, script, "dials.command_line.dials_import", prefix, *images, "output.experiments=on_read.expt"], where,
-        env=dict(env, DIALS_TRUNCFIX="1"), what=f"{lane}: DIALS_TRUNCFIX=1 dials.import")
-    read = json.loads(run([new, "-c", READ_BACK, "corrected.expt", "on_read.expt", *images], where, env=env,
-                          what=f"{lane}: reading the outputs back").strip().splitlines()[-1])
-    shadowed = [c for c in probe["copies"] if not os.path.realpath(c).startswith(os.path.realpath(prefix) + os.sep)]
+    run(
+        [
+            new,
+            script,
+            "dials.command_line.dials_import",
+            prefix,
+            *images,
+            "output.experiments=on_read.expt",
+        ],
+        where,
+        env=dict(env, DIALS_TRUNCFIX="1"),
+        what=f"{lane}: DIALS_TRUNCFIX=1 dials.import",
+    )
+    read = json.loads(
+        run(
+            [new, "-c", READ_BACK, "corrected.expt", "on_read.expt", *images],
+            where,
+            env=env,
+            what=f"{lane}: reading the outputs back",
+        )
+        .strip()
+        .splitlines()[-1]
+    )
+    shadowed = [
+        c
+        for c in probe["copies"]
+        if not os.path.realpath(c).startswith(os.path.realpath(prefix) + os.sep)
+    ]
     note = f"; also on its path, shadowed: {', '.join(shadowed)}" if shadowed else ""
-    return (f"{lane} (Python {facts['version']}): wheel installed in a fresh environment, plugin and entry points "
-            f"from it{note}; dials.correct_truncation and DIALS_TRUNCFIX=1 dials.import on {read['images']} images, "
-            f"{read['changed']} pixels given values, the same through both ({time.time() - start:.0f} s)")
+    return (
+        f"{lane} (Python {facts['version']}): wheel installed in a fresh environment, plugin and entry points "
+        f"from it{note}; dials.correct_truncation and DIALS_TRUNCFIX=1 dials.import on {read['images']} images, "
+        f"{read['changed']} pixels given values, the same through both ({time.time() - start:.0f} s)"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--current-dials", help="prefix of a current DIALS environment (the second lane)")
+    parser.add_argument(
+        "--current-dials",
+        help="prefix of a current DIALS environment (the second lane)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     start = time.time()
@@ -346,17 +535,27 @@ def main(argv=None):
     ok = False
     try:
         sdist, wheel = build(work)
-        print(f"make test-release: built {os.path.basename(sdist)} and {os.path.basename(wheel)} "
-              f"from a clean copy ({time.time() - start:.0f} s)", flush=True)
+        print(
+            f"make test-release: built {os.path.basename(sdist)} and {os.path.basename(wheel)} "
+            f"from a clean copy ({time.time() - start:.0f} s)",
+            flush=True,
+        )
         sys.path.insert(0, ROOT)
         from devtools.synthetic import write_truncated_smv_sweep
 
-        images, _ = write_truncated_smv_sweep(os.path.join(work, "images"), n_images=3, size=256, n_shells=4)
+        images, _ = write_truncated_smv_sweep(
+            os.path.join(work, "images"), n_images=3, size=256, n_shells=4
+        )
         lanes = [("Debian DIALS", DEBIAN_PYTHON)]
         if args.current_dials:
-            lanes.append(("current DIALS", os.path.join(args.current_dials, "bin", "python")))
+            lanes.append(
+                ("current DIALS", os.path.join(args.current_dials, "bin", "python"))
+            )
         for lane, python in lanes:
-            print("make test-release: " + check_lane(lane, python, wheel, images, work), flush=True)
+            print(
+                "make test-release: " + check_lane(lane, python, wheel, images, work),
+                flush=True,
+            )
         ok = True
     except ReleaseError as error:
         print(f"make test-release: FAILED: {error}", file=sys.stderr)
@@ -365,7 +564,9 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"make test-release: work directory kept: {work}", file=sys.stderr)
-    print(f"make test-release: {'passed' if ok else 'failed'} ({time.time() - start:.0f} s)")
+    print(
+        f"make test-release: {'passed' if ok else 'failed'} ({time.time() - start:.0f} s)"
+    )
     return 0 if ok else 1
 
 

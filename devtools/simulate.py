@@ -295,7 +295,9 @@ def get_params(args=None):
         else:
             sources.append(interp.process(arg=arg))
     preset = phil_scope.fetch(sources=sources).extract().preset
-    preset_source = libtbx.phil.parse(PRESETS[preset], converter_registry=iotbx.phil.default_converter_registry)
+    preset_source = libtbx.phil.parse(
+        PRESETS[preset], converter_registry=iotbx.phil.default_converter_registry
+    )
     return phil_scope.fetch(sources=[preset_source] + sources).extract()
 
 
@@ -602,9 +604,7 @@ def simulate_sweep(params):
         miller_indices=obs_set.indices(),
     ).pairs()
     f2 = np.zeros(len(refl))
-    f2[np.array(pairs.column(1))] = np.array(
-        intensities.data().select(pairs.column(0))
-    )
+    f2[np.array(pairs.column(1))] = np.array(intensities.data().select(pairs.column(0)))
 
     # the rotation-integrated (recorded) intensity is |F|^2 / LP; DIALS
     # multiplies summed intensities by the same LP factor
@@ -668,9 +668,7 @@ def render_spots(shape, x, y, electrons, sigma):
     py = ndtr((iy + 1 - y[:, None]) * inv) - ndtr((iy - y[:, None]) * inv)
     px *= electrons[:, None]
     values = py[:, :, None] * px[:, None, :]  # (K, B, B)
-    valid = (
-        ((iy >= 0) & (iy < ns))[:, :, None] & ((ix >= 0) & (ix < nf))[:, None, :]
-    )
+    valid = ((iy >= 0) & (iy < ns))[:, :, None] & ((ix >= 0) & (ix < nf))[:, None, :]
     flat = iy[:, :, None] * nf + ix[:, None, :]
     image += np.bincount(flat[valid], weights=values[valid], minlength=ns * nf)
     return image.reshape(shape)
@@ -725,8 +723,13 @@ def models_imageset(result, directory):
     expt = result.experiments[0]
     template = image_paths(result.params, 0, directory)[0].replace("00001", "#####")
     return ImageSetFactory.make_sequence(
-        template, list(range(1, result.n_images + 1)), beam=expt.beam, detector=expt.detector,
-        goniometer=expt.goniometer, scan=expt.scan, check_format=False,
+        template,
+        list(range(1, result.n_images + 1)),
+        beam=expt.beam,
+        detector=expt.detector,
+        goniometer=expt.goniometer,
+        scan=expt.scan,
+        check_format=False,
     )
 
 
@@ -785,9 +788,19 @@ def write_image(result, index, directory=None):
     truth = render_truth(result, index)
     smv_path, cbf_path = image_paths(params, index, directory)
     expt = result.experiments[0]
-    write_smv(smv_path, truncate(truth), **smv_header_items(expt.beam, expt.detector, expt.scan, index))
+    write_smv(
+        smv_path,
+        truncate(truth),
+        **smv_header_items(expt.beam, expt.detector, expt.scan, index),
+    )
     if params.output.truth_images:
-        write_full_cbf(cbf_path, models_imageset(result, directory), index, [truth], [TRUTH_VALID_RANGE])
+        write_full_cbf(
+            cbf_path,
+            models_imageset(result, directory),
+            index,
+            [truth],
+            [TRUTH_VALID_RANGE],
+        )
     return index
 
 

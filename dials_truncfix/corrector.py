@@ -12,7 +12,11 @@ from dxtbx import flumpy
 
 from dials_truncfix import compat
 from dials_truncfix.core.assignment import LOWEST_VALUE
-from dials_truncfix.core.correction import ImageCorrection, correct_image, corrected_dtype
+from dials_truncfix.core.correction import (
+    ImageCorrection,
+    correct_image,
+    corrected_dtype,
+)
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry, shell_map_for
 
@@ -25,9 +29,13 @@ class ImageCorrector:
 
     def __init__(self, geometry: ShellGeometry, params: CorrectionParameters):
         self.params = params
-        self.shell_map = shell_map_for(geometry, params.n_shells, params.min_pixels_per_shell, params.n_sectors)
+        self.shell_map = shell_map_for(
+            geometry, params.n_shells, params.min_pixels_per_shell, params.n_sectors
+        )
 
-    def correct(self, raw_data, image_key: str, zeros_valid: bool = True) -> tuple[tuple, ImageCorrection]:
+    def correct(
+        self, raw_data, image_key: str, zeros_valid: bool = True
+    ) -> tuple[tuple, ImageCorrection]:
         """(corrected raw data as a tuple of flex arrays, ImageCorrection).
 
         Images that need no correction come back as the very same objects.
@@ -69,11 +77,15 @@ def _set_flat(panels, positions, value):
 def stock_zeros_valid(detector: Detector | None) -> bool:
     """Whether a stock detector model counts a zero pixel as valid (current
     dxtbx's ADSC trusted range starts at 1)."""
-    return detector is None or all(compat.valid_integer_range(p.get_trusted_range())[0] <= 0 for p in detector)
+    return detector is None or all(
+        compat.valid_integer_range(p.get_trusted_range())[0] <= 0 for p in detector
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def corrector_for(geometry: ShellGeometry, params: CorrectionParameters) -> ImageCorrector:
+def corrector_for(
+    geometry: ShellGeometry, params: CorrectionParameters
+) -> ImageCorrector:
     """The ImageCorrector of this geometry and these parameters, reused."""
     return ImageCorrector(geometry, params)
 

@@ -7,13 +7,23 @@ user (``truncfix.detector``) where a class cannot tell."""
 from __future__ import annotations
 
 #: name fragments of the dxtbx format classes of counting detectors
-COUNTING_FAMILIES = ("pilatus", "eiger", "timepix", "medipix", "merlin", "lambda", "tristan")
+COUNTING_FAMILIES = (
+    "pilatus",
+    "eiger",
+    "timepix",
+    "medipix",
+    "merlin",
+    "lambda",
+    "tristan",
+)
 
 
 def is_counting_detector(format_class: type) -> bool:
     """Whether a format class (or one of its bases) belongs to a counting family."""
     return any(
-        family in cls.__name__.lower() for cls in format_class.__mro__ for family in COUNTING_FAMILIES
+        family in cls.__name__.lower()
+        for cls in format_class.__mro__
+        for family in COUNTING_FAMILIES
     )
 
 
@@ -24,5 +34,7 @@ def correction_refused(format_class: type, detector_choice: str) -> str | None:
     if detector_choice == "counting":
         return "truncfix.detector=counting"
     if detector_choice == "auto" and is_counting_detector(format_class):
-        return f"{name} is a counting detector (truncfix.detector=integrating corrects it)"
+        return (
+            f"{name} is a counting detector (truncfix.detector=integrating corrects it)"
+        )
     return None

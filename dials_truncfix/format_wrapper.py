@@ -91,11 +91,25 @@ from dxtbx.format.FormatMultiImage import FormatMultiImage
 from dxtbx.imageset import ImageSequence
 from dxtbx.util import get_url_scheme
 
-from dials_truncfix.compat import imageset_serialiser_code, unmangled_path, valid_integer_range
+from dials_truncfix.compat import (
+    imageset_serialiser_code,
+    unmangled_path,
+    valid_integer_range,
+)
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS, say_once
-from dials_truncfix.corrector import corrector_for, image_identity, set_corrected_trusted_ranges, stock_zeros_valid
+from dials_truncfix.corrector import (
+    corrector_for,
+    image_identity,
+    set_corrected_trusted_ranges,
+    stock_zeros_valid,
+)
 from dials_truncfix.detectors import correction_refused
-from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry, shell_geometry, user_mask
+from dials_truncfix.geometry import (
+    MaskFileError,
+    experiment_shell_geometry,
+    shell_geometry,
+    user_mask,
+)
 from dials_truncfix.settings import (
     ENVIRONMENT_VARIABLE,
     FORMAT_KWARG,
@@ -114,6 +128,8 @@ SCHEME = "truncfix"
 SIGNED_DATA_BELOW = -1
 
 _resolving = threading.local()
+
+
 def is_truncfix_name(name):
     name = os.fspath(name)
     return get_url_scheme(name) == SCHEME or unmangled_path(name, SCHEME) is not None
@@ -146,7 +162,13 @@ def environment_settings() -> Settings | None:
 def _image_import_code():
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    return frozenset(f.__code__ for f in (ExperimentListFactory.from_filenames, ExperimentListFactory.from_templates))
+    return frozenset(
+        f.__code__
+        for f in (
+            ExperimentListFactory.from_filenames,
+            ExperimentListFactory.from_templates,
+        )
+    )
 
 
 def _running(codes) -> bool:
@@ -227,7 +249,9 @@ class _CorrectingReader:
     def _start(self, kwargs):
         record = kwargs.get(FORMAT_KWARG)
         if record is None:
-            raise TruncfixError(f"{self.paths()[0]}: correction on read needs recorded settings")
+            raise TruncfixError(
+                f"{self.paths()[0]}: correction on read needs recorded settings"
+            )
         self._settings = Settings.from_record(record)
         self._token = None  # of the record made at import (RecordAtImport), if any
         self._followed = None
@@ -242,7 +266,11 @@ class _CorrectingReader:
         return self._followed() if self._followed else None
 
     def _carry_over(self, copy):
-        copy._followed, copy._geometries, copy._token = self._followed, self._geometries, self._token
+        copy._followed, copy._geometries, copy._token = (
+            self._followed,
+            self._geometries,
+            self._token,
+        )
         return copy
 
     @staticmethod
@@ -259,21 +287,38 @@ class _CorrectingReader:
     def read(self, index):
         raw = super().read(index)
         path, in_file = self._image(index)
-        corrected, result = corrector_for(self._geometry(index), self._settings.parameters).correct(
-            raw if isinstance(raw, tuple) else (raw,), image_identity(path, in_file), self._stock_zeros_valid(index)
+        corrected, result = corrector_for(
+            self._geometry(index), self._settings.parameters
+        ).correct(
+            raw if isinstance(raw, tuple) else (raw,),
+            image_identity(path, in_file),
+            self._stock_zeros_valid(index),
         )
         if result.status not in (CORRECTED, NO_ZEROS):
-            say_once((path, "passed through"), logging.INFO, "%s: passed through uncorrected (%s)", path, result.status)
+            say_once(
+                (path, "passed through"),
+                logging.INFO,
+                "%s: passed through uncorrected (%s)",
+                path,
+                result.status,
+            )
         elif result.damaged:
-            say_once((path, "damaged"), logging.INFO, "%s: %s are all zero (a file cut short?): left as they were",
-                     path, result.damaged)
+            say_once(
+                (path, "damaged"),
+                logging.INFO,
+                "%s: %s are all zero (a file cut short?): left as they were",
+                path,
+                result.damaged,
+            )
         return corrected if isinstance(raw, tuple) else corrected[0]
 
     def _stock_zeros_valid(self, index):
         """Whether the stock class counts zero pixels as valid (zeros left
         alone as not truncation must stay as valid or masked as stock)."""
         if self._zeros_valid is None:
-            self._zeros_valid = stock_zeros_valid(self._format_instance(index).stock_detector())
+            self._zeros_valid = stock_zeros_valid(
+                self._format_instance(index).stock_detector()
+            )
         return self._zeros_valid
 
     def _geometry(self, index):
@@ -286,8 +331,14 @@ class _CorrectingReader:
 
     def geometry_now(self, imageset, index):
         """The shell geometry image ``index`` has in ``imageset`` now."""
-        position = 0 if isinstance(imageset, ImageSequence) else list(imageset.indices()).index(index)
-        return experiment_shell_geometry(imageset, position, self._format_instance(index), self._settings.mask)
+        position = (
+            0
+            if isinstance(imageset, ImageSequence)
+            else list(imageset.indices()).index(index)
+        )
+        return experiment_shell_geometry(
+            imageset, position, self._format_instance(index), self._settings.mask
+        )
 
     def _resolve(self, index):
         """The shell geometry of image ``index`` from the followed imageset,
@@ -301,7 +352,11 @@ class _CorrectingReader:
                 return geometry
             instance = self._format_instance(index)
             beam, detector = self._header_models(instance, index)
-            return shell_geometry(beam, detector, [instance.get_static_mask(), user_mask(self._settings.mask, detector)])
+            return shell_geometry(
+                beam,
+                detector,
+                [instance.get_static_mask(), user_mask(self._settings.mask, detector)],
+            )
         except MaskFileError as e:
             raise TruncfixError(str(e)) from None
 
@@ -314,7 +369,9 @@ class _CorrectingReader:
                 self._geometry(index)
         state = dict(self.__dict__)
         state["_followed"] = None
-        if self._token is not None:  # the record's geometry, for an experiment list written there
+        if (
+            self._token is not None
+        ):  # the record's geometry, for an experiment list written there
             state["_geometry_at_import"] = geometry_at_import(self._token)
         return state
 
@@ -333,7 +390,9 @@ class CorrectingReader(_CorrectingReader, single_image.Reader):
         self._start(kwargs)
 
     def copy(self, filenames):
-        return self._carry_over(CorrectingReader(self.format_class, filenames, **self._kwargs))
+        return self._carry_over(
+            CorrectingReader(self.format_class, filenames, **self._kwargs)
+        )
 
     def paths(self):
         return self._names(self._filenames)
@@ -351,12 +410,16 @@ class CorrectingReader(_CorrectingReader, single_image.Reader):
 
 class CorrectingMultiImageReader(_CorrectingReader, multi_image.Reader):
     def __init__(self, format_class, filenames, num_images=None, **kwargs):
-        super().__init__(format_class, [to_url(f) for f in filenames], num_images, **kwargs)
+        super().__init__(
+            format_class, [to_url(f) for f in filenames], num_images, **kwargs
+        )
         self._start(kwargs)
 
     def copy(self, filenames, num_images=None):
         return self._carry_over(
-            CorrectingMultiImageReader(self.format_class, filenames, num_images, **self.kwargs)
+            CorrectingMultiImageReader(
+                self.format_class, filenames, num_images, **self.kwargs
+            )
         )
 
     def paths(self):
@@ -417,9 +480,16 @@ def geometry_at_import(token):
     if imageset is None:
         return _fixed_at_import.get(token)
     try:
-        geometries = {g.digest: g for g in (reader.geometry_now(imageset, i) for i in imageset.indices())}
+        geometries = {
+            g.digest: g
+            for g in (reader.geometry_now(imageset, i) for i in imageset.indices())
+        }
     except Exception as e:  # noqa: BLE001 - never break dxtbx's unpickling
-        logger.warning("%s: the shell geometry could not be fixed at import (%s)", reader.paths()[0], e)
+        logger.warning(
+            "%s: the shell geometry could not be fixed at import (%s)",
+            reader.paths()[0],
+            e,
+        )
         return None
     return next(iter(geometries.values())).to_record() if len(geometries) == 1 else None
 
@@ -448,7 +518,8 @@ class _CorrectOnRead:
         the correction passes through: its mask stays stock)."""
         detector = super()._detector()
         if detector is not None and all(
-            valid_integer_range(panel.get_trusted_range())[0] >= SIGNED_DATA_BELOW for panel in detector
+            valid_integer_range(panel.get_trusted_range())[0] >= SIGNED_DATA_BELOW
+            for panel in detector
         ):
             set_corrected_trusted_ranges(detector)
         return detector
@@ -459,20 +530,30 @@ class _CorrectOnRead:
 
     @classmethod
     def get_reader(cls):
-        reader = CorrectingMultiImageReader if issubclass(cls, FormatMultiImage) else CorrectingReader
+        reader = (
+            CorrectingMultiImageReader
+            if issubclass(cls, FormatMultiImage)
+            else CorrectingReader
+        )
         return functools.partial(reader, cls)
 
     @classmethod
-    def get_imageset(cls, input_filenames, *args, format_kwargs=None, template=None, **kwargs):
+    def get_imageset(
+        cls, input_filenames, *args, format_kwargs=None, template=None, **kwargs
+    ):
         format_kwargs = dict(format_kwargs or {})
         if isinstance(input_filenames, (str, bytes, os.PathLike)):
             input_filenames = [input_filenames]
         filenames = [to_url(f) for f in input_filenames]
         token = None
-        if FORMAT_KWARG not in format_kwargs:  # images imported now: settings from the environment
+        if (
+            FORMAT_KWARG not in format_kwargs
+        ):  # images imported now: settings from the environment
             settings = environment_settings()
             if settings is None:
-                raise TruncfixError(f"{to_path(filenames[0])}: correction on read needs recorded settings")
+                raise TruncfixError(
+                    f"{to_path(filenames[0])}: correction on read needs recorded settings"
+                )
             _check_user_mask(settings, filenames[0])
             token = uuid.uuid4().hex
             format_kwargs[FORMAT_KWARG] = RecordAtImport(settings.to_record(), token)
@@ -506,7 +587,11 @@ def wrapped_class(stock_name):
 
     stock = get_format_class_for(stock_name)
     name = f"Truncfix_{stock_name}"
-    namespace = {"__module__": __name__, "__qualname__": name, "_truncfix_wrapped": stock}
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "_truncfix_wrapped": stock,
+    }
     return type(name, (_CorrectOnRead, stock), namespace)
 
 
@@ -575,7 +660,9 @@ def _claim(name, multi):
     else:
         if not variable_set() or not images_becoming_imagesets():
             return None
-        stock = _stock_choice(name)  # None for files that are not images (an .expt DIALS tries first)
+        stock = _stock_choice(
+            name
+        )  # None for files that are not images (an .expt DIALS tries first)
         if stock is None or stock.is_abstract():
             return None
         why = uncorrected_because(stock, environment_settings())
@@ -586,7 +673,9 @@ def _claim(name, multi):
 
 def _description(names, template):
     if template is not None:
-        return f"{template} ({len(names)} images)" if len(names) > 1 else to_path(names[0])
+        return (
+            f"{template} ({len(names)} images)" if len(names) > 1 else to_path(names[0])
+        )
     return to_path(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
@@ -604,7 +693,9 @@ class _Dispatcher:
     def __new__(cls, image_file, **kwargs):
         claim = _claim(image_file, cls._multi)
         if claim is None:
-            raise TruncfixError(f"{image_file}: not a file the truncation correction can read")
+            raise TruncfixError(
+                f"{image_file}: not a file the truncation correction can read"
+            )
         stock, why = claim
         if why:
             return stock(image_file, **kwargs)
@@ -612,10 +703,16 @@ class _Dispatcher:
 
     @classmethod
     def get_imageset(cls, input_filenames, *args, **kwargs):
-        names = [input_filenames] if isinstance(input_filenames, (str, bytes, os.PathLike)) else list(input_filenames)
+        names = (
+            [input_filenames]
+            if isinstance(input_filenames, (str, bytes, os.PathLike))
+            else list(input_filenames)
+        )
         claims = {_claim(name, cls._multi) for name in names}
         if None in claims:
-            raise TruncfixError(f"{names[0]}: not a file the truncation correction can read")
+            raise TruncfixError(
+                f"{names[0]}: not a file the truncation correction can read"
+            )
         if len(claims) > 1:
             classes = ", ".join(sorted({stock.__name__ for stock, _ in claims}))
             raise TruncfixError(
@@ -625,10 +722,15 @@ class _Dispatcher:
         stock, why = claims.pop()
         if why:
             logger.warning(
-                "%s: %s read uncorrected: %s", ENVIRONMENT_VARIABLE, _description(names, kwargs.get("template")), why
+                "%s: %s read uncorrected: %s",
+                ENVIRONMENT_VARIABLE,
+                _description(names, kwargs.get("template")),
+                why,
             )
             return stock.get_imageset(input_filenames, *args, **kwargs)
-        return wrapped_class(stock.__name__).get_imageset(input_filenames, *args, **kwargs)
+        return wrapped_class(stock.__name__).get_imageset(
+            input_filenames, *args, **kwargs
+        )
 
 
 class FormatATruncfix(_Dispatcher, Format):

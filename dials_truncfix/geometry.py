@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from dxtbx.model import Beam, Detector
 
 
-
 class MaskFileError(ValueError):
     """A mask file that cannot be used."""
 
@@ -83,12 +82,16 @@ class ShellGeometry:
         return cls(
             s0=tuple(record["s0"]),
             detector=record["detector"],
-            valid=None if valid is None else tuple(_unpack(v, s) for v, s in zip(valid, shapes)),
+            valid=None
+            if valid is None
+            else tuple(_unpack(v, s) for v, s in zip(valid, shapes)),
         )
 
 
 def _pack(mask):
-    return base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode("ascii")
+    return base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode(
+        "ascii"
+    )
 
 
 def _unpack(text, shape):
@@ -107,8 +110,9 @@ def shell_geometry(beam: Beam, detector: Detector, masks=()) -> ShellGeometry:
     )
 
 
-def experiment_shell_geometry(imageset: ImageSet, position: int, format_instance: Format,
-                              mask_path: str | None) -> ShellGeometry:
+def experiment_shell_geometry(
+    imageset: ImageSet, position: int, format_instance: Format, mask_path: str | None
+) -> ShellGeometry:
     """The ShellGeometry of the image at ``position`` of an imageset: the one
     rule both routes (the correction on read and dials.correct_truncation)
     follow, so that they give the same pixels.  Its beam and detector models
@@ -120,7 +124,9 @@ def experiment_shell_geometry(imageset: ImageSet, position: int, format_instance
     external = imageset.external_lookup.mask.data
     masks = [
         format_instance.get_static_mask(),
-        None if external.empty() else [external.tile(i).data() for i in range(len(external))],
+        None
+        if external.empty()
+        else [external.tile(i).data() for i in range(len(external))],
         [panel.get_untrusted_rectangle_mask() for panel in detector],
         user_mask(mask_path, detector),
     ]
@@ -157,11 +163,16 @@ def azimuth_per_panel(detector: Detector, s0) -> list:
     """The azimuth (radians) of every pixel centre about the beam, one
     (slow, fast) array per panel (for regions of annulus x sector)."""
     beam = np.array(s0) / np.linalg.norm(s0)
-    helper = np.array([0.0, 1.0, 0.0]) if abs(beam[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    helper = (
+        np.array([0.0, 1.0, 0.0]) if abs(beam[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    )
     e1 = np.cross(helper, beam)
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(beam, e1)
-    return [np.arctan2(_pixel_centres(panel) @ e2, _pixel_centres(panel) @ e1) for panel in detector]
+    return [
+        np.arctan2(_pixel_centres(panel) @ e2, _pixel_centres(panel) @ e1)
+        for panel in detector
+    ]
 
 
 def mask_to_numpy(mask, detector):
@@ -169,8 +180,15 @@ def mask_to_numpy(mask, detector):
     shapes = [p.get_image_size()[::-1] for p in detector]
     if mask is None:
         return [np.ones(s, dtype=bool) for s in shapes]
-    arrays = [np.asarray(m.as_numpy_array() if hasattr(m, "as_numpy_array") else m, dtype=bool) for m in mask]
-    if len(arrays) != len(shapes) or any(a.shape != tuple(s) for a, s in zip(arrays, shapes)):
+    arrays = [
+        np.asarray(
+            m.as_numpy_array() if hasattr(m, "as_numpy_array") else m, dtype=bool
+        )
+        for m in mask
+    ]
+    if len(arrays) != len(shapes) or any(
+        a.shape != tuple(s) for a, s in zip(arrays, shapes)
+    ):
         raise MaskFileError("the mask does not match the detector's panels")
     return arrays
 
@@ -193,7 +211,9 @@ def load_mask_file(path: str, detector: Detector) -> list:
         with open(path, "rb") as fh:
             mask = pickle.load(fh)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a mask"
-        raise MaskFileError(f"{path}: not a DIALS mask file ({type(e).__name__})") from None
+        raise MaskFileError(
+            f"{path}: not a DIALS mask file ({type(e).__name__})"
+        ) from None
     if not isinstance(mask, (tuple, list)):
         mask = (mask,)
     try:
@@ -209,11 +229,21 @@ def user_mask(path: str | None, detector: Detector) -> list | None:
 
 
 @functools.lru_cache(maxsize=8)
-def shell_map_for(geometry: ShellGeometry, n_shells: int, min_pixels_per_shell: int, n_sectors: int = 1) -> ShellMap:
+def shell_map_for(
+    geometry: ShellGeometry,
+    n_shells: int,
+    min_pixels_per_shell: int,
+    n_sectors: int = 1,
+) -> ShellMap:
     """The shell map of this geometry and mask, computed once and reused."""
     detector = geometry.detector_model()
     valid = geometry.valid or mask_to_numpy(None, detector)
     azimuth = azimuth_per_panel(detector, geometry.s0) if n_sectors > 1 else None
     return build_shell_map(
-        inv_d2_per_panel(detector, geometry.s0), valid, n_shells, min_pixels_per_shell, azimuth, n_sectors
+        inv_d2_per_panel(detector, geometry.s0),
+        valid,
+        n_shells,
+        min_pixels_per_shell,
+        azimuth,
+        n_sectors,
     )

@@ -1,6 +1,6 @@
 """The correction's PHIL scope, importable by other programs:
 
-    include scope dials_truncfix.phil.correction_phil_scope
+include scope dials_truncfix.phil.correction_phil_scope
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def correction_parameters(truncfix):
         n_shells=truncfix.n_shells,
         likelihood=truncfix.likelihood,
         histogram_max=truncfix.histogram.max,
-        histogram_quantile=None if truncfix.histogram.quantile in (None, Auto) else truncfix.histogram.quantile,
+        histogram_quantile=None
+        if truncfix.histogram.quantile in (None, Auto)
+        else truncfix.histogram.quantile,
         min_pixels_per_shell=truncfix.min_pixels_per_shell,
         seed=truncfix.seed,
         fit_all_shells=truncfix.fit_all_shells,

@@ -34,7 +34,11 @@ from dials_truncfix.core import ALGORITHM
 from dials_truncfix.core.correction import RecentKeys
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.geometry import ShellGeometry
-from dials_truncfix.phil import correction_parameters, correction_phil_scope, read_phil_file
+from dials_truncfix.phil import (
+    correction_parameters,
+    correction_phil_scope,
+    read_phil_file,
+)
 
 ENVIRONMENT_VARIABLE = "DIALS_TRUNCFIX"
 #: the key of the record in an imageset's format parameters
@@ -116,7 +120,8 @@ def _note_algorithm(record):
             "This experiment list was made with truncation-correction algorithm %s; its images are now corrected"
             " with algorithm %s, so corrected pixels may differ from what earlier processing steps saw:"
             " re-import the images (dials.import) for consistent results",
-            algorithm, ALGORITHM,
+            algorithm,
+            ALGORITHM,
         )
 
 

@@ -18,5 +18,7 @@ def pytest_sessionstart(session):
             wrong.append(f"{name}: {path or 'not on PATH'} (runs {interpreter})")
     if wrong:
         pytest.exit(
-            f"DIALS programs that do not run {sys.executable}:\n  " + "\n  ".join(wrong), returncode=3
+            f"DIALS programs that do not run {sys.executable}:\n  "
+            + "\n  ".join(wrong),
+            returncode=3,
         )

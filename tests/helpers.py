@@ -22,9 +22,17 @@ def environment(**extra):
 
 def run(args, cwd, ok=True, **extra_env):
     """Run a program; with ``ok`` it must succeed."""
-    result = subprocess.run(list(map(str, args)), cwd=cwd, env=environment(**extra_env), capture_output=True, text=True)
+    result = subprocess.run(
+        list(map(str, args)),
+        cwd=cwd,
+        env=environment(**extra_env),
+        capture_output=True,
+        text=True,
+    )
     if ok:
-        assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -66,7 +74,9 @@ def spot_count(result):
     for line in result.stdout.splitlines():
         if line.startswith("Saved") and "reflections" in line:
             return int(line.split()[1])
-    raise AssertionError("dials.find_spots saved no reflections:\n" + result.stdout[-2000:])
+    raise AssertionError(
+        "dials.find_spots saved no reflections:\n" + result.stdout[-2000:]
+    )
 
 
 def record_of(expt):
@@ -76,7 +86,12 @@ def record_of(expt):
 
 
 #: real images from public DIALS test data, beside the clone (see its README)
-REALDATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "realdata")
+REALDATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "realdata",
+)
 
 
 def realdata(name):
@@ -85,5 +100,7 @@ def realdata(name):
 
     path = os.path.normpath(os.path.join(REALDATA, name))
     if not os.path.exists(path):
-        pytest.skip(f"real images not found: {path} (the public DIALS test data beside the clone)")
+        pytest.skip(
+            f"real images not found: {path} (the public DIALS test data beside the clone)"
+        )
     return path

@@ -12,13 +12,23 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from devtools.synthetic import (
+    draw_true_values,
+    falling_parameters,
+    radial_inv_d2,
+    truncate,
+)
 from dials_truncfix.core import correction, shells
 from dials_truncfix.core.assignment import TABLE_SIZE, slot_ends, value_distribution
 from dials_truncfix.core.correction import correct_image
-from dials_truncfix.core.lognormal import Distribution, fit_lognormal, parameter_covariance, standard_errors
+from dials_truncfix.core.lognormal import (
+    Distribution,
+    fit_lognormal,
+    parameter_covariance,
+    standard_errors,
+)
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import INVALID, ShellError, build_shell_map
-from devtools.synthetic import draw_true_values, falling_parameters, radial_inv_d2, truncate
 
 N_SHELLS = 6
 
@@ -48,14 +58,25 @@ def scene():
     true_values = draw_true_values(shell_map.labels.reshape(shape), truth, rng)
     image = truncate(true_values)
     image[~valid] = 0  # masked pixels hold junk zeros that must stay
-    return dict(shape=shape, shell_map=shell_map, truth=truth, true=true_values, image=image, valid=valid)
+    return {
+        "shape": shape,
+        "shell_map": shell_map,
+        "truth": truth,
+        "true": true_values,
+        "image": image,
+        "valid": valid,
+    }
 
 
 def _sampled_histogram(image, shell_map, region, imax):
     """(H(0..imax), pixels above) of the region's pixels the fit saw: the
     map's fixed subsample of every s-th pixel."""
     stride = shell_map.histogram_sample()[0]
-    observed = np.asarray(image).ravel()[::stride][shell_map.labels[::stride] == region].astype(int)
+    observed = (
+        np.asarray(image)
+        .ravel()[::stride][shell_map.labels[::stride] == region]
+        .astype(int)
+    )
     hist = np.bincount(np.minimum(observed, imax + 1), minlength=imax + 2)
     return hist[:-1], hist[-1]
 
@@ -84,7 +105,9 @@ def test_exact_fit_recovers_truth_within_standard_errors(theta, mu, sigma):
     z = (_parameters(fit) - _lognormal(theta, mu, sigma)) / se
     assert np.all(np.abs(z) < 4.5), (z, se)
     # the paper's parameters, as the fit reports them
-    assert np.allclose([fit.theta, fit.mu, fit.sigma], [theta, mu, sigma], rtol=0.2, atol=0.2)
+    assert np.allclose(
+        [fit.theta, fit.mu, fit.sigma], [theta, mu, sigma], rtol=0.2, atol=0.2
+    )
     # and the fitted histogram matches the observed one to within counting noise
     expected = fit.distribution.bin_probabilities(len(hist) - 1)[:-1] * 200_000
     assert fit.rmsd < 3 * np.sqrt(expected.max())
@@ -105,8 +128,18 @@ def test_paper_versus_exact_bias_on_the_same_data():
             assert fit.converged
             estimates[likelihood].append(_parameters(fit))
     se = standard_errors(hist, n_above, fit_lognormal(hist, n_above, "exact"))
-    bias = {k: np.mean(v, axis=0) - _lognormal(theta, mu, sigma) for k, v in estimates.items()}
-    print("bias (location, scale, shape): exact", bias["exact"], "paper", bias["paper"], "se of one fit", se)
+    bias = {
+        k: np.mean(v, axis=0) - _lognormal(theta, mu, sigma)
+        for k, v in estimates.items()
+    }
+    print(
+        "bias (location, scale, shape): exact",
+        bias["exact"],
+        "paper",
+        bias["paper"],
+        "se of one fit",
+        se,
+    )
     # the mean of 8 fits has standard error se / sqrt(8)
     assert np.all(np.abs(bias["exact"]) < 4 * se / np.sqrt(8))
     assert np.all(np.abs(bias["paper"][1:]) > 10 * se[1:] / np.sqrt(8))
@@ -116,7 +149,10 @@ def test_paper_versus_exact_bias_on_the_same_data():
 def test_shells_have_equal_counts_and_increasing_resolution(scene):
     shell_map = scene["shell_map"]
     assert shell_map.n_shells == N_SHELLS
-    assert shell_map.n_valid.max() - shell_map.n_valid.min() <= 0.01 * shell_map.n_valid.mean()
+    assert (
+        shell_map.n_valid.max() - shell_map.n_valid.min()
+        <= 0.01 * shell_map.n_valid.mean()
+    )
     assert np.all(shell_map.d_min[:-1] >= shell_map.d_max[1:])
     assert np.all(shell_map.labels.reshape(scene["shape"])[~scene["valid"]] == INVALID)
 
@@ -130,8 +166,15 @@ def test_shell_parameters_recovered_on_an_image(scene):
         fit = shell.fit
         assert fit.converged
         # standard errors from the very histogram the fit used
-        se = standard_errors(*_sampled_histogram(scene["image"], scene["shell_map"], shell.shell, shell.imax), fit)
-        true = _lognormal(truth.theta[shell.shell], truth.mu[shell.shell], truth.sigma[shell.shell])
+        se = standard_errors(
+            *_sampled_histogram(
+                scene["image"], scene["shell_map"], shell.shell, shell.imax
+            ),
+            fit,
+        )
+        true = _lognormal(
+            truth.theta[shell.shell], truth.mu[shell.shell], truth.sigma[shell.shell]
+        )
         z = (_parameters(fit) - true) / se
         assert np.all(np.abs(z) < 4.5), (shell.shell, z)
 
@@ -163,9 +206,14 @@ def test_assigned_values_are_draws_from_the_fitted_distribution(scene):
         former_zero = (labels == shell.shell) & (image == 0)
         assert former_zero.sum() == shell.n_zero
         given = out[former_zero]
-        assert shell.n_changed == np.count_nonzero(given) and shell.min_value == given.min()
+        assert (
+            shell.n_changed == np.count_nonzero(given)
+            and shell.min_value == given.min()
+        )
         fit = shell.fit
-        values, p, _ = value_distribution("distribution", shell.n_zero, fit.distribution)
+        values, p, _ = value_distribution(
+            "distribution", shell.n_zero, fit.distribution
+        )
         p = np.diff(slot_ends(p), prepend=0) / TABLE_SIZE
         assert np.all(np.isin(given, values[p > 0]))
         observed = np.array([(given == v).sum() for v in values])
@@ -190,14 +238,21 @@ def test_lookup_draws_are_uniform_over_the_slots_and_positions():
 
     probabilities = np.array([0.1, 0.25, 0.3, 0.2, 0.1, 0.045, 0.005])
     ends = slot_ends(probabilities)
-    assert ends[-1] == TABLE_SIZE and np.all(np.abs(ends / TABLE_SIZE - np.cumsum(probabilities)) <= 0.5 / TABLE_SIZE)
+    assert ends[-1] == TABLE_SIZE and np.all(
+        np.abs(ends / TABLE_SIZE - np.cumsum(probabilities)) <= 0.5 / TABLE_SIZE
+    )
     slots = uniform_slots(image_rng(0, "draws"), 300_001)
     assert slots.dtype == np.uint16 and len(slots) == 300_001
     value = np.searchsorted(ends, slots, side="right")
     counts = np.bincount(value, minlength=len(probabilities))
     _, p = stats.chisquare(counts, len(slots) * np.diff(ends, prepend=0) / TABLE_SIZE)
     assert p > 0.001
-    table = np.array([np.bincount(block, minlength=len(probabilities)) for block in np.array_split(value, 20)])
+    table = np.array(
+        [
+            np.bincount(block, minlength=len(probabilities))
+            for block in np.array_split(value, 20)
+        ]
+    )
     _, p, _, _ = stats.chi2_contingency(table)
     assert p > 0.001
     assert np.array_equal(slots, uniform_slots(image_rng(0, "draws"), 300_001))
@@ -236,16 +291,29 @@ def test_assigned_values_follow_the_true_truncated_values(scene):
         true = np.rint(scene["true"][former_zero]).astype(int)
         n = int(former_zero.sum())
         fit = shell.fit
-        sigma_fit = parameter_covariance(*_sampled_histogram(scene["image"], scene["shell_map"], shell.shell, shell.imax), fit)
+        sigma_fit = parameter_covariance(
+            *_sampled_histogram(
+                scene["image"], scene["shell_map"], shell.shell, shell.imax
+            ),
+            fit,
+        )
         if shell.zero_fraction > 0.7:
-            print(f"shell {shell.shell}: {shell.zero_fraction:.0%} truncated, not tested")
+            print(
+                f"shell {shell.shell}: {shell.zero_fraction:.0%} truncated, not tested"
+            )
             continue
         n_pixels += n
         n_shells_tested += 1
-        t = _lognormal(truth.theta[shell.shell], truth.mu[shell.shell], truth.sigma[shell.shell])
+        t = _lognormal(
+            truth.theta[shell.shell], truth.mu[shell.shell], truth.sigma[shell.shell]
+        )
         # bins v = 0, -1, ... while the expected true count is >= 20; the last takes the tail
         v_lo = 0
-        while n * _conditional_bin_probabilities(np.array([v_lo - 0.5, v_lo - 1.5]), *t)[0] >= 20:
+        while (
+            n
+            * _conditional_bin_probabilities(np.array([v_lo - 0.5, v_lo - 1.5]), *t)[0]
+            >= 20
+        ):
             v_lo -= 1
         edges = np.concatenate((np.arange(0.5, v_lo - 0.5, -1.0), [-np.inf]))
         p_true = _conditional_bin_probabilities(edges, *t)
@@ -256,16 +324,26 @@ def test_assigned_values_follow_the_true_truncated_values(scene):
             step = np.zeros(3)
             step[k] = 1e-5
             p = _parameters(fit)
-            jac[:, k] = n * (
-                _conditional_bin_probabilities(edges, *(p + step)) - _conditional_bin_probabilities(edges, *(p - step))
-            ) / 2e-5
-        cov = 2 * n * (np.diag(p_true) - np.outer(p_true, p_true)) + jac @ sigma_fit @ jac.T
+            jac[:, k] = (
+                n
+                * (
+                    _conditional_bin_probabilities(edges, *(p + step))
+                    - _conditional_bin_probabilities(edges, *(p - step))
+                )
+                / 2e-5
+            )
+        cov = (
+            2 * n * (np.diag(p_true) - np.outer(p_true, p_true))
+            + jac @ sigma_fit @ jac.T
+        )
         # the counts sum to n on both sides: drop one bin
         chi2 = float(d[:-1] @ np.linalg.solve(cov[:-1, :-1], d[:-1]))
         chi2_total += chi2
         dof_total += len(d) - 1
     p_value = stats.chi2.sf(chi2_total, dof_total)
-    print(f"{n_pixels} pixels, {dof_total} d.o.f., chi2 {chi2_total:.1f}, p {p_value:.3f}")
+    print(
+        f"{n_pixels} pixels, {dof_total} d.o.f., chi2 {chi2_total:.1f}, p {p_value:.3f}"
+    )
     assert n_pixels >= 100_000 and n_shells_tested >= N_SHELLS - 2
     assert p_value > 0.001
 
@@ -277,11 +355,15 @@ def test_same_result_in_another_process_and_any_order(scene, tmp_path, mode):
     gives the same bytes; another seed gives other draws from the same fits."""
     params = CorrectionParameters(n_shells=N_SHELLS, seed=42, assignment=mode)
     first = correct_image([scene["image"]], scene["shell_map"], params, "img_0001")
-    other = correct_image([scene["image"][::-1].copy()], scene["shell_map"], params, "img_0002")
+    other = correct_image(
+        [scene["image"][::-1].copy()], scene["shell_map"], params, "img_0002"
+    )
     again = correct_image([scene["image"]], scene["shell_map"], params, "img_0001")
     assert np.array_equal(first.data[0], again.data[0])
     np.save(tmp_path / "image.npy", scene["image"])
-    np.save(tmp_path / "inv_d2.npy", radial_inv_d2(scene["shape"], centre=(530.0, 490.0)))
+    np.save(
+        tmp_path / "inv_d2.npy", radial_inv_d2(scene["shape"], centre=(530.0, 490.0))
+    )
     np.save(tmp_path / "valid.npy", scene["valid"])
     code = f"""
 import hashlib, numpy as np
@@ -296,10 +378,19 @@ second = correct_image([image[::-1].copy()], sm, params, 'img_0002')
 first = correct_image([image], sm, params, 'img_0001')
 print(hashlib.sha256(first.data[0].tobytes()).hexdigest(), hashlib.sha256(second.data[0].tobytes()).hexdigest())
 """
-    digests = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
-    assert digests == [hashlib.sha256(r.data[0].tobytes()).hexdigest() for r in (first, other)]
+    digests = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert digests == [
+        hashlib.sha256(r.data[0].tobytes()).hexdigest() for r in (first, other)
+    ]
     # another seed: other draws, the same positive pixels and the same fits
-    moved = correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, seed=43, assignment=mode), "img_0001")
+    moved = correct_image(
+        [scene["image"]],
+        scene["shell_map"],
+        CorrectionParameters(n_shells=N_SHELLS, seed=43, assignment=mode),
+        "img_0001",
+    )
     assert not np.array_equal(moved.data[0], first.data[0])
     positive = scene["image"] > 0
     assert np.array_equal(moved.data[0][positive], first.data[0][positive])
@@ -316,7 +407,10 @@ def test_damaged_rows_and_columns_are_left_alone(scene):
     image[900:] = 0
     image[:, 17] = 0
     result = correct_image([image], scene["shell_map"], params, "cut")
-    assert result.status == correction.CORRECTED and result.damaged == "rows 900-1023 and columns 17"
+    assert (
+        result.status == correction.CORRECTED
+        and result.damaged == "rows 900-1023 and columns 17"
+    )
     out = result.data[0]
     assert (out[900:] == 0).all() and (out[:, 17] == 0).all()
     assert (out[:900] < 0).sum() > 100000
@@ -325,7 +419,9 @@ def test_damaged_rows_and_columns_are_left_alone(scene):
     labels = scene["shell_map"].labels
     expected = np.bincount(labels[(labels >= 0) & ~lost.ravel()], minlength=N_SHELLS)
     assert [s.n_valid for s in result.shells] == expected.tolist()
-    blank = correct_image([np.zeros(scene["shape"], np.uint16)], scene["shell_map"], params, "blank")
+    blank = correct_image(
+        [np.zeros(scene["shape"], np.uint16)], scene["shell_map"], params, "blank"
+    )
     assert blank.status == correction.BLANK and blank.n_changed == 0
     intact = correct_image([scene["image"]], scene["shell_map"], params, "intact")
     assert intact.damaged == ""
@@ -341,24 +437,39 @@ def _rounded_conditional_mean(d):
 
 @pytest.mark.parametrize(
     "n_zero, distribution",
-    [(1, Distribution.from_lognormal(-3.0, 1.0, 0.8)), (7, Distribution.from_lognormal(-0.2, 0.5, 1.0)),
-     (10_000, Distribution.from_lognormal(-20.0, 3.2, 0.35)), (123_457, Distribution.from_lognormal(-8.0, 1.8, 0.55)),
-     (500, Distribution.from_lognormal(0.4, -3.0, 0.3)), (10_000, Distribution(-1.5, 1.65, 0.0)),
-     (50_000, Distribution(2.5, 1.6, 0.0))],
+    [
+        (1, Distribution.from_lognormal(-3.0, 1.0, 0.8)),
+        (7, Distribution.from_lognormal(-0.2, 0.5, 1.0)),
+        (10_000, Distribution.from_lognormal(-20.0, 3.2, 0.35)),
+        (123_457, Distribution.from_lognormal(-8.0, 1.8, 0.55)),
+        (500, Distribution.from_lognormal(0.4, -3.0, 0.3)),
+        (10_000, Distribution(-1.5, 1.65, 0.0)),
+        (50_000, Distribution(2.5, 1.6, 0.0)),
+    ],
 )
 def test_expectation_draws_two_neighbouring_values_with_mean_m(n_zero, distribution):
-    values, probabilities, mean = value_distribution("expectation", n_zero, distribution)
+    values, probabilities, mean = value_distribution(
+        "expectation", n_zero, distribution
+    )
     # m is the conditional mean of the rounded values below 0.5 (the tail
     # the assignment lumps together holds < 0.01 expected pixels)
-    assert mean == pytest.approx(_rounded_conditional_mean(distribution), abs=0.05 / n_zero + 1e-9)
-    assert values.tolist() == [math.floor(mean) + 1, math.floor(mean)] and np.all(values[1:] <= 0)
-    assert np.all(probabilities >= 0) and probabilities.sum() == pytest.approx(1, abs=1e-15)
+    assert mean == pytest.approx(
+        _rounded_conditional_mean(distribution), abs=0.05 / n_zero + 1e-9
+    )
+    assert values.tolist() == [math.floor(mean) + 1, math.floor(mean)] and np.all(
+        values[1:] <= 0
+    )
+    assert np.all(probabilities >= 0) and probabilities.sum() == pytest.approx(
+        1, abs=1e-15
+    )
     assert np.dot(values, probabilities) == pytest.approx(mean, abs=1e-12)
     # in steps of 1/65536 the expectation moves by at most half a step
     steps = np.diff(slot_ends(probabilities), prepend=0) / TABLE_SIZE
     assert abs(np.dot(values, steps) - mean) <= 0.5 / TABLE_SIZE
     # the same m as the distribution mode's values, and the same probabilities
-    d_values, d_probabilities, d_mean = value_distribution("distribution", n_zero, distribution)
+    d_values, d_probabilities, d_mean = value_distribution(
+        "distribution", n_zero, distribution
+    )
     assert d_mean == mean and d_probabilities.sum() == pytest.approx(1)
 
 
@@ -366,14 +477,22 @@ def _within_binomial_noise(given, mean, n_sd=4.5):
     """|sum - n m| within n_sd standard deviations of independent draws of
     floor(m) + 1 with probability f = m - floor(m), plus the slot rounding."""
     n, f = given.size, mean - math.floor(mean)
-    return abs(given.sum() - n * mean) <= n_sd * math.sqrt(n * f * (1 - f)) + n * 0.5 / TABLE_SIZE + 1e-9
+    return (
+        abs(given.sum() - n * mean)
+        <= n_sd * math.sqrt(n * f * (1 - f)) + n * 0.5 / TABLE_SIZE + 1e-9
+    )
 
 
 @pytest.fixture(scope="module")
 def by_mode(scene):
     """The scene corrected in both assignment modes."""
     return {
-        mode: correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, assignment=mode), "scene")
+        mode: correct_image(
+            [scene["image"]],
+            scene["shell_map"],
+            CorrectionParameters(n_shells=N_SHELLS, assignment=mode),
+            "scene",
+        )
         for mode in ("distribution", "expectation")
     }
 
@@ -388,12 +507,23 @@ def test_expectation_mode_on_an_image(scene, by_mode):
     assert np.array_equal(out[~scene["valid"]], image[~scene["valid"]])
     for shell in result.shells:
         given = out[(labels == shell.shell) & (image == 0)].astype(np.int64)
-        assert shell.assignment == "expectation" and shell.as_dict()["conditional_mean"] == shell.conditional_mean
-        assert shell.conditional_mean == by_mode["distribution"].shells[shell.shell].conditional_mean
+        assert (
+            shell.assignment == "expectation"
+            and shell.as_dict()["conditional_mean"] == shell.conditional_mean
+        )
+        assert (
+            shell.conditional_mean
+            == by_mode["distribution"].shells[shell.shell].conditional_mean
+        )
         assert np.all(given <= 0) and np.ptp(given) == 1
-        assert set(np.unique(given)) <= {math.floor(shell.conditional_mean), math.floor(shell.conditional_mean) + 1}
+        assert set(np.unique(given)) <= {
+            math.floor(shell.conditional_mean),
+            math.floor(shell.conditional_mean) + 1,
+        }
         assert _within_binomial_noise(given, shell.conditional_mean)
-        assert shell.min_value == given.min() and shell.n_changed == np.count_nonzero(given)
+        assert shell.min_value == given.min() and shell.n_changed == np.count_nonzero(
+            given
+        )
 
 
 def test_expectation_mode_is_deterministic_and_keyed(scene, by_mode):
@@ -407,7 +537,9 @@ def test_expectation_mode_is_deterministic_and_keyed(scene, by_mode):
     assert np.array_equal(other.data[0][~zero], first[~zero])
 
 
-def test_given_values_match_the_true_values_on_average_and_expectation_has_less_error(scene, by_mode):
+def test_given_values_match_the_true_values_on_average_and_expectation_has_less_error(
+    scene, by_mode
+):
     """Per shell, the mean of the values given to the zero pixels against the
     mean of their true (rounded) values: their difference has the variance
     of the true values' mean (s^2 / n), plus that of the given values' mean
@@ -424,7 +556,9 @@ def test_given_values_match_the_true_values_on_average_and_expectation_has_less_
         true = np.rint(scene["true"][zero])
         n = true.size
         fit = shell.fit
-        covariance = parameter_covariance(*_sampled_histogram(image, scene["shell_map"], shell.shell, shell.imax), fit)
+        covariance = parameter_covariance(
+            *_sampled_histogram(image, scene["shell_map"], shell.shell, shell.imax), fit
+        )
         p = _parameters(fit)
         gradient = np.empty(3)
         for k in range(3):
@@ -436,9 +570,13 @@ def test_given_values_match_the_true_values_on_average_and_expectation_has_less_
         mse = {}
         for mode, result in by_mode.items():
             given = result.data[0][zero].astype(float)
-            sd = np.sqrt(true.var() / n + given.var() / n + gradient @ covariance @ gradient)
+            sd = np.sqrt(
+                true.var() / n + given.var() / n + gradient @ covariance @ gradient
+            )
             z = (given.mean() - true.mean()) / sd
-            print(f"shell {shell.shell} {mode}: mean given {given.mean():.3f} true {true.mean():.3f} z {z:.2f}")
+            print(
+                f"shell {shell.shell} {mode}: mean given {given.mean():.3f} true {true.mean():.3f} z {z:.2f}"
+            )
             assert abs(z) < 4, (shell.shell, mode, z)
             mse[mode] = np.mean((given - true) ** 2)
         print(f"shell {shell.shell}: mse {mse}, true variance {true.var():.2f}")
@@ -464,7 +602,14 @@ def test_sectors_of_equal_angle_have_equal_area(n_sectors):
     inv_d2, azimuth = _centred_detector(size)
     slow, fast = np.mgrid[0:size, 0:size] + 0.5 - size / 2
     valid = np.hypot(slow, fast) < 190
-    shell_map = build_shell_map([inv_d2], [valid], 5, min_pixels_per_shell=100, azimuth=[azimuth], n_sectors=n_sectors)
+    shell_map = build_shell_map(
+        [inv_d2],
+        [valid],
+        5,
+        min_pixels_per_shell=100,
+        azimuth=[azimuth],
+        n_sectors=n_sectors,
+    )
     assert shell_map.n_shells == 5 and shell_map.n_regions == 5 * n_sectors
     assert np.array_equal(shell_map.shell, np.repeat(np.arange(5), n_sectors))
     assert np.array_equal(shell_map.sector, np.tile(np.arange(n_sectors), 5))
@@ -477,18 +622,31 @@ def test_sectors_of_equal_angle_have_equal_area(n_sectors):
     assert np.all(labels[~valid] == INVALID)
     # the shells themselves are those of the map without sectors
     annuli = build_shell_map([inv_d2], [valid], 5, min_pixels_per_shell=100)
-    assert np.array_equal(shell_map.shell[labels[valid]], annuli.labels.reshape(size, size)[valid])
+    assert np.array_equal(
+        shell_map.shell[labels[valid]], annuli.labels.reshape(size, size)[valid]
+    )
 
 
 def test_one_sector_is_the_map_without_sectors(scene):
     inv_d2 = radial_inv_d2(scene["shape"], centre=(530.0, 490.0))
-    with_azimuth = build_shell_map([inv_d2], [scene["valid"]], N_SHELLS, azimuth=[np.zeros(scene["shape"])], n_sectors=1)
+    with_azimuth = build_shell_map(
+        [inv_d2],
+        [scene["valid"]],
+        N_SHELLS,
+        azimuth=[np.zeros(scene["shape"])],
+        n_sectors=1,
+    )
     assert np.array_equal(with_azimuth.labels, scene["shell_map"].labels)
     assert np.array_equal(with_azimuth.n_valid, scene["shell_map"].n_valid)
     with pytest.raises(ValueError, match="azimuth"):
         build_shell_map([inv_d2], [scene["valid"]], N_SHELLS, n_sectors=2)
     with pytest.raises(ValueError, match="n_sectors=3"):
-        correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS, n_sectors=3), "x")
+        correct_image(
+            [scene["image"]],
+            scene["shell_map"],
+            CorrectionParameters(n_shells=N_SHELLS, n_sectors=3),
+            "x",
+        )
 
 
 N_SECTORS = 4
@@ -505,18 +663,29 @@ def sector_scene():
     inv_d2, azimuth = _centred_detector(size)
     valid = np.ones((size, size), dtype=bool)
     valid[500:524, :500] = False  # beam-stop arm
-    shell_map = build_shell_map([inv_d2], [valid], n_shells, azimuth=[azimuth], n_sectors=N_SECTORS)
+    shell_map = build_shell_map(
+        [inv_d2], [valid], n_shells, azimuth=[azimuth], n_sectors=N_SECTORS
+    )
     shells = falling_parameters(n_shells)
     truth = type(shells)(
         theta=np.add.outer(shells.theta, SECTOR_THETA_SHIFT).ravel(),
         mu=np.repeat(shells.mu, N_SECTORS),
         sigma=np.repeat(shells.sigma, N_SECTORS),
     )
-    true = draw_true_values(shell_map.labels.reshape(size, size), truth, np.random.default_rng(4))
+    true = draw_true_values(
+        shell_map.labels.reshape(size, size), truth, np.random.default_rng(4)
+    )
     image = truncate(true)
     image[~valid] = 0
     annuli = build_shell_map([inv_d2], [valid], n_shells)
-    return dict(shell_map=shell_map, annuli=annuli, truth=truth, image=image, valid=valid, n_shells=n_shells)
+    return {
+        "shell_map": shell_map,
+        "annuli": annuli,
+        "truth": truth,
+        "image": image,
+        "valid": valid,
+        "n_shells": n_shells,
+    }
 
 
 def _z_scores(image, shell_map, region, fit, imax, truth_parameters):
@@ -529,7 +698,9 @@ def _truncated_fraction(location, scale, shape):
     return float(Distribution(location, scale, shape).cdf([0.5])[0])
 
 
-def test_sector_fits_recover_each_sectors_truth_where_the_annulus_fit_cannot(sector_scene, monkeypatch):
+def test_sector_fits_recover_each_sectors_truth_where_the_annulus_fit_cannot(
+    sector_scene, monkeypatch
+):
     """Each region's fit lies within 4.5 standard errors of its own truth, and
     the fraction F(0.5) below 0.5 it implies within 4 binomial standard
     errors of the true one; the fit of the whole annulus, given every pixel
@@ -540,37 +711,63 @@ def test_sector_fits_recover_each_sectors_truth_where_the_annulus_fit_cannot(sec
     params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS)
     result = correct_image([sc["image"]], sc["shell_map"], params, "sectors")
     truth = sc["truth"]
-    true_parameters = np.array([_lognormal(*t) for t in zip(truth.theta, truth.mu, truth.sigma)])
+    true_parameters = np.array(
+        [_lognormal(*t) for t in zip(truth.theta, truth.mu, truth.sigma)]
+    )
     true_fraction = np.array([_truncated_fraction(*t) for t in true_parameters])
     assert len(result.shells) == sc["n_shells"] * N_SECTORS
     for region, r in enumerate(result.shells):
         assert (r.shell, r.sector) == (region // N_SECTORS, region % N_SECTORS)
-        assert r.as_dict()["sector"] == r.sector and r.fitted_regions == ((r.shell, r.sector),)
+        assert r.as_dict()["sector"] == r.sector and r.fitted_regions == (
+            (r.shell, r.sector),
+        )
         assert r.fit.converged
-        z = _z_scores(sc["image"], sc["shell_map"], region, r.fit, r.imax, true_parameters[region])
+        z = _z_scores(
+            sc["image"], sc["shell_map"], region, r.fit, r.imax, true_parameters[region]
+        )
         assert np.all(np.abs(z) < 4.5), (region, z)
         p = true_fraction[region]
         fraction = _truncated_fraction(*_parameters(r.fit))
-        assert abs(fraction - p) < 4 * np.sqrt(p * (1 - p) / r.n_valid), (region, fraction, p)
+        assert abs(fraction - p) < 4 * np.sqrt(p * (1 - p) / r.n_valid), (
+            region,
+            fraction,
+            p,
+        )
     annuli = dataclasses.replace(sc["annuli"], _sample=None)
     monkeypatch.setattr(shells, "MIN_SAMPLED_PIXELS", int(annuli.n_valid.max()) + 1)
-    annulus = correct_image([sc["image"]], annuli, CorrectionParameters(n_shells=sc["n_shells"]), "sectors")
+    annulus = correct_image(
+        [sc["image"]], annuli, CorrectionParameters(n_shells=sc["n_shells"]), "sectors"
+    )
     assert annuli.histogram_sample()[0] == 1
     for shell in annulus.shells:
         darkest, brightest = shell.shell * N_SECTORS + np.array([0, 2])
         worst = max(
-            np.abs(_z_scores(sc["image"], annuli, shell.shell, shell.fit, shell.imax, true_parameters[k])).max()
+            np.abs(
+                _z_scores(
+                    sc["image"],
+                    annuli,
+                    shell.shell,
+                    shell.fit,
+                    shell.imax,
+                    true_parameters[k],
+                )
+            ).max()
             for k in (darkest, brightest)
         )
         assert worst > 4.5, (shell.shell, worst)
         fraction = _truncated_fraction(*_parameters(shell.fit))
-        assert min(true_fraction[darkest] - fraction, fraction - true_fraction[brightest]) > 0.1
+        assert (
+            min(true_fraction[darkest] - fraction, fraction - true_fraction[brightest])
+            > 0.1
+        )
 
 
 def test_sector_correction_keeps_positive_and_masked_pixels(sector_scene):
     sc = sector_scene
     for mode in ("distribution", "expectation"):
-        params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS, assignment=mode)
+        params = CorrectionParameters(
+            n_shells=sc["n_shells"], n_sectors=N_SECTORS, assignment=mode
+        )
         out = correct_image([sc["image"]], sc["shell_map"], params, "sectors").data[0]
         positive = sc["image"] > 0
         assert np.array_equal(out[positive], sc["image"][positive])
@@ -591,7 +788,8 @@ def _forced_fit_failures(monkeypatch, failing):
         fits = real(problems, likelihood)
         return [
             dataclasses.replace(fit, converged=False, message="forced")
-            if failing(len(requests) - 1, k) else fit
+            if failing(len(requests) - 1, k)
+            else fit
             for k, fit in enumerate(fits)
         ]
 
@@ -599,9 +797,13 @@ def _forced_fit_failures(monkeypatch, failing):
     return requests
 
 
-def test_failed_sector_fit_merges_with_the_neighbouring_sector_first(sector_scene, monkeypatch):
+def test_failed_sector_fit_merges_with_the_neighbouring_sector_first(
+    sector_scene, monkeypatch
+):
     # region (0, 0) fails, alone (in the first request, of every region) and pooled with sector 3
-    requests = _forced_fit_failures(monkeypatch, lambda call, k: (call, k) in ((0, 0), (1, 0)))
+    requests = _forced_fit_failures(
+        monkeypatch, lambda call, k: (call, k) in ((0, 0), (1, 0))
+    )
     sc = sector_scene
     params = CorrectionParameters(n_shells=sc["n_shells"], n_sectors=N_SECTORS)
     result = correct_image([sc["image"]], sc["shell_map"], params, "merge")
@@ -617,7 +819,9 @@ def test_failed_sector_fit_merges_with_the_neighbouring_sector_first(sector_scen
 
 def test_no_zero_pixels_returns_the_input_untouched(scene):
     image = scene["image"] + 1
-    result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "x")
+    result = correct_image(
+        [image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "x"
+    )
     assert result.status == correction.NO_ZEROS
     assert result.data[0] is image
 
@@ -641,7 +845,9 @@ def test_float_and_signed_images_pass_through(scene):
 def test_all_zero_image_is_left_unchanged_with_a_notice(scene, caplog):
     image = np.zeros(scene["shape"], np.uint16)
     with caplog.at_level("INFO"):
-        result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "zero")
+        result = correct_image(
+            [image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "zero"
+        )
     assert np.array_equal(result.data[0], image)
     assert result.status == correction.BLANK and "blank or damaged" in caplog.text
 
@@ -655,10 +861,14 @@ def test_a_shell_of_zeros_is_fitted_with_its_neighbour_and_left_alone(scene):
     image = scene["image"].copy()
     outer = (scene["shell_map"].labels == N_SHELLS - 1).reshape(scene["shape"])
     image[outer] = 0
-    result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "outer")
+    result = correct_image(
+        [image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "outer"
+    )
     assert result.damaged == ""
     assert result.shells[-1].fitted_regions == ((N_SHELLS - 2, 0), (N_SHELLS - 1, 0))
-    assert result.shells[-1].status.startswith("not truncation: gap of empty bins above 0 (no positive counts")
+    assert result.shells[-1].status.startswith(
+        "not truncation: gap of empty bins above 0 (no positive counts"
+    )
     assert not result.data[0][outer].any()
     assert all(s.status == correction.CORRECTED for s in result.shells[:-1] if s.n_zero)
     assert (result.data[0][~outer] < 0).sum() > 0.5 * (image[~outer] == 0).sum()
@@ -670,21 +880,32 @@ def test_all_pixels_masked_is_an_error():
 
 
 def test_too_few_pixels_for_the_shells_gives_fewer_shells(caplog):
-    shell_map = build_shell_map([np.arange(5000.0)], [np.ones(5000, bool)], 10, min_pixels_per_shell=1000)
+    shell_map = build_shell_map(
+        [np.arange(5000.0)], [np.ones(5000, bool)], 10, min_pixels_per_shell=1000
+    )
     assert shell_map.n_shells == 5
     assert "instead of 10" in caplog.text
 
 
 def test_ties_never_leave_an_empty_shell():
     inv_d2 = np.repeat([1.0, 2.0, 3.0], 2000)
-    shell_map = build_shell_map([inv_d2], [np.ones_like(inv_d2, bool)], 10, min_pixels_per_shell=10)
+    shell_map = build_shell_map(
+        [inv_d2], [np.ones_like(inv_d2, bool)], 10, min_pixels_per_shell=10
+    )
     assert shell_map.n_shells == 3
     assert np.all(shell_map.n_valid == 2000)
 
 
 def test_shell_fit_failure_merges_with_neighbour(scene, monkeypatch):
-    requests = _forced_fit_failures(monkeypatch, lambda call, k: (call, k) == (0, 0))  # the first shell's own fit
-    result = correct_image([scene["image"]], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "m")
+    requests = _forced_fit_failures(
+        monkeypatch, lambda call, k: (call, k) == (0, 0)
+    )  # the first shell's own fit
+    result = correct_image(
+        [scene["image"]],
+        scene["shell_map"],
+        CorrectionParameters(n_shells=N_SHELLS),
+        "m",
+    )
     assert result.shells[0].fitted_regions == ((0, 0), (1, 0))
     assert result.shells[0].status == correction.CORRECTED
     assert requests[1] == [requests[0][0] + requests[0][1]]
@@ -694,12 +915,17 @@ def test_multi_panel_images(scene):
     """Two panels share one shell map; each keeps its shape."""
     inv = radial_inv_d2((200, 300), centre=(150.0, -20.0))
     inv2 = radial_inv_d2((200, 300), centre=(150.0, 220.0))
-    shell_map = build_shell_map([inv, inv2], [np.ones((200, 300), bool)] * 2, 4, min_pixels_per_shell=100)
+    shell_map = build_shell_map(
+        [inv, inv2], [np.ones((200, 300), bool)] * 2, 4, min_pixels_per_shell=100
+    )
     truth = falling_parameters(4)
     rng = np.random.default_rng(3)
     labels = shell_map.labels
     true = draw_true_values(labels, truth, rng)
-    panels = [truncate(true[: 60000]).reshape(200, 300), truncate(true[60000:]).reshape(200, 300)]
+    panels = [
+        truncate(true[:60000]).reshape(200, 300),
+        truncate(true[60000:]).reshape(200, 300),
+    ]
     result = correct_image(panels, shell_map, CorrectionParameters(n_shells=4), "mp")
     assert [d.shape for d in result.data] == [(200, 300), (200, 300)]
     for before, after in zip(panels, result.data):
@@ -713,7 +939,9 @@ def test_negative_values_in_masked_pixels_do_not_stop_the_correction(scene):
     image is still truncated data and the flags stay as they are."""
     image = scene["image"].astype(np.int32)
     image[~scene["valid"]] = -1
-    result = correct_image([image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "gaps")
+    result = correct_image(
+        [image], scene["shell_map"], CorrectionParameters(n_shells=N_SHELLS), "gaps"
+    )
     assert result.status == correction.CORRECTED
     assert np.all(result.data[0][~scene["valid"]] == -1)
 
@@ -726,7 +954,9 @@ def test_newton_steps_out_of_range_fail_gracefully():
     hist = np.array([1, 3, 1, 0, 0, 0, 0, 0, 0, 700])
     objective = ExactLikelihood([hist[:-1]], [hist[-1]])
     value, grad, hessian = objective(np.array([[800.0, -800.0, 0.0]]), [0])
-    assert value[0] == 1e300 and not grad.any() and np.array_equal(hessian[0], np.eye(3))
+    assert (
+        value[0] == 1e300 and not grad.any() and np.array_equal(hessian[0], np.eye(3))
+    )
     fit = fit_lognormal(hist[:-1], hist[-1], "exact")
     assert isinstance(fit.converged, bool)
 
@@ -754,34 +984,66 @@ def _reference_case(name):
     """(panels, shell map, parameters) of a deterministic synthetic image."""
     shape, centre, n_shells, shift = (1024, 1024), (530.0, 490.0), N_SHELLS, 0.0
     if name == "two_panels":
-        inv_d2 = [radial_inv_d2((200, 300), centre=(150.0, -20.0)), radial_inv_d2((200, 300), centre=(150.0, 220.0))]
-        shell_map = build_shell_map(inv_d2, [np.ones((200, 300), bool)] * 2, 4, min_pixels_per_shell=100)
-        true = draw_true_values(shell_map.labels, falling_parameters(4), np.random.default_rng(3))
-        panels = [truncate(true[:60000]).reshape(200, 300), truncate(true[60000:]).reshape(200, 300)]
-        return panels, shell_map, CorrectionParameters(n_shells=4, min_pixels_per_shell=100)
+        inv_d2 = [
+            radial_inv_d2((200, 300), centre=(150.0, -20.0)),
+            radial_inv_d2((200, 300), centre=(150.0, 220.0)),
+        ]
+        shell_map = build_shell_map(
+            inv_d2, [np.ones((200, 300), bool)] * 2, 4, min_pixels_per_shell=100
+        )
+        true = draw_true_values(
+            shell_map.labels, falling_parameters(4), np.random.default_rng(3)
+        )
+        panels = [
+            truncate(true[:60000]).reshape(200, 300),
+            truncate(true[60000:]).reshape(200, 300),
+        ]
+        return (
+            panels,
+            shell_map,
+            CorrectionParameters(n_shells=4, min_pixels_per_shell=100),
+        )
     if name.startswith("heavier"):  # ~74% zeros
         n_shells, shift = 10, -3.0
     if name == "light":  # ~15% zeros
         n_shells, shift = 10, 6.0
     valid = np.ones(shape, dtype=bool)
     valid[480:500, :530] = False
-    shell_map = build_shell_map([radial_inv_d2(shape, centre=centre)], [valid], n_shells)
+    shell_map = build_shell_map(
+        [radial_inv_d2(shape, centre=centre)], [valid], n_shells
+    )
     truth = falling_parameters(n_shells)
     truth = type(truth)(truth.theta + shift, truth.mu, truth.sigma)
-    true = draw_true_values(shell_map.labels.reshape(shape), truth, np.random.default_rng(20161029))
+    true = draw_true_values(
+        shell_map.labels.reshape(shape), truth, np.random.default_rng(20161029)
+    )
     image = truncate(true)
     image[~valid] = 0
     if name == "paper_likelihood":
-        return [image], shell_map, CorrectionParameters(n_shells=n_shells, likelihood="paper")
+        return (
+            [image],
+            shell_map,
+            CorrectionParameters(n_shells=n_shells, likelihood="paper"),
+        )
     if name == "float_seed_42":
-        return [image.astype(float)], shell_map, CorrectionParameters(n_shells=n_shells, seed=42)
+        return (
+            [image.astype(float)],
+            shell_map,
+            CorrectionParameters(n_shells=n_shells, seed=42),
+        )
     if name.endswith("_expectation"):
-        return [image], shell_map, CorrectionParameters(n_shells=n_shells, assignment="expectation")
+        return (
+            [image],
+            shell_map,
+            CorrectionParameters(n_shells=n_shells, assignment="expectation"),
+        )
     return [image], shell_map, CorrectionParameters(n_shells=n_shells)
 
 
 def _output_sha256(panels):
-    return hashlib.sha256(b"".join(np.asarray(p, dtype="<i4").tobytes() for p in panels)).hexdigest()
+    return hashlib.sha256(
+        b"".join(np.asarray(p, dtype="<i4").tobytes() for p in panels)
+    ).hexdigest()
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_SHA256))
@@ -793,7 +1055,9 @@ def test_output_is_bit_identical_to_the_reference_of_this_algorithm(name):
 
 
 @pytest.mark.parametrize("likelihood", ["exact", "paper"])
-def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(monkeypatch, likelihood):
+def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(
+    monkeypatch, likelihood
+):
     """Found by a hostile tester: at such a start the objective returns
     NOT_FINITE with a zero gradient, which the optimiser took for
     convergence at iteration 0.  A start with scale = 1e-300 far above the
@@ -811,7 +1075,9 @@ def test_a_fit_from_a_start_where_the_likelihood_is_not_finite_is_not_converged(
     monkeypatch.setattr(lognormal, "starting_values", lambda h, n: start)
     fit = fit_lognormal(hist, n_above, likelihood)
     assert not fit.converged
-    assert fit.log_likelihood == -math.inf and fit.message == "log-likelihood not finite"
+    assert (
+        fit.log_likelihood == -math.inf and fit.message == "log-likelihood not finite"
+    )
 
 
 def test_more_regions_than_int16_labels_hold():
@@ -823,11 +1089,15 @@ def test_more_regions_than_int16_labels_hold():
 
     shape = (200, 200)
     inv_d2 = np.random.default_rng(5).random(shape)
-    shell_map = build_shell_map([inv_d2], [np.ones(shape, bool)], 32769, min_pixels_per_shell=1)
+    shell_map = build_shell_map(
+        [inv_d2], [np.ones(shape, bool)], 32769, min_pixels_per_shell=1
+    )
     assert shell_map.n_regions == 32769 and shell_map.labels.max() == 32768
     assert np.array_equal(np.bincount(shell_map.labels), shell_map.n_valid)
     assert np.all(np.diff(shell_map.labels[np.argsort(inv_d2, axis=None)]) >= 0)
-    image = truncate(-3 + np.exp(1 + 0.8 * np.random.default_rng(6).standard_normal(shape)))
+    image = truncate(
+        -3 + np.exp(1 + 0.8 * np.random.default_rng(6).standard_normal(shape))
+    )
     params = CorrectionParameters(n_shells=32769, min_pixels_per_shell=1)
     tracemalloc.start()
     try:
@@ -836,16 +1106,30 @@ def test_more_regions_than_int16_labels_hold():
     finally:
         tracemalloc.stop()
     assert peak < 100e6, peak
-    assert len(result.shells) == 32769 and np.array_equal(result.data[0], image)  # 1-2 pixels: no fit
+    assert len(result.shells) == 32769 and np.array_equal(
+        result.data[0], image
+    )  # 1-2 pixels: no fit
     with pytest.raises(ValueError, match="n_sectors=1000"):
-        build_shell_map([inv_d2[:20, :20]], [np.ones((20, 20), bool)], 3, 1, azimuth=[inv_d2[:20, :20]], n_sectors=1000)
+        build_shell_map(
+            [inv_d2[:20, :20]],
+            [np.ones((20, 20), bool)],
+            3,
+            1,
+            azimuth=[inv_d2[:20, :20]],
+            n_sectors=1000,
+        )
 
 
 def _sparse_histogram(imax=20_000):
     """A background histogram with bright pixels strewn up to Imax: most of
     the bins below a large Imax are empty."""
     rng = np.random.default_rng(3)
-    values = np.concatenate([-8 + np.exp(1.8 + 0.55 * rng.standard_normal(30_000)), rng.exponential(3000, 300)])
+    values = np.concatenate(
+        [
+            -8 + np.exp(1.8 + 0.55 * rng.standard_normal(30_000)),
+            rng.exponential(3000, 300),
+        ]
+    )
     counts = np.clip(np.rint(values), 0, None).astype(int)
     h = np.bincount(np.minimum(counts, imax + 1), minlength=imax + 2)
     return h[:-1], int(h[-1])
@@ -868,22 +1152,42 @@ def test_a_large_imax_fits_on_the_occupied_bins_alone(monkeypatch):
     counts = np.append(hist, n_above)
     edges = np.concatenate(([-np.inf], np.arange(len(hist)) + 0.5, [np.inf]))
     positive = np.flatnonzero(hist[1:]) + 1
-    for theta, mu, sigma in zip(rng.uniform(-20, 0.4, 5), rng.uniform(1, 3, 5), rng.uniform(0.5, 3, 5)):
+    for theta, mu, sigma in zip(
+        rng.uniform(-20, 0.4, 5), rng.uniform(1, 3, 5), rng.uniform(0.5, 3, 5)
+    ):
         model = stats.lognorm(sigma, loc=theta, scale=np.exp(mu))
         # bin probabilities from the side of the median where they do not cancel
-        p = np.where(edges[:-1] > model.median(), -np.diff(model.sf(edges)), np.diff(model.cdf(edges)))
+        p = np.where(
+            edges[:-1] > model.median(),
+            -np.diff(model.sf(edges)),
+            np.diff(model.cdf(edges)),
+        )
         exact = np.dot(counts[counts > 0], np.log(p[counts > 0]))
-        paper = hist[0] * model.logcdf(0.5) + np.dot(hist[positive], model.logpdf(positive))
+        paper = hist[0] * model.logcdf(0.5) + np.dot(
+            hist[positive], model.logpdf(positive)
+        )
         d = Distribution.from_lognormal(theta, mu, sigma)
-        assert lognormal.log_likelihood(hist, n_above, d, "exact") == pytest.approx(exact, rel=1e-9)
-        assert lognormal.log_likelihood(hist, n_above, d, "paper") == pytest.approx(paper, rel=1e-9)
+        assert lognormal.log_likelihood(hist, n_above, d, "exact") == pytest.approx(
+            exact, rel=1e-9
+        )
+        assert lognormal.log_likelihood(hist, n_above, d, "paper") == pytest.approx(
+            paper, rel=1e-9
+        )
     # a few empty bins are kept, so that the usual fits do not change by rounding
     few_empty = np.array([900, 500, 0, 0, 0, 300, 200, 100])
     usual = lognormal.Objective(few_empty, 50, "exact")
-    assert np.array_equal(usual.offsets, np.arange(8)) and np.array_equal(usual.bin_counts, np.append(few_empty, 50))
-    assert np.array_equal(lognormal.Objective(few_empty, 50, "paper").offsets, np.arange(7) + 0.5)
+    assert np.array_equal(usual.offsets, np.arange(8)) and np.array_equal(
+        usual.bin_counts, np.append(few_empty, 50)
+    )
+    assert np.array_equal(
+        lognormal.Objective(few_empty, 50, "paper").offsets, np.arange(7) + 0.5
+    )
     fit = fit_lognormal(hist, n_above, "exact")
-    monkeypatch.setattr(lognormal, "_occupied_intervals", lambda b: (np.arange(len(b) - 1, dtype=float), b))
+    monkeypatch.setattr(
+        lognormal,
+        "_occupied_intervals",
+        lambda b: (np.arange(len(b) - 1, dtype=float), b),
+    )
     every_edge = fit_lognormal(hist, n_above, "exact")
     assert fit.converged and every_edge.converged
     assert np.allclose(_parameters(fit), _parameters(every_edge), rtol=1e-6)
@@ -897,8 +1201,10 @@ def test_fits_run_together_equal_the_fits_one_by_one():
     from dials_truncfix.core import lognormal
 
     rng = np.random.default_rng(11)
-    problems = [_fit_histogram(theta + np.exp(mu + sigma * rng.standard_normal(30_000)))
-                for theta, mu, sigma in ((-3, 1.0, 0.8), (-12, 2.6, 0.4), (-1, 0.5, 1.2))]
+    problems = [
+        _fit_histogram(theta + np.exp(mu + sigma * rng.standard_normal(30_000)))
+        for theta, mu, sigma in ((-3, 1.0, 0.8), (-12, 2.6, 0.4), (-1, 0.5, 1.2))
+    ]
     problems += [_sparse_histogram(), (np.array([50, 2, 1, 0, 0]), 3)]
     together = lognormal.fit_lognormals(problems)
     for problem, fit in zip(problems, together):

@@ -8,7 +8,9 @@ import re
 
 from dials_truncfix.command_line.correct_truncation import phil_scope
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"
+)
 
 
 def _phil_defaults():
@@ -26,7 +28,9 @@ def _phil_defaults():
 
 
 def _readme_table():
-    rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", open(README).read(), flags=re.M)
+    rows = re.findall(
+        r"^\| `([a-z_.]+)` \| `([^`]*)` \|", open(README).read(), flags=re.M
+    )
     return dict(rows)
 
 
@@ -46,7 +50,9 @@ def test_example_phil_files_are_valid():
     files = sorted(glob.glob(os.path.join(os.path.dirname(README), "phil", "*.phil")))
     assert len(files) >= 3
     for path in files:
-        _, unused = phil_scope.fetch(source=iotbx.phil.parse(file_name=path), track_unused_definitions=True)
+        _, unused = phil_scope.fetch(
+            source=iotbx.phil.parse(file_name=path), track_unused_definitions=True
+        )
         assert not unused, path
         if "output" not in open(path).read():
             read_phil_file(path)

@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 import pytest
-from dxtbx.model.experiment_list import ExperimentList
 from helpers import environment, one_line_error, run
 from test_command import ARGS, SHAPE, make_smv_sweep
+
+from dxtbx.model.experiment_list import ExperimentList
 
 from dials_truncfix.core.correction import BLANK
 from dials_truncfix.corrector import NOT_VALID, stock_zeros_valid
@@ -34,7 +35,9 @@ def checksums(paths):
 def outputs_in(directory):
     """What a run left in a directory, its inputs aside."""
     return sorted(
-        p for p in os.listdir(directory) if not p.startswith(("data", "in.expt", "mask", "settings", "dials.import"))
+        p
+        for p in os.listdir(directory)
+        if not p.startswith(("data", "in.expt", "mask", "settings", "dials.import"))
     )
 
 
@@ -67,23 +70,46 @@ def left_zero_value(path):
 
 @pytest.mark.parametrize(
     "option",
-    ["output.log={image}", "output.json={image}", "output.report={expt}", "output.experiments={expt}",
-     "output.log={phil}", "output.json={mask}"],
+    [
+        "output.log={image}",
+        "output.json={image}",
+        "output.report={expt}",
+        "output.experiments={expt}",
+        "output.log={phil}",
+        "output.json={mask}",
+    ],
 )
 def test_no_output_replaces_an_input(sweep, option):
     """Whichever parameter names it, with or without overwrite."""
     tmp_path, paths = sweep
     (tmp_path / "settings.phil").write_text("truncfix.seed = 3\n")
-    from scitbx.array_family import flex
     import pickle
 
-    (tmp_path / "mask.pickle").write_bytes(pickle.dumps((flex.bool(flex.grid(*SHAPE), True),)))
-    option = option.format(image=paths[0], expt="in.expt", phil="settings.phil", mask="mask.pickle")
-    inputs = [*paths, tmp_path / "in.expt", tmp_path / "settings.phil", tmp_path / "mask.pickle"]
+    from scitbx.array_family import flex
+
+    (tmp_path / "mask.pickle").write_bytes(
+        pickle.dumps((flex.bool(flex.grid(*SHAPE), True),))
+    )
+    option = option.format(
+        image=paths[0], expt="in.expt", phil="settings.phil", mask="mask.pickle"
+    )
+    inputs = [
+        *paths,
+        tmp_path / "in.expt",
+        tmp_path / "settings.phil",
+        tmp_path / "mask.pickle",
+    ]
     before = checksums(inputs)
     for overwrite in ("False", "True"):
-        result = correct(tmp_path, "in.expt", "settings.phil", "truncfix.mask=mask.pickle", option,
-                         f"output.overwrite={overwrite}", ok=False)
+        result = correct(
+            tmp_path,
+            "in.expt",
+            "settings.phil",
+            "truncfix.mask=mask.pickle",
+            option,
+            f"output.overwrite={overwrite}",
+            ok=False,
+        )
         assert "would replace the input" in one_line_error(result)
         assert checksums(inputs) == before
         assert outputs_in(tmp_path) == []
@@ -91,7 +117,9 @@ def test_no_output_replaces_an_input(sweep, option):
 
 def test_two_outputs_on_one_path_are_refused(sweep):
     tmp_path, _ = sweep
-    result = correct(tmp_path, "in.expt", "output.json=out.txt", "output.report=out.txt", ok=False)
+    result = correct(
+        tmp_path, "in.expt", "output.json=out.txt", "output.report=out.txt", ok=False
+    )
     assert "output.report=out.txt is also output.json" in one_line_error(result)
     assert outputs_in(tmp_path) == []
 
@@ -101,15 +129,19 @@ def test_refused_run_leaves_the_previous_log_alone(sweep):
     tmp_path, _ = sweep
     correct(tmp_path, "in.expt")
     log = (tmp_path / "dials.correct_truncation.log").read_bytes()
-    assert "exists" in one_line_error(correct(tmp_path, "in.expt", "truncfix.seed=4", ok=False))
+    assert "exists" in one_line_error(
+        correct(tmp_path, "in.expt", "truncfix.seed=4", ok=False)
+    )
     assert (tmp_path / "dials.correct_truncation.log").read_bytes() == log
 
 
 @pytest.mark.parametrize(
     "option, message",
-    [("output.directory=None", "output.directory=None"),
-     ("truncfix.n_shells=32769", "n_shells"),
-     ("truncfix.likelihood=fancy", "likelihood")],
+    [
+        ("output.directory=None", "output.directory=None"),
+        ("truncfix.n_shells=32769", "n_shells"),
+        ("truncfix.likelihood=fancy", "likelihood"),
+    ],
 )
 def test_bad_parameters_stop_before_writing(sweep, option, message):
     """A missing directory, a value out of range, an unknown choice."""
@@ -124,7 +156,10 @@ def test_no_experiment_list_written_when_none_is_asked(sweep):
     """output.experiments=None works and writes the rest."""
     tmp_path, _ = sweep
     correct(tmp_path, "in.expt", "output.experiments=None")
-    assert "corrected.expt" not in outputs_in(tmp_path) and len(os.listdir(tmp_path / "corrected")) == 3
+    assert (
+        "corrected.expt" not in outputs_in(tmp_path)
+        and len(os.listdir(tmp_path / "corrected")) == 3
+    )
 
 
 def test_directory_given_as_input(sweep):
@@ -140,29 +175,52 @@ def test_concurrent_runs_into_one_directory(long_sweep):
     directory; the first completes as if alone."""
     tmp_path, paths = long_sweep
     slow = ["dials.correct_truncation", "in.expt", *ARGS, "nproc=1"]
-    first = subprocess.Popen(slow, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        slow,
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_staging(tmp_path / "corrected")
     # Paused, the first run surely still owns the directory while the second
     # starts up (a first run that finished meanwhile failed this test in CI).
     os.kill(first.pid, signal.SIGSTOP)
     try:
         assert first.poll() is None, "the first run ended before the second could start"
-        second = run(["dials.correct_truncation", "in.expt", *ARGS, "output.overwrite=True",
-                      "output.log=second.log", "output.json=second.json", "output.report=None",
-                      "output.experiments=second.expt"], tmp_path, ok=False)
+        second = run(
+            [
+                "dials.correct_truncation",
+                "in.expt",
+                *ARGS,
+                "output.overwrite=True",
+                "output.log=second.log",
+                "output.json=second.json",
+                "output.report=None",
+                "output.experiments=second.expt",
+            ],
+            tmp_path,
+            ok=False,
+        )
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert "another dials.correct_truncation is writing there" in one_line_error(second)
     assert first.wait(timeout=600) == 0, first.stderr
-    assert not (tmp_path / "second.expt").exists() and not (tmp_path / "second.log").exists()
+    assert (
+        not (tmp_path / "second.expt").exists()
+        and not (tmp_path / "second.log").exists()
+    )
     assert len(os.listdir(tmp_path / "corrected")) == 200
 
 
 def _wait_for_staging(directory, timeout=120):
     start = time.time()
     while time.time() - start < timeout:
-        if directory.exists() and any(p.startswith(".dials.correct_truncation.staging") for p in os.listdir(directory)):
+        if directory.exists() and any(
+            p.startswith(".dials.correct_truncation.staging")
+            for p in os.listdir(directory)
+        ):
             return
         time.sleep(0.05)
     raise AssertionError("the run never started staging images")
@@ -178,9 +236,15 @@ def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum, whole_grou
     traceback (of the run or of its workers, which Ctrl-C in a terminal
     signals too); a later run starts clean."""
     tmp_path, _ = long_sweep
-    process = subprocess.Popen(["dials.correct_truncation", "in.expt", *ARGS, "nproc=2"],
-                               cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=whole_group)
+    process = subprocess.Popen(
+        ["dials.correct_truncation", "in.expt", *ARGS, "nproc=2"],
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=whole_group,
+    )
     _wait_for_staging(tmp_path / "corrected")
     if whole_group:
         os.killpg(process.pid, signum)
@@ -188,7 +252,11 @@ def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum, whole_grou
         process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert "Traceback" not in out + err and "CAUGHT EXCEPTION" not in out and "interrupted" in err
+    assert (
+        "Traceback" not in out + err
+        and "CAUGHT EXCEPTION" not in out
+        and "interrupted" in err
+    )
     left = os.listdir(tmp_path / "corrected")
     assert left == [], left
     assert not (tmp_path / "corrected.expt").exists()
@@ -196,8 +264,12 @@ def test_interrupted_run_leaves_nothing_half_done(long_sweep, signum, whole_grou
     assert len(os.listdir(tmp_path / "corrected")) == 200
 
 
-@pytest.mark.parametrize("when", ["as the staging is made", "as the images are committed"])
-def test_a_signal_at_any_step_of_the_staging_leaves_nothing(tmp_path, monkeypatch, when):
+@pytest.mark.parametrize(
+    "when", ["as the staging is made", "as the images are committed"]
+)
+def test_a_signal_at_any_step_of_the_staging_leaves_nothing(
+    tmp_path, monkeypatch, when
+):
     """A signal lands just after ``mkdtemp`` made a staging directory and
     before its name was kept (a race CI once hit), or halfway through moving
     the images into place: no staging directory stays, and the commit is
@@ -231,7 +303,11 @@ def test_a_signal_at_any_step_of_the_staging_leaves_nothing(tmp_path, monkeypatc
             monkeypatch.setattr(os, "replace", replace_then_signal)
             staging.commit(finals)
     left = sorted(os.listdir(tmp_path))
-    assert left == ([] if when == "as the staging is made" else [os.path.basename(f) for f in finals]), left
+    assert left == (
+        []
+        if when == "as the staging is made"
+        else [os.path.basename(f) for f in finals]
+    ), left
 
 
 class _SignalledWhileCollected:
@@ -277,7 +353,9 @@ def test_cut_image_rows_are_left_as_they_are(tmp_path):
     iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
     cut = iset.get_raw_data(1)[0].as_numpy_array()
     left = left_zero_value(paths[0])
-    assert (cut[200:] == left).all() and ((cut[:200] < 0) & (cut[:200] != left)).sum() > 1000
+    assert (cut[200:] == left).all() and (
+        (cut[:200] < 0) & (cut[:200] != left)
+    ).sum() > 1000
     assert (iset.get_raw_data(0)[0].as_numpy_array()[200:] < 0).sum() > 1000
 
 
@@ -286,13 +364,30 @@ def test_all_zero_images_are_left_alone_as_blank(tmp_path):
     unchanged, each reported as blank in a strict JSON record."""
     paths = make_smv_sweep(tmp_path / "data", n=2)
     for k, p in enumerate(paths):
-        write_smv(p, np.zeros(SHAPE, np.uint16), PIXEL_SIZE=0.1248, DISTANCE=2200.0, WAVELENGTH=0.0251,
-                  BEAM_CENTER_X=16.0, BEAM_CENTER_Y=16.0, OSC_START=0.5 * k, OSC_RANGE=0.5, TIME=1.0)
+        write_smv(
+            p,
+            np.zeros(SHAPE, np.uint16),
+            PIXEL_SIZE=0.1248,
+            DISTANCE=2200.0,
+            WAVELENGTH=0.0251,
+            BEAM_CENTER_X=16.0,
+            BEAM_CENTER_Y=16.0,
+            OSC_START=0.5 * k,
+            OSC_RANGE=0.5,
+            TIME=1.0,
+        )
     correct(tmp_path, *paths)
-    record = json.loads((tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=_refuse)
-    assert [(i["status"], i["n_changed"]) for i in record["sequences"][0]["images"]] == [(BLANK, 0)] * 2
+    record = json.loads(
+        (tmp_path / "dials.correct_truncation.json").read_text(), parse_constant=_refuse
+    )
+    assert [
+        (i["status"], i["n_changed"]) for i in record["sequences"][0]["images"]
+    ] == [(BLANK, 0)] * 2
     iset = ExperimentList.from_file(str(tmp_path / "corrected.expt"))[0].imageset
-    assert all((iset.get_raw_data(i)[0].as_numpy_array() == left_zero_value(paths[0])).all() for i in range(2))
+    assert all(
+        (iset.get_raw_data(i)[0].as_numpy_array() == left_zero_value(paths[0])).all()
+        for i in range(2)
+    )
 
 
 def _refuse(constant):
@@ -304,8 +399,13 @@ def test_record_is_strict_json():
     is written as null, which every JSON reader accepts."""
     from dials_truncfix.program.record import as_json
 
-    text = as_json({"fit": {"theta": math.nan, "mu": math.inf}, "values": [-math.inf, 1.5]})
-    assert json.loads(text, parse_constant=_refuse) == {"fit": {"theta": None, "mu": None}, "values": [None, 1.5]}
+    text = as_json(
+        {"fit": {"theta": math.nan, "mu": math.inf}, "values": [-math.inf, 1.5]}
+    )
+    assert json.loads(text, parse_constant=_refuse) == {
+        "fit": {"theta": None, "mu": None},
+        "values": [None, 1.5],
+    }
 
 
 def test_slow_settings_warn_once_with_an_estimate(sweep, monkeypatch, capsys):
@@ -317,7 +417,9 @@ def test_slow_settings_warn_once_with_an_estimate(sweep, monkeypatch, capsys):
     tmp_path, _ = sweep
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tasks, "SLOW_IMAGE_SECONDS", 0.0)
-    correct_truncation.run(["in.expt", *ARGS, "histogram.max=60000", "output.report=None", "nproc=1"])
+    correct_truncation.run(
+        ["in.expt", *ARGS, "histogram.max=60000", "output.report=None", "nproc=1"]
+    )
     log = (tmp_path / "dials.correct_truncation.log").read_text()
     assert log.count("the 3 images will take about") == 1
 
@@ -333,13 +435,26 @@ def test_a_single_image_is_corrected_in_either_format(tmp_path, fmt):
     raw = np.fromfile(paths[0], dtype="<u2", offset=512).reshape(SHAPE)
     with mrcfile.new(str(tmp_path / "single.mrc")) as mrc:
         mrc.set_data(raw)
-    correct(tmp_path, "single.mrc", f"output.format={fmt}", "output.directory=single", "output.experiments=single.expt",
-            "output.json=single.json", "output.log=single.log", "output.report=None")
+    correct(
+        tmp_path,
+        "single.mrc",
+        f"output.format={fmt}",
+        "output.directory=single",
+        "output.experiments=single.expt",
+        "output.json=single.json",
+        "output.log=single.log",
+        "output.report=None",
+    )
     assert len(os.listdir(tmp_path / "single")) == 1
     (expt,) = ExperimentList.from_file(str(tmp_path / "single.expt"))
     assert len(expt.imageset) == 1
-    data = expt.imageset.get_corrected_data(0)[0].as_numpy_array()  # an SMV pedestal subtracted
+    data = expt.imageset.get_corrected_data(0)[
+        0
+    ].as_numpy_array()  # an SMV pedestal subtracted
     negative = data < 0
-    assert negative.sum() > 1000 and expt.imageset.get_mask(0)[0].as_numpy_array()[negative].all()
+    assert (
+        negative.sum() > 1000
+        and expt.imageset.get_mask(0)[0].as_numpy_array()[negative].all()
+    )
     kept = raw > 0
     assert np.array_equal(data[kept], raw[kept])

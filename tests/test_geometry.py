@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from dxtbx.model import BeamFactory, Detector, DetectorFactory
 
 from dials_truncfix.geometry import inv_d2_per_panel, shell_geometry, shell_map_for
@@ -22,7 +23,10 @@ def _simple(size=(300, 200), centre_mm=(2.0, 3.5), distance=2200.0):
 def _two_tilted_panels():
     detector = Detector()
     for k, (origin, fast) in enumerate(
-        [((-5.0, 4.0, -2200.0), (1.0, 0.0, 0.0)), ((0.5, 4.0, -2190.0), (0.99, 0.0, 0.141))]
+        [
+            ((-5.0, 4.0, -2200.0), (1.0, 0.0, 0.0)),
+            ((0.5, 4.0, -2190.0), (0.99, 0.0, 0.141)),
+        ]
     ):
         panel = detector.add_panel()
         panel.set_image_size((160, 128))
@@ -34,7 +38,9 @@ def _two_tilted_panels():
     return detector
 
 
-@pytest.mark.parametrize("detector", [_simple(), _simple(centre_mm=(-1.0, 9.0)), _two_tilted_panels()])
+@pytest.mark.parametrize(
+    "detector", [_simple(), _simple(centre_mm=(-1.0, 9.0)), _two_tilted_panels()]
+)
 def test_resolution_matches_dxtbx_per_pixel(detector):
     beam = _beam()
     arrays = inv_d2_per_panel(detector, beam.get_s0())
@@ -66,14 +72,19 @@ def test_shell_map_equal_area_on_two_tilted_panels_and_cached():
 def test_image_corrector_leaves_the_raw_flex_data_alone():
     from scitbx.array_family import flex
 
+    from devtools.synthetic import draw_true_values, falling_parameters, truncate
     from dials_truncfix.core.parameters import CorrectionParameters
     from dials_truncfix.corrector import NOT_VALID, ImageCorrector
-    from devtools.synthetic import draw_true_values, falling_parameters, truncate
 
     detector, beam = _simple(size=(300, 200)), _beam()
-    corrector = ImageCorrector(shell_geometry(beam, detector), CorrectionParameters(n_shells=4, min_pixels_per_shell=100))
+    corrector = ImageCorrector(
+        shell_geometry(beam, detector),
+        CorrectionParameters(n_shells=4, min_pixels_per_shell=100),
+    )
     labels = corrector.shell_map.labels.reshape(200, 300)
-    image = truncate(draw_true_values(labels, falling_parameters(4), np.random.default_rng(1))).astype(np.int32)
+    image = truncate(
+        draw_true_values(labels, falling_parameters(4), np.random.default_rng(1))
+    ).astype(np.int32)
     raw = (flex.int(image),)
     corrected, result = corrector.correct(raw, "img#0")
     assert np.array_equal(raw[0].as_numpy_array(), image)
@@ -86,6 +97,11 @@ def test_image_corrector_leaves_the_raw_flex_data_alone():
     signed[0, 0] = -5
     raw = (flex.int(signed),)
     masked, result = corrector.correct(raw, "img#1", zeros_valid=False)
-    assert result.status.startswith("not truncated") and np.array_equal(raw[0].as_numpy_array(), signed)
+    assert result.status.startswith("not truncated") and np.array_equal(
+        raw[0].as_numpy_array(), signed
+    )
     got = masked[0].as_numpy_array()
-    assert np.array_equal(got[signed != 0], signed[signed != 0]) and (got[signed == 0] == NOT_VALID).all()
+    assert (
+        np.array_equal(got[signed != 0], signed[signed != 0])
+        and (got[signed == 0] == NOT_VALID).all()
+    )

@@ -16,9 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _make(target, tmp_path, **variables):
-    env = {k: v for k, v in os.environ.items() if k not in ("CURRENT_DIALS", "MAKEFLAGS", "MAKELEVEL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CURRENT_DIALS", "MAKEFLAGS", "MAKELEVEL")
+    }
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # no cached environment there
-    args = ["make", "--no-print-directory", "-C", ROOT, target] + [f"{k}={v}" for k, v in variables.items()]
+    args = ["make", "--no-print-directory", "-C", ROOT, target] + [
+        f"{k}={v}" for k, v in variables.items()
+    ]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -28,7 +34,9 @@ def test_a_missing_default_environment_skips_the_lane_with_one_line(tmp_path, ta
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"make {target}: skipped, no current DIALS environment at {tmp_path / 'cache'}")
+    assert lines[0].startswith(
+        f"make {target}: skipped, no current DIALS environment at {tmp_path / 'cache'}"
+    )
     assert "CURRENT_DIALS=" in lines[0]
 
 
@@ -53,10 +61,17 @@ def test_the_current_lane_puts_the_environment_first_on_path(tmp_path):
     prefix = tmp_path / "dials-env"
     (prefix / "bin").mkdir(parents=True)
     (prefix / "bin" / "dials.import").write_text("#!/bin/sh\n")
-    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/checkout", "LD_PRELOAD": "x.so", "DIALS_TRUNCFIX": "1"}
+    base = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": "/checkout",
+        "LD_PRELOAD": "x.so",
+        "DIALS_TRUNCFIX": "1",
+    }
     env = lane_environment("current", str(prefix), base)
     assert env["PATH"].split(os.pathsep)[0] == str(prefix / "bin")
-    assert env["PYTHONPATH"] == "/checkout"  # the plugin under test is the same in every lane
+    assert (
+        env["PYTHONPATH"] == "/checkout"
+    )  # the plugin under test is the same in every lane
     assert "LD_PRELOAD" not in env and "DIALS_TRUNCFIX" not in env
     with pytest.raises(StepError, match="CURRENT_DIALS"):
         lane_environment("current", str(tmp_path / "nothing"), base)

@@ -32,17 +32,30 @@ def test_core_imports_only_numpy_scipy_and_itself():
     for path in _files("dials_truncfix/core/*.py"):
         for module, _ in _imports(path):
             top = module.split(".")[0]
-            assert module.startswith(allowed) or top in sys.stdlib_module_names or top == "__future__", (path, module)
+            assert (
+                module.startswith(allowed)
+                or top in sys.stdlib_module_names
+                or top == "__future__"
+            ), (path, module)
 
 
 def test_package_imports_no_development_tool():
     for path in _files("dials_truncfix/**/*.py"):
-        assert all(not module.startswith("devtools") for module, _ in _imports(path)), path
+        assert all(not module.startswith("devtools") for module, _ in _imports(path)), (
+            path
+        )
 
 
 def test_no_private_names_imported_across_modules():
-    for path in _files("dials_truncfix/**/*.py") + _files("devtools/*.py") + _files("tests/*.py") + _files("benchmarks/*.py"):
+    for path in (
+        _files("dials_truncfix/**/*.py")
+        + _files("devtools/*.py")
+        + _files("tests/*.py")
+        + _files("benchmarks/*.py")
+    ):
         for module, names in _imports(path):
             if module.startswith(("dials_truncfix", "devtools")):
-                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+                private = [
+                    n for n in names if n.startswith("_") and not n.startswith("__")
+                ]
                 assert not private, (path, module, private)

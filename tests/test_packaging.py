@@ -20,9 +20,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: the entry points of the package (the console script and dxtbx's format classes)
 ENTRY_POINTS = {
-    ("console_scripts", "dials.correct_truncation", "dials_truncfix.command_line.correct_truncation:run"),
-    ("dxtbx.format", "FormatATruncfix:Format", "dials_truncfix.format_wrapper:FormatATruncfix"),
-    ("dxtbx.format", "FormatATruncfixMultiImage:Format", "dials_truncfix.format_wrapper:FormatATruncfixMultiImage"),
+    (
+        "console_scripts",
+        "dials.correct_truncation",
+        "dials_truncfix.command_line.correct_truncation:run",
+    ),
+    (
+        "dxtbx.format",
+        "FormatATruncfix:Format",
+        "dials_truncfix.format_wrapper:FormatATruncfix",
+    ),
+    (
+        "dxtbx.format",
+        "FormatATruncfixMultiImage:Format",
+        "dials_truncfix.format_wrapper:FormatATruncfixMultiImage",
+    ),
 }
 
 
@@ -34,30 +46,52 @@ def _pyproject():
 
 
 def _package_files():
-    return sorted(glob.glob(os.path.join(ROOT, "dials_truncfix", "**", "*.py"), recursive=True))
+    return sorted(
+        glob.glob(os.path.join(ROOT, "dials_truncfix", "**", "*.py"), recursive=True)
+    )
 
 
 def _source_copy(destination):
     """What setuptools needs to build the package, copied from the checkout."""
-    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in", "libtbx_config",
-                 "libtbx_refresh.py"):
+    for name in (
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "LICENSE",
+        "MANIFEST.in",
+        "libtbx_config",
+        "libtbx_refresh.py",
+    ):
         shutil.copy2(os.path.join(ROOT, name), destination)
-    shutil.copytree(os.path.join(ROOT, "dials_truncfix"), os.path.join(destination, "dials_truncfix"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "dials_truncfix"),
+        os.path.join(destination, "dials_truncfix"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
 
 
 def test_the_version_has_one_source():
     project = _pyproject()
     assert "version" not in project["project"]
     assert project["project"]["dynamic"] == ["version"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dials_truncfix.__version__"}
-    assignments = [path for path in _package_files() if re.search(r"^__version__ =", open(path).read(), flags=re.M)]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "dials_truncfix.__version__"
+    }
+    assignments = [
+        path
+        for path in _package_files()
+        if re.search(r"^__version__ =", open(path).read(), flags=re.M)
+    ]
     assert assignments == [os.path.join(ROOT, "dials_truncfix", "__init__.py")]
 
 
 def test_setup_py_is_a_shim():
     tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    body = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+    body = [
+        node
+        for node in tree.body
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+    ]
     assert [ast.dump(node) for node in body] == [
         ast.dump(ast.parse("from setuptools import setup").body[0]),
         ast.dump(ast.parse("setup()").body[0]),
@@ -66,7 +100,10 @@ def test_setup_py_is_a_shim():
 
 def test_license():
     text = open(os.path.join(ROOT, "LICENSE")).read()
-    assert text.startswith("BSD 3-Clause License") and "the dials-truncfix developers" in text
+    assert (
+        text.startswith("BSD 3-Clause License")
+        and "the dials-truncfix developers" in text
+    )
     assert _pyproject()["project"]["license"] == {"text": "BSD-3-Clause"}
 
 
@@ -79,9 +116,17 @@ def test_metadata_as_setuptools_builds_it(tmp_path):
     source.mkdir()
     _source_copy(source)
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from setuptools import build_meta; "
-         "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))", str(tmp_path)],
-        cwd=source, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; "
+            "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))",
+            str(tmp_path),
+        ],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()[-1]
     info = tmp_path / out
     headers = (info / "METADATA").read_text().split("\n\n")[0]
@@ -89,9 +134,19 @@ def test_metadata_as_setuptools_builds_it(tmp_path):
     get = lambda key: [value for k, value in fields if k == key]  # noqa: E731
     assert get("Name") == ["dials-truncfix"] and get("Version") == [__version__]
     assert get("Requires-Python") == [_pyproject()["project"]["requires-python"]]
-    requires = {value.replace(" ", "").replace("'", '"') for value in get("Requires-Dist")}
-    assert {"numpy", "scipy", 'pytest;extra=="test"', 'hypothesis;extra=="test"', 'plotly;extra=="report"'} <= requires
-    assert not any(name in value for value in requires for name in ("dials", "dxtbx", "cctbx"))
+    requires = {
+        value.replace(" ", "").replace("'", '"') for value in get("Requires-Dist")
+    }
+    assert {
+        "numpy",
+        "scipy",
+        'pytest;extra=="test"',
+        'hypothesis;extra=="test"',
+        'plotly;extra=="report"',
+    } <= requires
+    assert not any(
+        name in value for value in requires for name in ("dials", "dxtbx", "cctbx")
+    )
     found, group = set(), None
     for line in (info / "entry_points.txt").read_text().splitlines():
         if line.startswith("["):
@@ -108,13 +163,24 @@ def test_metadata_as_setuptools_builds_it(tmp_path):
 def test_no_newer_python_than_requires_python():
     """Every module of the package parses as the oldest Python allowed, and
     annotations (builtin generics, unions) are never evaluated."""
-    oldest = tuple(int(n) for n in re.fullmatch(r">=(\d+)\.(\d+)", _pyproject()["project"]["requires-python"]).groups())
+    oldest = tuple(
+        int(n)
+        for n in re.fullmatch(
+            r">=(\d+)\.(\d+)", _pyproject()["project"]["requires-python"]
+        ).groups()
+    )
     for path in _package_files():
         text = open(path).read()
         tree = ast.parse(text, path, feature_version=oldest)
-        annotated = any(isinstance(node, ast.AnnAssign) or (isinstance(node, ast.arg) and node.annotation)
-                        or (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns)
-                        for node in ast.walk(tree))
+        annotated = any(
+            isinstance(node, ast.AnnAssign)
+            or (isinstance(node, ast.arg) and node.annotation)
+            or (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.returns
+            )
+            for node in ast.walk(tree)
+        )
         assert not annotated or "from __future__ import annotations" in text, path
 
 
@@ -133,10 +199,18 @@ def test_libtbx_reads_the_module_configuration():
     import libtbx.env_config
     from libtbx.path import absolute_path
 
-    config = eval(open(os.path.join(ROOT, "libtbx_config")).read(), {}, {})  # as libtbx evaluates it
-    known = set(re.findall(r"config\.get\(\s*\"(\w+)\"", inspect.getsource(libtbx.env_config.module)))
+    config = eval(
+        open(os.path.join(ROOT, "libtbx_config")).read(), {}, {}
+    )  # as libtbx evaluates it
+    known = set(
+        re.findall(
+            r"config\.get\(\s*\"(\w+)\"", inspect.getsource(libtbx.env_config.module)
+        )
+    )
     assert set(config) <= known, set(config) - known
-    module = libtbx.env_config.module(env=_Environment(), name="dials_truncfix", dist_path=absolute_path(ROOT))
+    module = libtbx.env_config.module(
+        env=_Environment(), name="dials_truncfix", dist_path=absolute_path(ROOT)
+    )
     module.process_libtbx_config()
     assert module.required_for_use == ["dxtbx", "dials"]
     assert module.required_for_build == [] and module.optional == []
@@ -185,18 +259,33 @@ def test_libtbx_refresh_installs_the_checkout_into_the_build_python(tmp_path):
     module_path.mkdir(parents=True)
     _source_copy(module_path)
     python, env, _ = fresh_environment(sys.executable, str(tmp_path / "build-python"))
-    result = subprocess.run([python, "-c", LIBTBX_REFRESH, str(module_path)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [python, "-c", LIBTBX_REFRESH, str(module_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     refresh = json.loads(result.stdout.strip().splitlines()[-1])
     assert refresh["added"] == ["_dials_truncfix_libtbx_refresh", "self"]
     assert refresh["pythonpath"] == [str(module_path)]
-    result = subprocess.run([python, "-c", IN_THE_BUILD], cwd=tmp_path, capture_output=True, text=True,
-                            env=dict(env, PYTHONPATH=os.pathsep.join(refresh["pythonpath"])))
+    result = subprocess.run(
+        [python, "-c", IN_THE_BUILD],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(env, PYTHONPATH=os.pathsep.join(refresh["pythonpath"])),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["package"] == str(module_path / "dials_truncfix" / "__init__.py")
-    assert found["format_class"] == str(module_path / "dials_truncfix" / "format_wrapper.py")
+    assert found["format_class"] == str(
+        module_path / "dials_truncfix" / "format_wrapper.py"
+    )
     assert found["distribution"].startswith(str(tmp_path / "build-python") + os.sep)
-    assert found["direct_url"] == {"url": module_path.as_uri(), "dir_info": {"editable": True}}
+    assert found["direct_url"] == {
+        "url": module_path.as_uri(),
+        "dir_info": {"editable": True},
+    }
     assert found["script"]

@@ -22,7 +22,9 @@ def scenes(draw):
     noise = draw(st.integers(0, 2**32 - 1))
     if draw(st.booleans()):
         rng = np.random.default_rng(noise)
-        image = np.clip(np.rint(-6 + np.exp(2 + 0.4 * rng.standard_normal(SHAPE))), 0, 65535).astype(np.uint16)
+        image = np.clip(
+            np.rint(-6 + np.exp(2 + 0.4 * rng.standard_normal(SHAPE))), 0, 65535
+        ).astype(np.uint16)
     valid = draw(arrays(np.bool_, SHAPE, elements=st.booleans()))
     centre = (draw(st.floats(-10, 40)), draw(st.floats(-10, 40)))
     slow, fast = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]]
@@ -36,20 +38,34 @@ def scenes(draw):
 
 
 # derandomized: CI sees the same 300 examples every run (explore more by hand)
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(scenes())
 def test_correction_invariants(scene):
     image, valid, inv_d2, azimuth, n_shells, n_sectors, seed, assignment = scene
     try:
         shell_map = build_shell_map(
-            [inv_d2], [valid], n_shells, min_pixels_per_shell=20, azimuth=[azimuth], n_sectors=n_sectors
+            [inv_d2],
+            [valid],
+            n_shells,
+            min_pixels_per_shell=20,
+            azimuth=[azimuth],
+            n_sectors=n_sectors,
         )
     except ShellError:
         assert valid.sum() < 20
         return
     before = image.copy()
     params = CorrectionParameters(
-        n_shells=n_shells, seed=seed, min_pixels_per_shell=20, assignment=assignment, n_sectors=n_sectors
+        n_shells=n_shells,
+        seed=seed,
+        min_pixels_per_shell=20,
+        assignment=assignment,
+        n_sectors=n_sectors,
     )
     result = correct_image([image], shell_map, params, "prop")
     out = np.asarray(result.data[0])
@@ -64,13 +80,18 @@ def test_correction_invariants(scene):
     assert np.array_equal(np.asarray(again.data[0]), out)
     labels = shell_map.labels.reshape(SHAPE)
     for region, shell in enumerate(result.shells):
-        assert (shell.shell, shell.sector) == (shell_map.shell[region], shell_map.sector[region])
+        assert (shell.shell, shell.sector) == (
+            shell_map.shell[region],
+            shell_map.sector[region],
+        )
         if shell.n_changed and assignment == "expectation":
             # independent draws of floor(m) or floor(m) + 1: within 6 binomial
             # standard deviations of n m (300 examples), plus the slot rounding
             given = out[(labels == region) & (image == 0)].astype(np.int64)
             m = shell.conditional_mean
             f = m - np.floor(m)
-            bound = 6 * np.sqrt(shell.n_zero * f * (1 - f)) + shell.n_zero / 65536 + 1e-9
+            bound = (
+                6 * np.sqrt(shell.n_zero * f * (1 - f)) + shell.n_zero / 65536 + 1e-9
+            )
             assert abs(given.sum() - shell.n_zero * m) <= bound
             assert set(np.unique(given)) <= {np.floor(m), np.floor(m) + 1}

@@ -21,7 +21,7 @@ from scipy import stats
 
 from devtools.synthetic import radial_inv_d2, smv_geometry
 from dials_truncfix.core.correction import CORRECTED, correct_image
-from dials_truncfix.core.lognormal import Distribution, fit_lognormal, standard_errors
+from dials_truncfix.core.lognormal import fit_lognormal, standard_errors
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import build_shell_map
 from dials_truncfix.io.smv import write_smv
@@ -39,7 +39,10 @@ def _histogram(values, quantile=0.5):
     return h[:-1], int(h[-1])
 
 
-@pytest.mark.parametrize("location, scale", [(-1.5, 1.65), (0.5, 1.65), (2.5, 1.65), (1.0, 6.0), (-4.0, 10.0)])
+@pytest.mark.parametrize(
+    "location, scale",
+    [(-1.5, 1.65), (0.5, 1.65), (2.5, 1.65), (1.0, 6.0), (-4.0, 10.0)],
+)
 def test_the_normal_limit_is_fitted_and_its_parameters_recovered(location, scale):
     """Truncated normal read noise from 10% to 90% zeros (2 x 10^5 pixels):
     the fit converges in a handful of Newton steps (a run to the lognormal's
@@ -63,9 +66,17 @@ def test_symmetric_noise_ends_at_the_normal_about_half_the_time():
     lands on it (model "normal") in a fair share of repeats, and on clearly
     skewed data never."""
     rng = np.random.default_rng(3)
-    normal = [fit_lognormal(*_histogram(1.0 + 2.0 * rng.standard_normal(50_000))).model for _ in range(20)]
+    normal = [
+        fit_lognormal(*_histogram(1.0 + 2.0 * rng.standard_normal(50_000))).model
+        for _ in range(20)
+    ]
     assert 4 <= normal.count("normal") <= 16, normal
-    skewed = [fit_lognormal(*_histogram(-3 + np.exp(1 + 0.6 * rng.standard_normal(50_000)))).model for _ in range(5)]
+    skewed = [
+        fit_lognormal(
+            *_histogram(-3 + np.exp(1 + 0.6 * rng.standard_normal(50_000)))
+        ).model
+        for _ in range(5)
+    ]
     assert skewed == ["lognormal"] * 5
 
 
@@ -84,16 +95,22 @@ def test_values_given_at_the_normal_limit_follow_the_true_values():
     labels = shell_map.labels.reshape(size, size)
     true = np.rint(means[labels] + 3.0 * rng.standard_normal((size, size))).astype(int)
     image = np.clip(true, 0, None).astype(np.uint16)
-    result = correct_image([image], shell_map, CorrectionParameters(n_shells=n_shells), "read-noise")
+    result = correct_image(
+        [image], shell_map, CorrectionParameters(n_shells=n_shells), "read-noise"
+    )
     out = result.data[0]
     for shell in result.shells:
         assert shell.status == CORRECTED and shell.fit.converged, shell
         zero = (labels == shell.shell) & (image == 0)
         given, truth = out[zero].astype(float), true[zero].astype(float)
         w1 = stats.wasserstein_distance(given, truth)
-        z = (given.mean() - truth.mean()) / np.sqrt(truth.var() / truth.size + given.var() / given.size)
-        print(f"shell {shell.shell} {shell.fit.model}: zeros {shell.zero_fraction:.0%}, mean {given.mean():.2f} "
-              f"(true {truth.mean():.2f}), sd {given.std():.2f} ({truth.std():.2f}), W1 {w1:.3f}")
+        z = (given.mean() - truth.mean()) / np.sqrt(
+            truth.var() / truth.size + given.var() / given.size
+        )
+        print(
+            f"shell {shell.shell} {shell.fit.model}: zeros {shell.zero_fraction:.0%}, mean {given.mean():.2f} "
+            f"(true {truth.mean():.2f}), sd {given.std():.2f} ({truth.std():.2f}), W1 {w1:.3f}"
+        )
         assert abs(z) < 4, (shell.shell, z)
         assert abs(given.std() / truth.std() - 1) < 0.1
         assert w1 < 0.15
@@ -116,12 +133,32 @@ def ceta_runs(tmp_path_factory):
         true = dark + shift
         image = np.clip(true, 0, None).astype(np.uint16)
         header = smv_geometry(dark.shape[0])
-        write_smv(str(work / "ceta_00001.img"), image, OSC_START=0.0, OSC_RANGE=0.36, PHI=0.0, **header)
-        run(["dials.import", "ceta_00001.img", "output.experiments=on_read.expt"], work, DIALS_TRUNCFIX="1")
+        write_smv(
+            str(work / "ceta_00001.img"),
+            image,
+            OSC_START=0.0,
+            OSC_RANGE=0.36,
+            PHI=0.0,
+            **header,
+        )
+        run(
+            ["dials.import", "ceta_00001.img", "output.experiments=on_read.expt"],
+            work,
+            DIALS_TRUNCFIX="1",
+        )
         _, pixels, masks = read_back("on_read.expt", work)
         run(["dials.import", "ceta_00001.img", "output.experiments=stock.expt"], work)
-        run(["dials.correct_truncation", "stock.expt", "output.report=None", "output.format=on_read",
-             "output.experiments=corrected.expt", "nproc=1"], work)
+        run(
+            [
+                "dials.correct_truncation",
+                "stock.expt",
+                "output.report=None",
+                "output.format=on_read",
+                "output.experiments=corrected.expt",
+                "nproc=1",
+            ],
+            work,
+        )
         with open(work / "dials.correct_truncation.json") as fh:
             record = json.load(fh)
         runs[shift] = (true.ravel(), image.ravel(), pixels[0], masks[0], record)
@@ -129,7 +166,12 @@ def ceta_runs(tmp_path_factory):
 
 
 def _regions(record):
-    return [shell for sweep in record["sequences"] for image in sweep["images"] for shell in image["shells"]]
+    return [
+        shell
+        for sweep in record["sequences"]
+        for image in sweep["images"]
+        for shell in image["shells"]
+    ]
 
 
 @pytest.mark.slow
@@ -146,10 +188,14 @@ def test_a_real_camera_frame_is_corrected_in_every_shell(ceta_runs, shift, bias_
     share_given = given / zero.sum()
     # where the stock class masks zeros the correction leaves alone, they read as 0
     corrected = np.where(mask | ~zero, pixels, 0).astype(float)
-    bias_removed = 1 - (corrected[zero].mean() - true[zero].mean()) / (0 - true[zero].mean())
+    bias_removed = 1 - (corrected[zero].mean() - true[zero].mean()) / (
+        0 - true[zero].mean()
+    )
     models = [r["fit"]["model"] for r in regions if r["fit"]]
-    print(f"shift {shift}: zeros {zero.mean():.1%}, given a value {share_given:.3f} ({n_zero} zeros in regions), "
-          f"bias removed {bias_removed:.1%}, models {models}")
+    print(
+        f"shift {shift}: zeros {zero.mean():.1%}, given a value {share_given:.3f} ({n_zero} zeros in regions), "
+        f"bias removed {bias_removed:.1%}, models {models}"
+    )
     assert share_given >= 0.95
     assert bias_removed >= bias_target
     assert np.array_equal(pixels[~zero], image[~zero])  # positive pixels never change

@@ -32,7 +32,11 @@ def _import(tmp_path, name):
     """(on read, stock) imports of one real file, each without a traceback."""
     path = realdata(name)
     for result in (
-        run(["dials.import", path, "output.experiments=on_read.expt"], tmp_path, DIALS_TRUNCFIX="1"),
+        run(
+            ["dials.import", path, "output.experiments=on_read.expt"],
+            tmp_path,
+            DIALS_TRUNCFIX="1",
+        ),
         run(["dials.import", path, "output.experiments=stock.expt"], tmp_path),
     ):
         assert "Traceback" not in result.stdout + result.stderr
@@ -44,10 +48,15 @@ def _same(a, b):
 
 
 def _assert_as_stock(tmp_path, name):
-    (info, pixels, masks), (stock_info, stock_pixels, stock_masks) = _import(tmp_path, name)
+    (info, pixels, masks), (stock_info, stock_pixels, stock_masks) = _import(
+        tmp_path, name
+    )
     # the class may be the wrapper passing the data through (the float DM4 then has another trusted range)
     assert _same(pixels, stock_pixels) and _same(masks, stock_masks)
-    found = run(["dials.find_spots", "on_read.expt", "nproc=1", "max_strong_pixel_fraction=1"], tmp_path)
+    found = run(
+        ["dials.find_spots", "on_read.expt", "nproc=1", "max_strong_pixel_fraction=1"],
+        tmp_path,
+    )
     assert "Traceback" not in found.stdout + found.stderr
     return stock_pixels
 
@@ -57,20 +66,40 @@ def _corrected_unchanged(tmp_path, stock_pixels, *args):
     run([*CORRECT, *args], tmp_path)
     assert _same(read_back("corrected.expt", tmp_path)[1], stock_pixels)
     record = json.loads((tmp_path / "dials.correct_truncation.json").read_text())
-    assert sum(image["n_changed"] for sweep in record["sequences"] for image in sweep["images"]) == 0
+    assert (
+        sum(
+            image["n_changed"]
+            for sweep in record["sequences"]
+            for image in sweep["images"]
+        )
+        == 0
+    )
     return (tmp_path / "dials.correct_truncation.log").read_text()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug: the full CBF holds fewer data arrays than the format's panels (TimePix 512: one array, 4 "
-        "panels; Pilatus 12M: 24 panels), which corrected.expt keeps, so dxtbx cannot read corrected.expt "
-        "(mask.n_tiles() == data.n_tiles() fails)"
-    ))) if name in MULTI_PANEL_BUG else name
-    for name in sorted(COUNTING)
-])
-def test_counting_detector_reads_as_stock_and_is_written_unchanged_with_the_reason(tmp_path, name):
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "known bug: the full CBF holds fewer data arrays than the format's panels (TimePix 512: one array, 4 "
+                    "panels; Pilatus 12M: 24 panels), which corrected.expt keeps, so dxtbx cannot read corrected.expt "
+                    "(mask.n_tiles() == data.n_tiles() fails)"
+                ),
+            ),
+        )
+        if name in MULTI_PANEL_BUG
+        else name
+        for name in sorted(COUNTING)
+    ],
+)
+def test_counting_detector_reads_as_stock_and_is_written_unchanged_with_the_reason(
+    tmp_path, name
+):
     stock_pixels = _assert_as_stock(tmp_path, name)
     log = _corrected_unchanged(tmp_path, stock_pixels)
     assert f"not corrected: {COUNTING[name]} is a counting detector" in log
@@ -92,8 +121,10 @@ def test_cspad_still_with_signed_data(tmp_path):
     assert min(p.min() for p in stock_pixels) < 0
     before = sorted(p.name for p in tmp_path.iterdir())
     result = run(CORRECT, tmp_path, ok=False)
-    assert "a still without a goniometer (an XFEL still) cannot be written as a full CBF: use output.format=on_read" \
+    assert (
+        "a still without a goniometer (an XFEL still) cannot be written as a full CBF: use output.format=on_read"
         in one_line_error(result)
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
     log = _corrected_unchanged(tmp_path, stock_pixels, "output.format=on_read")
     assert "passed through unchanged: not truncated data: holds negative values" in log
@@ -105,11 +136,17 @@ def test_jhsim_still_is_corrected_alike_on_read_and_by_correct_truncation(tmp_pa
     (the zeros given values <= 0, positive pixels kept) and by
     dials.correct_truncation, to the same pixels."""
     (info, pixels, masks), (stock_info, stock_pixels, _) = _import(tmp_path, JHSIM)
-    assert info["format"].startswith("Truncfix_") and stock_info["format"] == "FormatSMVJHSim"
+    assert (
+        info["format"].startswith("Truncfix_")
+        and stock_info["format"] == "FormatSMVJHSim"
+    )
     (data,), (raw,) = pixels, stock_pixels
     assert np.array_equal(data[raw > 0], raw[raw > 0])
     assert (data < 0).sum() > 0.1 * (raw == 0).sum() and (data <= 0)[raw == 0].all()
-    run(["dials.find_spots", "on_read.expt", "nproc=1", "max_strong_pixel_fraction=1"], tmp_path)
+    run(
+        ["dials.find_spots", "on_read.expt", "nproc=1", "max_strong_pixel_fraction=1"],
+        tmp_path,
+    )
     run(CORRECT, tmp_path)
     _, corrected, _ = read_back("corrected.expt", tmp_path)
     assert np.array_equal(corrected[0], data)

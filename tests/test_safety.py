@@ -16,9 +16,10 @@ import textwrap
 import time
 
 import pytest
-from dxtbx.model.experiment_list import ExperimentList
 from helpers import environment, one_line_error, run
 from test_command import ARGS, make_smv_sweep
+
+from dxtbx.model.experiment_list import ExperimentList
 
 from dials_truncfix import format_wrapper
 from dials_truncfix.command_line.correct_truncation import correct, phil_scope
@@ -52,22 +53,32 @@ def imported(tmp_path_factory):
 
 
 def _outputs(directory):
-    return sorted(p for p in os.listdir(directory) if p not in ("data", "imported.expt", "dials.import.log"))
+    return sorted(
+        p
+        for p in os.listdir(directory)
+        if p not in ("data", "imported.expt", "dials.import.log")
+    )
 
 
 def _blocked_plotly(tmp_path):
     """A PYTHONPATH whose plotly package cannot be imported."""
     blocked = tmp_path / "blocked"
     (blocked / "plotly").mkdir(parents=True, exist_ok=True)
-    (blocked / "plotly" / "__init__.py").write_text('raise ImportError("No module named plotly (blocked by the test)")\n')
-    return os.pathsep.join([str(blocked), *filter(None, [os.environ.get("PYTHONPATH")])])
+    (blocked / "plotly" / "__init__.py").write_text(
+        'raise ImportError("No module named plotly (blocked by the test)")\n'
+    )
+    return os.pathsep.join(
+        [str(blocked), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
 
 
 def _check_refused(result, workdir):
     output = one_line_error(result)
     lines = [line for line in output.splitlines() if "plotly" in line]
     assert len(lines) == 1 and "output.report=None" in lines[0], output
-    assert _outputs(workdir) == [], "nothing written, not even the log or the output directory"
+    assert _outputs(workdir) == [], (
+        "nothing written, not even the log or the output directory"
+    )
 
 
 @pytest.mark.slow
@@ -77,22 +88,50 @@ def test_report_without_the_plotly_package(imported, tmp_path):
     written (DIALS 3.12)."""
     work = tmp_path / "work"
     work.mkdir()
-    result = run(["dials.correct_truncation", imported / "imported.expt", *ARGS, "nproc=1"], work, ok=False,
-                 PYTHONPATH=_blocked_plotly(tmp_path))
+    result = run(
+        ["dials.correct_truncation", imported / "imported.expt", *ARGS, "nproc=1"],
+        work,
+        ok=False,
+        PYTHONPATH=_blocked_plotly(tmp_path),
+    )
     if report.dials_plotly_js() is None:
         _check_refused(result, work)
-        run(["dials.correct_truncation", imported / "imported.expt", *ARGS, "nproc=1", "output.report=None"], work,
-            PYTHONPATH=_blocked_plotly(tmp_path))
-        assert "dials.correct_truncation.html" not in _outputs(work) and "corrected.expt" in _outputs(work)
+        run(
+            [
+                "dials.correct_truncation",
+                imported / "imported.expt",
+                *ARGS,
+                "nproc=1",
+                "output.report=None",
+            ],
+            work,
+            PYTHONPATH=_blocked_plotly(tmp_path),
+        )
+        assert "dials.correct_truncation.html" not in _outputs(
+            work
+        ) and "corrected.expt" in _outputs(work)
     else:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "plotly-js-gzip" in (work / "dials.correct_truncation.html").read_text()
 
 
 @pytest.mark.slow
-def test_neither_plotly_nor_dials_plotly_js_stops_in_one_line_before_any_output(imported, tmp_path):
-    result = run([sys.executable, "-c", WRAPPER, "no-dials-js", imported / "imported.expt", *ARGS, "nproc=1"],
-                 tmp_path, ok=False)
+def test_neither_plotly_nor_dials_plotly_js_stops_in_one_line_before_any_output(
+    imported, tmp_path
+):
+    result = run(
+        [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            "no-dials-js",
+            imported / "imported.expt",
+            *ARGS,
+            "nproc=1",
+        ],
+        tmp_path,
+        ok=False,
+    )
     _check_refused(result, tmp_path)
 
 
@@ -103,13 +142,29 @@ def test_dials_plotly_js_is_embedded_without_the_plotly_package(imported, tmp_pa
     import re
 
     fake = tmp_path / "plotly-latest.min.js"
-    fake.write_text("/* plotly.js as DIALS ships it */ window.Plotly = window.Plotly;\n")
+    fake.write_text(
+        "/* plotly.js as DIALS ships it */ window.Plotly = window.Plotly;\n"
+    )
     work = tmp_path / "work"
     work.mkdir()
-    run([sys.executable, "-c", WRAPPER, fake, imported / "imported.expt", *ARGS, "nproc=1"], work)
+    run(
+        [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            fake,
+            imported / "imported.expt",
+            *ARGS,
+            "nproc=1",
+        ],
+        work,
+    )
     page = (work / "dials.correct_truncation.html").read_text()
     embedded = re.findall(r'id="plotly-js-gzip">([^<]*)</script>', page)
-    assert gzip.decompress(base64.b64decode(embedded[0])).decode("utf-8") == fake.read_text()
+    assert (
+        gzip.decompress(base64.b64decode(embedded[0])).decode("utf-8")
+        == fake.read_text()
+    )
     assert (work / "corrected.expt").exists()
 
 
@@ -135,8 +190,12 @@ LOCKER = textwrap.dedent("""
 
 
 def _lock_in_another_process(directory, hold=0.0):
-    return subprocess.run([sys.executable, "-c", LOCKER, str(directory), str(hold)], capture_output=True, text=True,
-                          env=environment())
+    return subprocess.run(
+        [sys.executable, "-c", LOCKER, str(directory), str(hold)],
+        capture_output=True,
+        text=True,
+        env=environment(),
+    )
 
 
 def test_a_second_process_cannot_take_the_lock_and_gets_it_once_released(tmp_path):
@@ -153,17 +212,25 @@ def test_a_second_process_cannot_take_the_lock_and_gets_it_once_released(tmp_pat
 
 
 def test_the_lock_of_a_killed_process_is_released(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(tmp_path), "600"], stdout=subprocess.PIPE, text=True,
-                              env=environment())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(tmp_path), "600"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputError, match="another dials.correct_truncation is writing there"):
+        with pytest.raises(
+            OutputError, match="another dials.correct_truncation is writing there"
+        ):
             with run_lock([tmp_path]):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    assert (tmp_path / LOCK_NAME).exists(), "killed outright: its lock file stays, unlocked"
+    assert (tmp_path / LOCK_NAME).exists(), (
+        "killed outright: its lock file stays, unlocked"
+    )
     with run_lock([tmp_path]):
         pass
     assert not (tmp_path / LOCK_NAME).exists()
@@ -173,7 +240,12 @@ def test_the_lock_module_imports_no_posix_only_module_at_its_top():
     import ast
 
     tree = ast.parse(open(outputs.__file__).read())
-    top = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top = {
+        alias.name
+        for node in tree.body
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert not top & {"fcntl", "msvcrt"}, top
 
@@ -186,7 +258,9 @@ def _sleep():
 
 
 @pytest.mark.slow
-def test_the_library_entry_point_installs_nothing_and_kills_nothing(imported, tmp_path, monkeypatch):
+def test_the_library_entry_point_installs_nothing_and_kills_nothing(
+    imported, tmp_path, monkeypatch
+):
     """correct(), which the command line's run() calls, called from Python:
     no signal handler set (not even for a moment), the unraisable hook
     unchanged, the caller's multiprocessing children alive."""
@@ -194,20 +268,29 @@ def test_the_library_entry_point_installs_nothing_and_kills_nothing(imported, tm
     hook = sys.unraisablehook
     set_signals = []
     real_signal = signal.signal
-    monkeypatch.setattr(signal, "signal", lambda s, h: set_signals.append(s) or real_signal(s, h))
+    monkeypatch.setattr(
+        signal, "signal", lambda s, h: set_signals.append(s) or real_signal(s, h)
+    )
     child = multiprocessing.get_context("spawn").Process(target=_sleep, daemon=True)
     child.start()
     try:
         experiments = ExperimentList.from_file(str(imported / "imported.expt"))
         params = phil_scope.extract()
-        params.truncfix.n_shells, params.truncfix.min_pixels_per_shell, params.mp.nproc = 4, 100, 1
+        (
+            params.truncfix.n_shells,
+            params.truncfix.min_pixels_per_shell,
+            params.mp.nproc,
+        ) = 4, 100, 1
         params.output.report = None
         params.output.directory = str(tmp_path / "corrected")
         params.output.experiments = str(tmp_path / "corrected.expt")
         params.output.json = str(tmp_path / "record.json")
         params.output.log = None
         correct(experiments, params, argparse.Namespace(verbose=0))
-        assert len(os.listdir(tmp_path / "corrected")) == 2 and (tmp_path / "corrected.expt").exists()
+        assert (
+            len(os.listdir(tmp_path / "corrected")) == 2
+            and (tmp_path / "corrected.expt").exists()
+        )
         assert set_signals == []
         assert {s: signal.getsignal(s) for s in handlers} == handlers
         assert sys.unraisablehook is hook
@@ -250,10 +333,16 @@ def test_the_settings_remember_a_bounded_number_of_records(caplog):
     record = dict(Settings(CorrectionParameters()).to_record(), algorithm=1)
     with caplog.at_level(logging.WARNING):
         for seed in range(REMEMBERED_KEYS + 10):
-            Settings.from_record(dict(record, parameters=dict(record["parameters"], seed=seed)))
-        Settings.from_record(dict(record, parameters=dict(record["parameters"], seed=REMEMBERED_KEYS)))
+            Settings.from_record(
+                dict(record, parameters=dict(record["parameters"], seed=seed))
+            )
+        Settings.from_record(
+            dict(record, parameters=dict(record["parameters"], seed=REMEMBERED_KEYS))
+        )
     assert len(noted_records) == REMEMBERED_KEYS
-    assert caplog.text.count("truncation-correction algorithm 1") == REMEMBERED_KEYS + 10, "one warning per record"
+    assert (
+        caplog.text.count("truncation-correction algorithm 1") == REMEMBERED_KEYS + 10
+    ), "one warning per record"
 
 
 # --- the stock-class resolution nests ----------------------------------------------------------------
@@ -263,8 +352,12 @@ def test_resolving_the_stock_class_restores_the_state_it_found(tmp_path):
     path = make_smv_sweep(tmp_path, n=1)[0]
     assert not format_wrapper.stock_class_being_resolved()
     with format_wrapper.resolving_stock_class():
-        stock = format_wrapper.stock_format_class(path)  # nested: a resolution inside another
-        assert format_wrapper.stock_class_being_resolved(), "the inner resolution ended the outer one"
+        stock = format_wrapper.stock_format_class(
+            path
+        )  # nested: a resolution inside another
+        assert format_wrapper.stock_class_being_resolved(), (
+            "the inner resolution ended the outer one"
+        )
         with format_wrapper.resolving_stock_class():
             pass
         assert format_wrapper.stock_class_being_resolved()

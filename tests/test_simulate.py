@@ -23,7 +23,9 @@ SMALL = ["image_size=512", "n_images=6", "seed=7"]
 
 
 def make_params(directory, *extra):
-    return simulate.get_params(list(SMALL) + ["output.directory=%s" % directory] + list(extra))
+    return simulate.get_params(
+        list(SMALL) + ["output.directory=%s" % directory] + list(extra)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,9 @@ def test_truncated_is_clipped_truth(sweep):
         n_neg += (truth < 0).sum()
     assert n_neg > 0
     # the files hold what the in-memory renderer produces
-    np.testing.assert_array_equal(read_raw(cbf), result.truth_image(params.n_images - 1))
+    np.testing.assert_array_equal(
+        read_raw(cbf), result.truth_image(params.n_images - 1)
+    )
 
 
 def test_zeros_concentrated_at_high_resolution(sweep):
@@ -177,9 +181,15 @@ def test_formats_and_trusted_ranges(sweep):
     assert get_format_class_for_file(smv).__name__ == "FormatSMVADSC"
     assert get_format_class_for_file(cbf).__name__ == "FormatCBFFullByteOffset"
     img = dxtbx.load(smv)
-    assert compat.valid_integer_range(img.get_detector()[0].get_trusted_range())[1] == 65534
+    assert (
+        compat.valid_integer_range(img.get_detector()[0].get_trusted_range())[1]
+        == 65534
+    )
     truth = dxtbx.load(cbf)
-    assert compat.valid_integer_range(truth.get_detector()[0].get_trusted_range()) == simulate.TRUTH_VALID_RANGE
+    assert (
+        compat.valid_integer_range(truth.get_detector()[0].get_trusted_range())
+        == simulate.TRUTH_VALID_RANGE
+    )
     raw = truth.get_raw_data()
     assert raw.as_numpy_array().min() < 0
     mask = truth.get_detector()[0].get_trusted_range_mask(raw).as_numpy_array()
@@ -239,7 +249,10 @@ def test_fresh_dials_import(sweep, tmp_path):
     assert t.imageset.get_format_class().__name__ == "FormatSMVADSC"
     assert r.imageset.get_format_class().__name__ == "FormatCBFFullByteOffset"
     assert compat.valid_integer_range(t.detector[0].get_trusted_range())[1] == 65534
-    assert compat.valid_integer_range(r.detector[0].get_trusted_range()) == simulate.TRUTH_VALID_RANGE
+    assert (
+        compat.valid_integer_range(r.detector[0].get_trusted_range())
+        == simulate.TRUTH_VALID_RANGE
+    )
     for i in range(len(r.imageset)):
         truth = r.imageset.get_raw_data(i)[0].as_numpy_array()
         trunc = t.imageset.get_raw_data(i)[0].as_numpy_array()
@@ -266,9 +279,7 @@ def test_predicted_spots_on_bright_pixels(sweep):
     expt = ExperimentListFactory.from_filenames(files)[0]
     expt.crystal = truth_expt.crystal
     pred = simulate.predict_reflections(expt, params.d_min)
-    pred_pos = {
-        h: xyz for h, xyz in zip(pred["miller_index"], pred["xyzcal.px"])
-    }
+    pred_pos = dict(zip(pred["miller_index"], pred["xyzcal.px"]))
     n_common = 0
     for h, xyz in zip(refl["miller_index"], refl["xyzcal.px"]):
         if h in pred_pos:
@@ -289,7 +300,10 @@ def test_predicted_spots_on_bright_pixels(sweep):
         sel = (
             (np.floor(z) == i)
             & (recorded > 2000)  # electrons
-            & (x > 5) & (x < n - 5) & (y > 5) & (y < n - 5)
+            & (x > 5)
+            & (x < n - 5)
+            & (y > 5)
+            & (y < n - 5)
         )
         ix, iy = x[sel].astype(int), y[sel].astype(int)
         peak = img[iy, ix]
@@ -377,21 +391,47 @@ def test_readnoise_camera_is_corrected_through_dials(tmp_path):
     from helpers import read_back, run
 
     directory = str(tmp_path / "sim")
-    params = simulate.get_params(["image_size=512", "n_images=3", "seed=5", "preset=readnoise",
-                                  "output.directory=%s" % directory])
+    params = simulate.get_params(
+        [
+            "image_size=512",
+            "n_images=3",
+            "seed=5",
+            "preset=readnoise",
+            "output.directory=%s" % directory,
+        ]
+    )
     assert (params.camera.read_noise, params.camera.gain) == (8, 2)
     result = simulate.simulate_sweep(params)
     simulate.write_sweep(result)
     smvs = [smv for smv, _ in image_pairs(params, directory)]
-    run(["dials.import", *smvs, "output.experiments=on_read.expt"], tmp_path, DIALS_TRUNCFIX="1")
+    run(
+        ["dials.import", *smvs, "output.experiments=on_read.expt"],
+        tmp_path,
+        DIALS_TRUNCFIX="1",
+    )
     _, pixels, masks = read_back("on_read.expt", tmp_path)
     run(["dials.import", *smvs, "output.experiments=stock.expt"], tmp_path)
-    run(["dials.correct_truncation", "stock.expt", "output.format=on_read", "output.report=None", "nproc=1"],
-        tmp_path)
+    run(
+        [
+            "dials.correct_truncation",
+            "stock.expt",
+            "output.format=on_read",
+            "output.report=None",
+            "nproc=1",
+        ],
+        tmp_path,
+    )
     with open(tmp_path / "dials.correct_truncation.json") as fh:
         record = json.load(fh)
-    regions = [sh for sweep in record["sequences"] for image in sweep["images"] for sh in image["shells"]]
-    assert all(r["status"] == "corrected" for r in regions if r["n_zero"]), [r["status"] for r in regions]
+    regions = [
+        sh
+        for sweep in record["sequences"]
+        for image in sweep["images"]
+        for sh in image["shells"]
+    ]
+    assert all(r["status"] == "corrected" for r in regions if r["n_zero"]), [
+        r["status"] for r in regions
+    ]
     assert "normal" in [r["fit"]["model"] for r in regions if r["fit"]]
     for i, (smv, corrected, mask) in enumerate(zip(smvs, pixels, masks)):
         truth = result.truth_image(i).ravel().astype(float)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from helpers import read_back, run
 
-from devtools.synthetic import draw_true_values, falling_parameters, smv_geometry, truncate
+from devtools.synthetic import (
+    draw_true_values,
+    falling_parameters,
+    smv_geometry,
+    truncate,
+)
 from devtools.truncation_rates import offset_camera_image, radial_map
 from dials_truncfix.core.correction import CORRECTED, correct_image
 from dials_truncfix.core.histogram import counts_up_to, imax
@@ -30,12 +35,16 @@ def _fit(histogram, n):
 
 
 def _truncated(theta, mu, sigma, n, seed):
-    values = truncate(theta + np.exp(mu + sigma * np.random.default_rng(seed).standard_normal(n)))
+    values = truncate(
+        theta + np.exp(mu + sigma * np.random.default_rng(seed).standard_normal(n))
+    )
     return np.bincount(values)
 
 
-@pytest.mark.parametrize("theta, mu, sigma", [(-8.0, 2.2, 0.5), (-20.0, 3.2, 0.35), (-14.0, 2.5, 0.45),
-                                              (-5.0, 1.6, 0.5)])
+@pytest.mark.parametrize(
+    "theta, mu, sigma",
+    [(-8.0, 2.2, 0.5), (-20.0, 3.2, 0.35), (-14.0, 2.5, 0.45), (-5.0, 1.6, 0.5)],
+)
 @pytest.mark.parametrize("n", [3000, 400000])
 def test_real_truncation_is_accepted(theta, mu, sigma, n):
     """Truncated shifted lognormals from 1% to 75% zeros, few and many pixels."""
@@ -73,7 +82,9 @@ def test_a_fit_that_misses_the_low_bins_is_not_truncation():
     assert why_not_truncation(histogram, n, _converged(theta, mu, sigma)) is None
     for shift in (-8.0, 4.0):
         reason = why_not_truncation(histogram, n, _converged(theta + shift, mu, sigma))
-        assert reason is not None and reason.startswith("the fit misses the low counts"), shift
+        assert reason is not None and reason.startswith(
+            "the fit misses the low counts"
+        ), shift
 
 
 def test_offset_camera_image_is_left_exactly_as_it_was(caplog):
@@ -84,7 +95,10 @@ def test_offset_camera_image_is_left_exactly_as_it_was(caplog):
         result = correct_image([image], radial_map(512), PARAMS, "offset#0")
     np.testing.assert_array_equal(result.data[0], image)
     with_zeros = [s for s in result.shells if s.n_zero]
-    assert with_zeros and all(s.status.startswith("not truncation: gap of empty bins above 0") for s in with_zeros)
+    assert with_zeros and all(
+        s.status.startswith("not truncation: gap of empty bins above 0")
+        for s in with_zeros
+    )
     # every zero pixel is given no value: those of the regions and of the
     # all-zero border lines (left as they were as damaged lines)
     left = result.zeros_left()
@@ -94,7 +108,12 @@ def test_offset_camera_image_is_left_exactly_as_it_was(caplog):
     assert len(lines) == 1 and f"{len(with_zeros)} of 10 regions" in lines[0]
     # the next image of the sweep, alike: no second line
     with caplog.at_level("INFO"):
-        correct_image([offset_camera_image(512, 25, np.random.default_rng(2))], radial_map(512), PARAMS, "offset#1")
+        correct_image(
+            [offset_camera_image(512, 25, np.random.default_rng(2))],
+            radial_map(512),
+            PARAMS,
+            "offset#1",
+        )
     assert len([r for r in caplog.records if "not truncation" in r.message]) == 1
 
 
@@ -121,7 +140,9 @@ def _offset_and_truncated_sweep(directory, n_images=2):
     image = dxtbx.load(probe)
     inv_d2 = inv_d2_per_panel(image.get_detector(), image.get_beam().get_s0())
     (directory / "probe_00000.img").unlink()
-    labels = build_shell_map(inv_d2, [np.ones((SIZE, SIZE), bool)], 10, 1000).labels.reshape(SIZE, SIZE)
+    labels = build_shell_map(
+        inv_d2, [np.ones((SIZE, SIZE), bool)], 10, 1000
+    ).labels.reshape(SIZE, SIZE)
     offset_region = labels < OFFSET_SHELLS
     slow, fast = np.mgrid[0:SIZE, 0:SIZE]
     centre = np.unravel_index(np.argmax(inv_d2[0] == inv_d2[0].min()), (SIZE, SIZE))
@@ -156,7 +177,9 @@ def _assert_stock_where_left_alone(read, stock, offset_region, pedestal=0):
     file: 0), the only way a trusted range can mask them while the zeros the
     correction gives stay valid."""
     (_, pixels, masks), (_, stock_pixels, stock_masks) = read, stock
-    for data, mask, stock_data, stock_mask in zip(pixels, masks, stock_pixels, stock_masks):
+    for data, mask, stock_data, stock_mask in zip(
+        pixels, masks, stock_pixels, stock_masks
+    ):
         assert np.count_nonzero(stock_data[offset_region] == 0) > 1000
         np.testing.assert_array_equal(mask[offset_region], stock_mask[offset_region])
         values = data - pedestal
@@ -173,8 +196,14 @@ def _assert_stock_where_left_alone(read, stock, offset_region, pedestal=0):
 @pytest.mark.slow
 def test_offset_shells_read_as_stock_on_read(offset_sweep):
     directory, paths, offset_region, stock = offset_sweep
-    run(["dials.import", *paths, "output.experiments=on_read.expt"], directory, DIALS_TRUNCFIX="1")
-    _assert_stock_where_left_alone(read_back("on_read.expt", directory), stock, offset_region)
+    run(
+        ["dials.import", *paths, "output.experiments=on_read.expt"],
+        directory,
+        DIALS_TRUNCFIX="1",
+    )
+    _assert_stock_where_left_alone(
+        read_back("on_read.expt", directory), stock, offset_region
+    )
 
 
 @pytest.mark.slow
@@ -182,12 +211,33 @@ def test_offset_shells_read_as_stock_on_read(offset_sweep):
 def test_offset_shells_read_as_stock_after_correct_truncation(offset_sweep, fmt):
     directory, _, offset_region, stock = offset_sweep
     out = f"corrected_{fmt}"
-    run(["dials.correct_truncation", "stock.expt", f"output.format={fmt}", f"output.directory={out}",
-         f"output.experiments={out}.expt", f"output.json={out}.json", "output.report=None",
-         f"output.log={out}.log"], directory)
+    run(
+        [
+            "dials.correct_truncation",
+            "stock.expt",
+            f"output.format={fmt}",
+            f"output.directory={out}",
+            f"output.experiments={out}.expt",
+            f"output.json={out}.json",
+            "output.report=None",
+            f"output.log={out}.log",
+        ],
+        directory,
+    )
     record = json.loads((directory / f"{out}.json").read_text())
-    pedestal = smv_pedestal(record["sequences"][0]["lowest_value"]) if fmt == "smv" else 0
-    _assert_stock_where_left_alone(read_back(f"{out}.expt", directory), stock, offset_region, pedestal)
-    shells = [s for sweep in record["sequences"] for image in sweep["images"] for s in image["shells"]]
-    assert {s["status"].split(":")[0] for s in shells if s["shell"] < OFFSET_SHELLS} == {"not truncation"}
+    pedestal = (
+        smv_pedestal(record["sequences"][0]["lowest_value"]) if fmt == "smv" else 0
+    )
+    _assert_stock_where_left_alone(
+        read_back(f"{out}.expt", directory), stock, offset_region, pedestal
+    )
+    shells = [
+        s
+        for sweep in record["sequences"]
+        for image in sweep["images"]
+        for s in image["shells"]
+    ]
+    assert {
+        s["status"].split(":")[0] for s in shells if s["shell"] < OFFSET_SHELLS
+    } == {"not truncation"}
     assert {s["status"] for s in shells if s["shell"] >= OFFSET_SHELLS} == {CORRECTED}

@@ -25,7 +25,7 @@ from devtools.validation.statistics import TRUTH_SHELLS  # noqa: E402
 #: Small enough to run in about 3 minutes on 2 cores, large enough to index
 #: reliably (512 x 512 is too crowded for dials.index) and to have ~100
 #: unique reflections in the highest-resolution shell.
-SMALL = dict(image_size=1024, n_images=16, seed=1, nproc=2, d_min=1.3)
+SMALL = {"image_size": 1024, "n_images": 16, "seed": 1, "nproc": 2, "d_min": 1.3}
 # (measured on 2 cores: 3.0 min on Debian's DIALS 3.12, 1.9 min on current
 # DIALS 3.25.dev)
 
@@ -33,7 +33,9 @@ SMALL = dict(image_size=1024, n_images=16, seed=1, nproc=2, d_min=1.3)
 MODE = default_assignment()
 DATASETS = ("truth", "truncated", MODE)
 
-pytestmark = pytest.mark.skipif(shutil.which("dials.scale") is None, reason="DIALS programs not on PATH")
+pytestmark = pytest.mark.skipif(
+    shutil.which("dials.scale") is None, reason="DIALS programs not on PATH"
+)
 
 
 def _mean(result, key, shells):
@@ -43,7 +45,14 @@ def _mean(result, key, shells):
 def _scale_ratio(result, shells):
     """Mean of k_shell / k over ``shells``: the intensity at high resolution
     relative to the overall scale fitted against the truth."""
-    return float(np.mean([result["truth"]["shells"][i]["k_shell"] / result["truth"]["k"] for i in shells]))
+    return float(
+        np.mean(
+            [
+                result["truth"]["shells"][i]["k_shell"] / result["truth"]["k"]
+                for i in shells
+            ]
+        )
+    )
 
 
 def compared_shells(results, masked):
@@ -77,7 +86,9 @@ def check_direction(results, corrected=MODE, masked=False):
         # still have data (1024x16: 2.60-1.64 A). The corrected images (CBF,
         # trusted range admitting the negative values) are integrated like
         # the truth.
-        n_truth, n_trunc, n_corr = (r["integrated"]["integrated_sum"] for r in (truth, trunc, corr))
+        n_truth, n_trunc, n_corr = (
+            r["integrated"]["integrated_sum"] for r in (truth, trunc, corr)
+        )
         assert n_trunc < 0.5 * n_truth, (n_truth, n_trunc, n_corr)
         assert n_corr > 0.99 * n_truth, (n_truth, n_trunc, n_corr)
         assert len(shells) >= 2, shells
@@ -126,7 +137,11 @@ def check_direction(results, corrected=MODE, masked=False):
 def test_small_validation(tmp_path):
     start = time.time()
     results, info = run_validation(
-        str(tmp_path / "work"), crystals=("strong",), lanes=("this",), datasets=DATASETS, **SMALL
+        str(tmp_path / "work"),
+        crystals=("strong",),
+        lanes=("this",),
+        datasets=DATASETS,
+        **SMALL,
     )
     elapsed = time.time() - start
     lane = results["strong"]["this"]
@@ -139,7 +154,9 @@ def test_small_validation(tmp_path):
     for name in DATASETS:
         r = lane[name]
         assert r["truth"]["cc_truth"] > 0.99, name
-        if masked and name == "truncated":  # most reflections lost, none in the outer shells
+        if (
+            masked and name == "truncated"
+        ):  # most reflections lost, none in the outer shells
             assert r["overall"]["n_obs"] > 1000, name
             continue
         assert r["overall"]["n_obs"] > 10000, name
@@ -154,5 +171,10 @@ def test_small_validation(tmp_path):
     # the budget is 5 minutes for the whole test on 2 cores
     print(
         "small validation (%s, %s, zeros %s) took %.0f s"
-        % (info["lanes"]["this"]["dials_version"], MODE, "masked" if masked else "valid", elapsed)
+        % (
+            info["lanes"]["this"]["dials_version"],
+            MODE,
+            "masked" if masked else "valid",
+            elapsed,
+        )
     )

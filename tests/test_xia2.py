@@ -16,8 +16,9 @@ import os
 
 import numpy as np
 import pytest
-from dxtbx.model.experiment_list import ExperimentListFactory
 from helpers import read_back, record_of
+
+from dxtbx.model.experiment_list import ExperimentListFactory
 
 from devtools.synthetic import truncate, write_truncated_smv_sweep
 from dials_truncfix.settings import ENVIRONMENT_VARIABLE
@@ -29,20 +30,39 @@ def _mrc_stack(directory):
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "stack.mrc")
     with mrcfile.new(path) as mrc:
-        mrc.set_data(np.stack([truncate(-4 + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((128, 128))))
-                               for k in range(2)]))
+        mrc.set_data(
+            np.stack(
+                [
+                    truncate(
+                        -4
+                        + np.exp(
+                            1.6
+                            + 0.5 * np.random.default_rng(k).standard_normal((128, 128))
+                        )
+                    )
+                    for k in range(2)
+                ]
+            )
+        )
     return [path]
 
 
 FILES = {
-    "smv_sweep": lambda d: write_truncated_smv_sweep(d, n_images=3, size=256, seed=2)[0],
-    "smv_stills": lambda d: write_truncated_smv_sweep(d, n_images=2, size=256, seed=3, osc_width=0.0)[0],
+    "smv_sweep": lambda d: write_truncated_smv_sweep(d, n_images=3, size=256, seed=2)[
+        0
+    ],
+    "smv_stills": lambda d: write_truncated_smv_sweep(
+        d, n_images=2, size=256, seed=3, osc_width=0.0
+    )[0],
     "mrc_stack": _mrc_stack,
 }
 
 
 def _pixels(imageset):
-    return [np.concatenate([p.as_numpy_array().ravel() for p in imageset.get_raw_data(i)]) for i in range(len(imageset))]
+    return [
+        np.concatenate([p.as_numpy_array().ravel() for p in imageset.get_raw_data(i)])
+        for i in range(len(imageset))
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(FILES))
@@ -68,7 +88,9 @@ def test_imported_imagesets_name_files_programs_can_open(kind, tmp_path, monkeyp
         assert name.startswith("truncfix:///"), name
     assert record_of(expt)["version"] == 2
     in_process = _pixels(imageset)
-    info, pixels, masks = read_back(str(expt), tmp_path)  # a new process, without the variable
+    info, pixels, masks = read_back(
+        str(expt), tmp_path
+    )  # a new process, without the variable
     assert info["format"] == imageset.get_format_class().__name__
     for a, b, mask in zip(pixels, in_process, masks):
         assert np.array_equal(a, b) and (a < 0).sum() > 100 and mask[a < 0].all()
@@ -88,26 +110,46 @@ def test_imported_in_a_forked_worker_as_xia2_does(tmp_path, monkeypatch):
     process without the variable reads the same pixels from either list."""
     from libtbx import easy_mp
 
-    sweeps = [[os.path.abspath(f) for f in write_truncated_smv_sweep(tmp_path / name, n_images=2, size=256, seed=seed)[0]]
-              for name, seed in (("a", 7), ("b", 8))]
+    sweeps = [
+        [
+            os.path.abspath(f)
+            for f in write_truncated_smv_sweep(
+                tmp_path / name, n_images=2, size=256, seed=seed
+            )[0]
+        ]
+        for name, seed in (("a", 7), ("b", 8))
+    ]
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
     results = easy_mp.parallel_map(  # as xia2setup._get_sweeps calls it
-        import_sweep, [(files,) for files in sweeps], processes=2, method="multiprocessing",
-        asynchronous=True, preserve_order=True, preserve_exception_message=True,
+        import_sweep,
+        [(files,) for files in sweeps],
+        processes=2,
+        method="multiprocessing",
+        asynchronous=True,
+        preserve_order=True,
+        preserve_exception_message=True,
     )
     for k, ((pid, imageset), files) in enumerate(zip(results, sweeps)):
         assert pid != os.getpid()
         # xia2's process: XSweep copies (and slices) the imageset, checks the files, writes the list
         imageset = copy.deepcopy(imageset)[0 : len(imageset)]
-        assert all(os.access(imageset.get_path(j), os.R_OK) for j in range(len(imageset)))
+        assert all(
+            os.access(imageset.get_path(j), os.R_OK) for j in range(len(imageset))
+        )
         forked = tmp_path / f"SWEEP{k + 1}_import.expt"
-        ExperimentListFactory.from_imageset_and_crystal(imageset, None).as_file(str(forked))
+        ExperimentListFactory.from_imageset_and_crystal(imageset, None).as_file(
+            str(forked)
+        )
         single = tmp_path / f"single{k + 1}.expt"
         ExperimentListFactory.from_filenames(files).as_file(str(single))
-        assert json.loads(forked.read_text())["imageset"][0]["template"].startswith("truncfix:///")
+        assert json.loads(forked.read_text())["imageset"][0]["template"].startswith(
+            "truncfix:///"
+        )
         assert record_of(forked)["geometry"] is not None
         assert record_of(forked) == record_of(single)
-        _, from_worker, _ = read_back(str(forked), tmp_path)  # new processes, without the variable
+        _, from_worker, _ = read_back(
+            str(forked), tmp_path
+        )  # new processes, without the variable
         _, from_one_process, _ = read_back(str(single), tmp_path)
         for a, b in zip(from_worker, from_one_process):
             assert np.array_equal(a, b) and (a < 0).sum() > 1000

@@ -80,14 +80,35 @@ def main(argv: list[str] | None = None) -> int:
         print(phil_scope.as_str(attributes_level=1))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    python = "/usr/bin/python3" if os.path.realpath(sys.executable) == os.path.realpath("/usr/bin/python3") else sys.executable
-    command = "%s -m devtools.validation %s" % (python, " ".join(shlex.quote(a) for a in args))
+    python = (
+        "/usr/bin/python3"
+        if os.path.realpath(sys.executable) == os.path.realpath("/usr/bin/python3")
+        else sys.executable
+    )
+    command = "%s -m devtools.validation %s" % (
+        python,
+        " ".join(shlex.quote(a) for a in args),
+    )
     try:
-        params = phil_scope.command_line_argument_interpreter(home_scope="").process_and_fetch(args).extract()
+        params = (
+            phil_scope.command_line_argument_interpreter(home_scope="")
+            .process_and_fetch(args)
+            .extract()
+        )
         results, info = run_validation(
-            params.workdir, params.image_size, params.n_images, params.seed, params.nproc, params.d_min, params.reuse,
-            crystals=params.crystals, lanes=params.lanes, datasets=params.datasets or None,
-            current_dials=os.path.expanduser(params.current_dials or DEFAULT_CURRENT_DIALS),
+            params.workdir,
+            params.image_size,
+            params.n_images,
+            params.seed,
+            params.nproc,
+            params.d_min,
+            params.reuse,
+            crystals=params.crystals,
+            lanes=params.lanes,
+            datasets=params.datasets or None,
+            current_dials=os.path.expanduser(
+                params.current_dials or DEFAULT_CURRENT_DIALS
+            ),
         )
     except (Sorry, StepError) as e:
         sys.exit("devtools.validation: %s" % e)

@@ -29,7 +29,10 @@ SECTORS_ASSIGNMENT = "expectation"
 CORRECTION_ARGUMENTS = {
     "distribution": ("truncfix.assignment=distribution",),
     "expectation": ("truncfix.assignment=expectation",),
-    "sectors": ("truncfix.assignment=%s" % SECTORS_ASSIGNMENT, "truncfix.n_sectors=%d" % N_SECTORS),
+    "sectors": (
+        "truncfix.assignment=%s" % SECTORS_ASSIGNMENT,
+        "truncfix.n_sectors=%d" % N_SECTORS,
+    ),
 }
 #: the dataset corrected on read: DIALS_TRUNCFIX=1 exported for dials.import
 ON_READ = "on_read"
@@ -60,7 +63,8 @@ DATASET_TEXT = {
     "truncated": "negative pixels set to 0 (what the camera wrote, SMV)",
     "distribution": "truncated images after `dials.correct_truncation truncfix.assignment=distribution` (CBF output)",
     "expectation": "the same with `truncfix.assignment=expectation`",
-    "sectors": "the same with `truncfix.assignment=%s truncfix.n_sectors=%d`" % (SECTORS_ASSIGNMENT, N_SECTORS),
+    "sectors": "the same with `truncfix.assignment=%s truncfix.n_sectors=%d`"
+    % (SECTORS_ASSIGNMENT, N_SECTORS),
     "on_read": "the truncated images imported with `DIALS_TRUNCFIX=1` (correction on read, default parameters, "
     "set for `dials.import` only)",
 }

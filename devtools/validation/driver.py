@@ -14,7 +14,12 @@ import sys
 import time
 
 from devtools import simulate as simulator
-from devtools.validation.datasets import CORRECTION_ARGUMENTS, CRYSTALS, default_assignment, lane_datasets
+from devtools.validation.datasets import (
+    CORRECTION_ARGUMENTS,
+    CRYSTALS,
+    default_assignment,
+    lane_datasets,
+)
 from devtools.validation.lanes import (
     DEFAULT_CURRENT_DIALS,
     LANES,
@@ -61,7 +66,9 @@ def run_validation(
     lane_info = {lane: describe_lane(lane, envs[lane]) for lane in lanes}
     columns = {lane: lane_datasets(lane, datasets) for lane in lanes}
     if not any(columns.values()):
-        raise StepError("no dataset of %s in lanes %s" % (" ".join(datasets), " ".join(lanes)))
+        raise StepError(
+            "no dataset of %s in lanes %s" % (" ".join(datasets), " ".join(lanes))
+        )
     log = open(os.path.join(workdir, "commands.log"), "a")
     log.write("# %s\n" % datetime.datetime.now().isoformat(timespec="seconds"))
     times_file = os.path.join(workdir, "times.json")
@@ -74,7 +81,9 @@ def run_validation(
     for crystal in crystals:
         crystal_dir = os.path.join(workdir, crystal)
         sim_dir = os.path.join(crystal_dir, "simulation")
-        args = simulation_arguments(sim_dir, image_size, n_images, seed, nproc, preset=crystal)
+        args = simulation_arguments(
+            sim_dir, image_size, n_images, seed, nproc, preset=crystal
+        )
         sim_args[crystal] = args
         sim_params = simulator.get_params(args)
         crystal_times = times.setdefault(crystal, {})
@@ -95,15 +104,37 @@ def run_validation(
                 t0 = time.time()
                 dataset_dir = os.path.join(crystal_dir, lane, name)
                 paths = {n: os.path.join(dataset_dir, n) for n in OUTPUTS}
-                stamp = {"lane": {k: lane_info[lane].get(k) for k in STAMP_KEYS}, "dataset": name, "simulation": args[1:-1], "d_min": d_min, "protocol": PROTOCOL,
-                         "correction": list(CORRECTION_ARGUMENTS.get(name, ()))}
+                stamp = {
+                    "lane": {k: lane_info[lane].get(k) for k in STAMP_KEYS},
+                    "dataset": name,
+                    "simulation": args[1:-1],
+                    "d_min": d_min,
+                    "protocol": PROTOCOL,
+                    "correction": list(CORRECTION_ARGUMENTS.get(name, ())),
+                }
                 stamp_file = os.path.join(dataset_dir, "validate.json")
-                reused = reuse and os.path.exists(paths["scaled.mtz"]) and _same_stamp(stamp_file, stamp)
+                reused = (
+                    reuse
+                    and os.path.exists(paths["scaled.mtz"])
+                    and _same_stamp(stamp_file, stamp)
+                )
                 if not reused:
                     if os.path.exists(dataset_dir):
                         shutil.rmtree(dataset_dir)
-                    log.write("# %s crystal, lane %s (%s), dataset %s\n" % (crystal, lane, lane_info[lane]["label"], name))
-                    paths = process(dataset_dir, name, sim_dir, sim_params, d_min, nproc, log, envs[lane])
+                    log.write(
+                        "# %s crystal, lane %s (%s), dataset %s\n"
+                        % (crystal, lane, lane_info[lane]["label"], name)
+                    )
+                    paths = process(
+                        dataset_dir,
+                        name,
+                        sim_dir,
+                        sim_params,
+                        d_min,
+                        nproc,
+                        log,
+                        envs[lane],
+                    )
                     with open(stamp_file, "w") as fh:
                         json.dump(stamp, fh, indent=1)
                     lane_times[name] = time.time() - t0
@@ -115,9 +146,13 @@ def run_validation(
                     os.path.join(sim_dir, "truth_intensities.mtz"),
                     d_min=d_min,
                     scaled_mtz=paths["scaled.mtz"],
-                    integrated=count_integrated(paths["integrated.refl"], lane_info[lane]["python"], envs[lane]),
+                    integrated=count_integrated(
+                        paths["integrated.refl"], lane_info[lane]["python"], envs[lane]
+                    ),
                 )
-                results[crystal][lane][name]["trusted_range"] = imported_trusted_range(dataset_dir)
+                results[crystal][lane][name]["trusted_range"] = imported_trusted_range(
+                    dataset_dir
+                )
                 summary = correction_summary(dataset_dir)
                 if summary:
                     results[crystal][lane][name]["correction"] = summary
@@ -140,7 +175,12 @@ def run_validation(
         # with reused datasets, the time the whole run would take: the sum
         # of the recorded times of what the report shows
         "total_time": sum(
-            times[c].get("simulation", 0) + sum(times[c].get(lane, {}).get(n, 0) for lane in lanes for n in columns[lane])
+            times[c].get("simulation", 0)
+            + sum(
+                times[c].get(lane, {}).get(n, 0)
+                for lane in lanes
+                for n in columns[lane]
+            )
             for c in crystals
         )
         if reuse
@@ -157,7 +197,15 @@ def run_validation(
 
 
 #: what identifies the programs of a lane in a dataset's stamp (validate.json)
-STAMP_KEYS = ("lane", "python", "dials_version", "dials", "dxtbx", "plugin", "plugin_version")
+STAMP_KEYS = (
+    "lane",
+    "python",
+    "dials_version",
+    "dials",
+    "dxtbx",
+    "plugin",
+    "plugin_version",
+)
 
 
 def _same_stamp(path, stamp):

@@ -65,10 +65,13 @@ def lane_environment(lane, current_dials=DEFAULT_CURRENT_DIALS, base=None):
     bindir = "/usr/bin" if lane == "debian" else os.path.join(current_dials, "bin")
     if lane == "current" and not os.path.isfile(os.path.join(bindir, "dials.import")):
         raise StepError(
-            "no DIALS programs in %s: name a current DIALS environment with CURRENT_DIALS=<prefix>" % bindir
+            "no DIALS programs in %s: name a current DIALS environment with CURRENT_DIALS=<prefix>"
+            % bindir
         )
     env = {k: v for k, v in base.items() if k not in ("LD_PRELOAD", "PYTHONHOME")}
-    env["PATH"] = os.pathsep.join([bindir] + [p for p in base.get("PATH", "").split(os.pathsep) if p])
+    env["PATH"] = os.pathsep.join(
+        [bindir] + [p for p in base.get("PATH", "").split(os.pathsep) if p]
+    )
     return env
 
 
@@ -82,7 +85,9 @@ def same_interpreter(a, b):
     """Whether two interpreter paths are one Python environment: compared by
     their resolved directories, since a virtualenv's python is a symlink to
     the base interpreter that realpath would make identical to it."""
-    return bool(a and b) and os.path.realpath(os.path.dirname(a)) == os.path.realpath(os.path.dirname(b))
+    return bool(a and b) and os.path.realpath(os.path.dirname(a)) == os.path.realpath(
+        os.path.dirname(b)
+    )
 
 
 def program_interpreters(search_path=None):
@@ -124,10 +129,18 @@ def describe_lane(lane, env):
         if not same_interpreter(interpreters[name], python)
     ]
     if wrong:
-        raise StepError("lane %s: programs of different interpreters:\n  %s" % (lane, "\n  ".join(wrong)))
-    result = subprocess.run([python, "-c", _PROBE], env=env, capture_output=True, text=True)
+        raise StepError(
+            "lane %s: programs of different interpreters:\n  %s"
+            % (lane, "\n  ".join(wrong))
+        )
+    result = subprocess.run(
+        [python, "-c", _PROBE], env=env, capture_output=True, text=True
+    )
     if result.returncode:
-        raise StepError("lane %s: %s cannot import DIALS and the plugin:\n%s" % (lane, python, result.stderr[-2000:]))
+        raise StepError(
+            "lane %s: %s cannot import DIALS and the plugin:\n%s"
+            % (lane, python, result.stderr[-2000:])
+        )
     info = json.loads(result.stdout.strip().splitlines()[-1])
     # Debian's DIALS names its version in dials_version() ("DIALS 3.12";
     # its package metadata says 3.9.dev0), current DIALS only in its
@@ -136,7 +149,11 @@ def describe_lane(lane, env):
         info["dials_version"] = "DIALS " + info["dials"]
     info["lane"] = lane
     info["programs"] = os.path.dirname(paths["dials.import"])
-    info["label"] = {"debian": "Debian", "current": "current"}.get(lane, "PATH") + " " + info["dials_version"]
+    info["label"] = (
+        {"debian": "Debian", "current": "current"}.get(lane, "PATH")
+        + " "
+        + info["dials_version"]
+    )
     return info
 
 

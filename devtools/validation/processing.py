@@ -9,18 +9,19 @@ import logging
 import os
 import time
 
-from dials_truncfix.program.record import sequences
-from dials_truncfix.settings import ENVIRONMENT_VARIABLE
-
 from devtools import simulate as simulator
 from devtools.validation.datasets import CORRECTION_ARGUMENTS, DATASETS, ON_READ
 from devtools.validation.lanes import StepError, without_truncfix_variable
 from devtools.validation.runner import run_step
+from dials_truncfix.program.record import sequences
+from dials_truncfix.settings import ENVIRONMENT_VARIABLE
 
 logger = logging.getLogger(__name__)
 
 
-def simulation_arguments(directory, image_size=2048, n_images=50, seed=1, nproc=2, preset="strong"):
+def simulation_arguments(
+    directory, image_size=2048, n_images=50, seed=1, nproc=2, preset="strong"
+):
     """The devtools.simulate arguments of one crystal's sweep (the report
     quotes them without the first and the last: directory and nproc)."""
     return [
@@ -40,7 +41,11 @@ def simulate(params):
     simulator.write_sweep(simulator.simulate_sweep(params))
     logger.info(
         "Simulated %d %dx%d images (preset=%s) in %s (%.1f s)",
-        params.n_images, params.image_size, params.image_size, params.preset, params.output.directory,
+        params.n_images,
+        params.image_size,
+        params.image_size,
+        params.preset,
+        params.output.directory,
         time.time() - start,
     )
 
@@ -55,7 +60,9 @@ def simulation_matches(sim_dir, params):
         recorded = json.load(fh).get("parameters")
     wanted = "\n".join(
         line
-        for line in simulator.phil_scope.format(python_object=params).as_str().splitlines()
+        for line in simulator.phil_scope.format(python_object=params)
+        .as_str()
+        .splitlines()
         if not line.strip().startswith(("directory =", "nproc ="))
     )
     return recorded == wanted
@@ -66,7 +73,9 @@ def _images(directory, dataset):
     sub = "truth" if dataset == "truth" else "truncated"
     ext = ".cbf" if dataset == "truth" else ".img"
     folder = os.path.join(directory, sub)
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(ext))
+    return sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(ext)
+    )
 
 
 def symmetry_arguments(sim_params):
@@ -95,7 +104,11 @@ def scale_d_min(experiments, sim_params, d_min):
     with open(experiments) as fh:
         crystal = json.load(fh)["crystal"][0]
     a, b, c = (crystal["real_space_%s" % k] for k in "abc")
-    cross = (b[1] * c[2] - b[2] * c[1], b[2] * c[0] - b[0] * c[2], b[0] * c[1] - b[1] * c[0])
+    cross = (
+        b[1] * c[2] - b[2] * c[1],
+        b[2] * c[0] - b[0] * c[2],
+        b[0] * c[1] - b[1] * c[0],
+    )
     volume = abs(sum(x * y for x, y in zip(a, cross)))
     return d_min * (volume / sim_params.crystal.unit_cell.volume()) ** (1.0 / 3.0)
 
@@ -107,10 +120,14 @@ def scale_d_min(experiments, sim_params, d_min):
 #: strong pixels, on the untruncated truth as well), so that camera's sweep
 #: is spot-found as electron-diffraction users do, with the radial-profile
 #: threshold
-SPOT_FINDING_ARGUMENTS = {"readnoise": ("spotfinder.threshold.algorithm=radial_profile",)}
+SPOT_FINDING_ARGUMENTS = {
+    "readnoise": ("spotfinder.threshold.algorithm=radial_profile",)
+}
 
 
-def process(dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None, env=None):
+def process(
+    dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None, env=None
+):
     """Process one ``dataset`` (one of DATASETS) of the simulation in
     ``sim_dir`` inside ``dataset_dir``, with the programs of ``env`` (default:
     this environment without DIALS_TRUNCFIX).  Returns a dict of the output
@@ -125,23 +142,48 @@ def process(dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None,
     # the image directory holds only the images of this sweep
     if dataset == ON_READ:
         run_step(
-            ["dials.import", os.path.dirname(images[0])], dataset_dir, dict(env, **{ENVIRONMENT_VARIABLE: "1"}),
-            log, "imported.expt", show_env=(ENVIRONMENT_VARIABLE,),
+            ["dials.import", os.path.dirname(images[0])],
+            dataset_dir,
+            dict(env, **{ENVIRONMENT_VARIABLE: "1"}),
+            log,
+            "imported.expt",
+            show_env=(ENVIRONMENT_VARIABLE,),
         )
     else:
-        run_step(["dials.import", os.path.dirname(images[0])], dataset_dir, env, log, "imported.expt")
+        run_step(
+            ["dials.import", os.path.dirname(images[0])],
+            dataset_dir,
+            env,
+            log,
+            "imported.expt",
+        )
     experiments = "imported.expt"
     if dataset in CORRECTION_ARGUMENTS:
         run_step(
-            ["dials.correct_truncation", "imported.expt", "nproc=%d" % nproc, *CORRECTION_ARGUMENTS[dataset]],
+            [
+                "dials.correct_truncation",
+                "imported.expt",
+                "nproc=%d" % nproc,
+                *CORRECTION_ARGUMENTS[dataset],
+            ],
             dataset_dir,
             env,
             log,
             "corrected.expt",
         )
         experiments = "corrected.expt"
-    run_step(["dials.find_spots", experiments, "nproc=%d" % nproc, *SPOT_FINDING_ARGUMENTS.get(sim_params.preset, ())],
-             dataset_dir, env, log, "strong.refl")
+    run_step(
+        [
+            "dials.find_spots",
+            experiments,
+            "nproc=%d" % nproc,
+            *SPOT_FINDING_ARGUMENTS.get(sim_params.preset, ()),
+        ],
+        dataset_dir,
+        env,
+        log,
+        "strong.refl",
+    )
     run_step(
         ["dials.index", experiments, "strong.refl", *symmetry_arguments(sim_params)],
         dataset_dir,
@@ -149,7 +191,13 @@ def process(dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None,
         log,
         "indexed.expt",
     )
-    run_step(["dials.refine", "indexed.expt", "indexed.refl"], dataset_dir, env, log, "refined.expt")
+    run_step(
+        ["dials.refine", "indexed.expt", "indexed.refl"],
+        dataset_dir,
+        env,
+        log,
+        "refined.expt",
+    )
     run_step(
         ["dials.integrate", "refined.expt", "refined.refl", "nproc=%d" % nproc],
         dataset_dir,
@@ -158,15 +206,29 @@ def process(dataset_dir, dataset, sim_dir, sim_params, d_min, nproc=2, log=None,
         "integrated.refl",
     )
     run_step(
-        ["dials.scale", "integrated.expt", "integrated.refl",
-         "d_min=%.4f" % scale_d_min(os.path.join(dataset_dir, "integrated.expt"), sim_params, d_min), "anomalous=False"],
+        [
+            "dials.scale",
+            "integrated.expt",
+            "integrated.refl",
+            "d_min=%.4f"
+            % scale_d_min(
+                os.path.join(dataset_dir, "integrated.expt"), sim_params, d_min
+            ),
+            "anomalous=False",
+        ],
         dataset_dir,
         env,
         log,
         "scaled.refl",
     )
     run_step(
-        ["dials.export", "scaled.expt", "scaled.refl", "format=mtz", "mtz.hklout=scaled.mtz"],
+        [
+            "dials.export",
+            "scaled.expt",
+            "scaled.refl",
+            "format=mtz",
+            "mtz.hklout=scaled.mtz",
+        ],
         dataset_dir,
         env,
         log,
@@ -195,7 +257,14 @@ def correction_summary(dataset_dir):
         return None
     with open(path) as fh:
         record = json.load(fh)
-    out = {"images": 0, "regions": 0, "failed": 0, "pooled": 0, "n_changed": 0, "n_zero": 0}
+    out = {
+        "images": 0,
+        "regions": 0,
+        "failed": 0,
+        "pooled": 0,
+        "n_changed": 0,
+        "n_zero": 0,
+    }
     for sequence in sequences(record):
         for image in sequence["images"]:
             out["images"] += 1
@@ -210,6 +279,7 @@ def correction_summary(dataset_dir):
                 elif len(region.get("fitted_regions") or ()) > 1:
                     out["pooled"] += 1
     out["parameters"] = {
-        k: record["parameters"].get(k) for k in ("assignment", "n_shells", "n_sectors", "likelihood")
+        k: record["parameters"].get(k)
+        for k in ("assignment", "n_shells", "n_sectors", "likelihood")
     }
     return out

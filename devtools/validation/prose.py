@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import math
 
-from devtools.validation.datasets import N_SECTORS, SECTORS_ASSIGNMENT, default_assignment
+from devtools.validation.datasets import (
+    N_SECTORS,
+    SECTORS_ASSIGNMENT,
+    default_assignment,
+)
 from devtools.validation.rules import (
     BIAS_MARGIN,
     ELIGIBLE_FRACTION,
@@ -22,9 +26,12 @@ from devtools.validation.rules import (
 )
 from devtools.validation.tables import format_percent, format_value
 
+
 def gap_list(gaps):
     """Gaps removed as percentages; n.h. where truncation does not harm the row."""
-    return ", ".join("n.h." if not math.isfinite(g) else "%.0f%%" % (100 * g) for g in gaps)
+    return ", ".join(
+        "n.h." if not math.isfinite(g) else "%.0f%%" % (100 * g) for g in gaps
+    )
 
 
 def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
@@ -43,9 +50,18 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
     z = lambda r, i: r["truth"]["shells"][i]["weak_mean_z"]  # noqa: E731
     z_gaps = [harmed_gap(z(T, i), z(U, i), z(C, i)) for i in outer]
     if harmed:
-        gaps = [100 * gap_removed(k_ratio(T, i), k_ratio(U, i), k_ratio(C, i)) for i in harmed]
+        gaps = [
+            100 * gap_removed(k_ratio(T, i), k_ratio(U, i), k_ratio(C, i))
+            for i in harmed
+        ]
         low = sum(k_ratio(U, i) < k_ratio(T, i) for i in harmed)
-        direction = "lower" if 2 * low > len(harmed) else "higher" if 2 * low < len(harmed) else "both ways"
+        direction = (
+            "lower"
+            if 2 * low > len(harmed)
+            else "higher"
+            if 2 * low < len(harmed)
+            else "both ways"
+        )
         text = (
             "**Intensities.** Truncation biases the merged intensities %s at high resolution: relative to the "
             "overall scale, the per-shell scale k_shell/k of the truncated data departs from the truth processing "
@@ -66,7 +82,9 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
                 last.get("k_shell_se", float("nan")) / T["truth"]["k"],
                 mode,
                 k_ratio(C, n - 1),
-                "%.0f%%" % gaps[0] if len(gaps) == 1 else "%.0f%% to %.0f%%" % (min(gaps), max(gaps)),
+                "%.0f%%" % gaps[0]
+                if len(gaps) == 1
+                else "%.0f%% to %.0f%%" % (min(gaps), max(gaps)),
             )
         )
         if direction == "lower":
@@ -78,13 +96,28 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
         text = (
             "**Intensities.** Truncation changes the per-shell scale k_shell/k by no more than %d%% in any shell "
             "(outermost shell: truth %.3f, truncated %.3f, %s %.3f)."
-            % (100 * REL_TOLERANCE, k_ratio(T, n - 1), k_ratio(U, n - 1), mode, k_ratio(C, n - 1))
+            % (
+                100 * REL_TOLERANCE,
+                k_ratio(T, n - 1),
+                k_ratio(U, n - 1),
+                mode,
+                k_ratio(C, n - 1),
+            )
         )
     text += (
         " The weak reflections (true I below the shell median): their mean normalised error <z> in the "
         "outermost shell is %+.3f truncated (truth %+.3f, %s %+.3f); in the %d outer shells (%.2f-%.2f A) "
         "the correction removes %s of the truncation's shift of <z> (n.h.: shift within tolerance)."
-        % (z(U, n - 1), z(T, n - 1), mode, z(C, n - 1), OUTER, shells[n - OUTER]["d_max"], last["d_min"], gap_list(z_gaps))
+        % (
+            z(U, n - 1),
+            z(T, n - 1),
+            mode,
+            z(C, n - 1),
+            OUTER,
+            shells[n - OUTER]["d_max"],
+            last["d_min"],
+            gap_list(z_gaps),
+        )
     )
     paras.append(text)
 
@@ -115,7 +148,9 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
             t,
             u,
             c,
-            "%s of the difference removed" % format_percent(gap_removed(t, u, c)) if u != t else "no difference to remove",
+            "%s of the difference removed" % format_percent(gap_removed(t, u, c))
+            if u != t
+            else "no difference to remove",
             paper,
             zu,
             zt,
@@ -143,10 +178,21 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
     rm = [r["highest_shell"]["r_merge"] for r in (T, U, C)]
     cc = [r["highest_shell"]["cc_one_half"] for r in (T, U, C)]
     ct = [r["truth"]["shells"][-1]["cc_truth"] for r in (T, U, C)]
-    trunc_better = rm[1] <= rm[0] * (1 + REL_TOLERANCE) and cc[1] > cc[0] and ct[1] > ct[0]
-    better = [name for name, v, low in (("Rmerge", rm, True), ("CC1/2", cc, False), ("CC(I, I_true)", ct, False))
-              if (v[1] < v[0] if low else v[1] > v[0])]
-    worse = [name for name in ("Rmerge", "CC1/2", "CC(I, I_true)") if name not in better]
+    trunc_better = (
+        rm[1] <= rm[0] * (1 + REL_TOLERANCE) and cc[1] > cc[0] and ct[1] > ct[0]
+    )
+    better = [
+        name
+        for name, v, low in (
+            ("Rmerge", rm, True),
+            ("CC1/2", cc, False),
+            ("CC(I, I_true)", ct, False),
+        )
+        if (v[1] < v[0] if low else v[1] > v[0])
+    ]
+    worse = [
+        name for name in ("Rmerge", "CC1/2", "CC(I, I_true)") if name not in better
+    ]
     corr_closer = sum(abs(v[2] - v[0]) < abs(v[1] - v[0]) for v in (rm, cc, ct))
     if mode == "distribution":
         why = (
@@ -171,11 +217,24 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
             if not worse
             else "worse than the truth data by all three precision measures"
             if not better
-            else "better than the truth data by %s, worse by %s" % (" and ".join(better), " and ".join(worse)),
-            rm[1], rm[0], cc[1], cc[0], ct[1], ct[0],
+            else "better than the truth data by %s, worse by %s"
+            % (" and ".join(better), " and ".join(worse)),
+            rm[1],
+            rm[0],
+            cc[1],
+            cc[0],
+            ct[1],
+            ct[0],
             ": clipping the negative noise to zero removes part of the pixel noise, so truncated intensities are "
-            "biased but less noisy" if trunc_better else "",
-            mode, rm[2], cc[2], ct[2], corr_closer, why,
+            "biased but less noisy"
+            if trunc_better
+            else "",
+            mode,
+            rm[2],
+            cc[2],
+            ct[2],
+            corr_closer,
+            why,
         )
     )
 
@@ -183,21 +242,35 @@ def discussion(T, U, C, mode="distribution", lane_label="this DIALS"):
     ni = [r.get("integrated", {}).get("integrated_sum", 0) for r in (T, U, C)]
     m = [r["overall"]["n_obs"] for r in (T, U, C)]
     comp = [r["overall"]["completeness"] for r in (T, U, C)]
-    same = abs(ni[1] - ni[0]) <= 2 * math.sqrt(max(ni[0], 1)) and abs(m[1] - m[0]) <= 2 * math.sqrt(max(m[0], 1))
+    same = abs(ni[1] - ni[0]) <= 2 * math.sqrt(max(ni[0], 1)) and abs(
+        m[1] - m[0]
+    ) <= 2 * math.sqrt(max(m[0], 1))
     paras.append(
         "**Observations, completeness, multiplicity.** DIALS (%s) integrated %d / %d / %d reflections and merged "
         "%d / %d / %d observations (truth / truncated / corrected; completeness %.1f / %.1f / %.1f%%). %s "
         "Overall Rmerge, CC1/2 and CC with the truth are dominated by the strong low-resolution reflections and "
         "differ from the truth processing by at most %.3f, %.4f and %.4f."
         % (
-            lane_label, ni[0], ni[1], ni[2], m[0], m[1], m[2], comp[0], comp[1], comp[2],
+            lane_label,
+            ni[0],
+            ni[1],
+            ni[2],
+            m[0],
+            m[1],
+            m[2],
+            comp[0],
+            comp[1],
+            comp[2],
             "Truncation does not cost observations here (within 2 sqrt(N)): the paper's 2.5-fold gain in merged "
             "observations came from MOSFLM rejecting spots of the truncated images for their background "
             "gradient, which dials.integrate does not do."
             if same
             else "Truncation changes these counts beyond 2 sqrt(N).",
             max(abs(r["overall"]["r_merge"] - T["overall"]["r_merge"]) for r in (U, C)),
-            max(abs(r["overall"]["cc_one_half"] - T["overall"]["cc_one_half"]) for r in (U, C)),
+            max(
+                abs(r["overall"]["cc_one_half"] - T["overall"]["cc_one_half"])
+                for r in (U, C)
+            ),
             max(abs(r["truth"]["cc_truth"] - T["truth"]["cc_truth"]) for r in (U, C)),
         )
     )
@@ -217,7 +290,9 @@ def masked_discussion(T, U, C, lane_label, trusted_range=None):
     hs = [r["highest_shell"]["n_uniq"] for r in (T, U, C)]
     matched = [r["truth"]["shells"][i]["n_matched"] for r in (U,) for i in range(n)]
     # the truth-comparison shells the truncated column has (enough) data in
-    with_data = [i for i in range(1, n) if matched[i] >= 100 and math.isfinite(k_ratio(U, i))]
+    with_data = [
+        i for i in range(1, n) if matched[i] >= 100 and math.isfinite(k_ratio(U, i))
+    ]
     empty = [i for i in range(n) if matched[i] == 0]
     z = lambda r, i: r["truth"]["shells"][i]["weak_mean_z"]  # noqa: E731
     text = (
@@ -228,22 +303,47 @@ def masked_discussion(T, U, C, lane_label, trusted_range=None):
         "summation-integrated %d (truth %d, on read %d); profile fitting gave %d (%d, %d). dials.scale merged "
         "%d observations (truth %d, on read %d); the highest-resolution shell holds %d unique reflections "
         "(truth %d, on read %d)."
-        % (lane_label, "%g..%g" % tuple(trusted_range) if trusted_range else "excluding 0",
-           bad[1], bad[0], bad[2], ns[1], ns[0], ns[2], npf[1], npf[0], npf[2], m[1], m[0], m[2],
-           hs[1], hs[0], hs[2])
+        % (
+            lane_label,
+            "%g..%g" % tuple(trusted_range) if trusted_range else "excluding 0",
+            bad[1],
+            bad[0],
+            bad[2],
+            ns[1],
+            ns[0],
+            ns[2],
+            npf[1],
+            npf[0],
+            npf[2],
+            m[1],
+            m[0],
+            m[2],
+            hs[1],
+            hs[0],
+            hs[2],
+        )
     )
     if empty:
-        text += " The truncated column has no reflection in the truth-comparison shells beyond %.2f A." % shells[empty[0]]["d_max"]
+        text += (
+            " The truncated column has no reflection in the truth-comparison shells beyond %.2f A."
+            % shells[empty[0]]["d_max"]
+        )
     if with_data:
         text += (
             " Where it has data (at least 100 matched reflections; shells %s), k_shell/k is %s truncated against "
             "%s for the truth and %s on read (gap removed %s; n.h.: within tolerance); weak <z> %s against %s and %s (gap removed %s)."
             % (
-                ", ".join(shell_label(T, i).replace(" A", "") for i in with_data) + " A",
+                ", ".join(shell_label(T, i).replace(" A", "") for i in with_data)
+                + " A",
                 " / ".join("%.3f" % k_ratio(U, i) for i in with_data),
                 " / ".join("%.3f" % k_ratio(T, i) for i in with_data),
                 " / ".join("%.3f" % k_ratio(C, i) for i in with_data),
-                gap_list([harmed_gap(k_ratio(T, i), k_ratio(U, i), k_ratio(C, i)) for i in with_data]),
+                gap_list(
+                    [
+                        harmed_gap(k_ratio(T, i), k_ratio(U, i), k_ratio(C, i))
+                        for i in with_data
+                    ]
+                ),
                 " / ".join("%+.3f" % z(U, i) for i in with_data),
                 " / ".join("%+.3f" % z(T, i) for i in with_data),
                 " / ".join("%+.3f" % z(C, i) for i in with_data),
@@ -277,9 +377,14 @@ def assignment_section(decisions, labels):
         "rows of the comparison table (all %s rows, counted; exact ties count for neither; equal counts keep "
         "the present default, `truncfix.assignment = %s`). Columns of %s."
         % (
-            OUTER, 2 * OUTER, round(100 * ELIGIBLE_FRACTION), round(100 * (1 - ELIGIBLE_FRACTION)),
+            OUTER,
+            2 * OUTER,
+            round(100 * ELIGIBLE_FRACTION),
+            round(100 * (1 - ELIGIBLE_FRACTION)),
             next(iter(decisions.values()))["counts"][3] if decisions else 0,
-            next(iter(decisions.values()))["current"] if decisions else default_assignment(),
+            next(iter(decisions.values()))["current"]
+            if decisions
+            else default_assignment(),
             labels,
         ),
         "",
@@ -288,7 +393,8 @@ def assignment_section(decisions, labels):
     for crystal, d in decisions.items():
         ref, ch = d["reference"], d["challenger"]
         lines += [
-            "**%s crystal.** Bias removal (k_shell/k in the %d outer shells; weak <z> in the same shells):" % (crystal.capitalize(), OUTER),
+            "**%s crystal.** Bias removal (k_shell/k in the %d outer shells; weak <z> in the same shells):"
+            % (crystal.capitalize(), OUTER),
             "",
             "| mode | k_shell/k | weak <z> | eligible |",
             "|---|---|---|---|",
@@ -301,8 +407,18 @@ def assignment_section(decisions, labels):
                     mode,
                     gap_list([g for metric, _, g in rows if metric == "k_shell/k"]),
                     gap_list([g for metric, _, g in rows if metric == "weak <z>"]),
-                    "yes" if d["eligible"][mode] else "no (%s)" % "; ".join(
-                        "%s %s: %s < %s%s" % (metric, shell, format_percent(g), format_percent(eligibility_threshold(gd)), " *" if within else "")
+                    "yes"
+                    if d["eligible"][mode]
+                    else "no (%s)"
+                    % "; ".join(
+                        "%s %s: %s < %s%s"
+                        % (
+                            metric,
+                            shell,
+                            format_percent(g),
+                            format_percent(eligibility_threshold(gd)),
+                            " *" if within else "",
+                        )
                         for metric, shell, g, gd, within in d["failures"][mode]
                     ),
                 )
@@ -316,7 +432,8 @@ def assignment_section(decisions, labels):
                 % (
                     len(noisy),
                     len(d["failures"][ch]),
-                    "; without them %s would be eligible, and the row count below would decide" % ch
+                    "; without them %s would be eligible, and the row count below would decide"
+                    % ch
                     if len(noisy) == len(d["failures"][ch])
                     else "",
                 ),
@@ -327,7 +444,8 @@ def assignment_section(decisions, labels):
                 "",
                 "Note: dials.scale fitted different error models to the two columns (a = %.3f for %s, %.3f for "
                 "%s), so their weak <z> and rms(z) differ partly through the sigmas; compare the sigma-free "
-                "rows (k_shell/k, weak relative bias, CC)." % (a_ref[0], ref, a_ch[0], ch),
+                "rows (k_shell/k, weak relative bias, CC)."
+                % (a_ref[0], ref, a_ch[0], ch),
             ]
         n_c, n_r, n_tie, n_rows = d["counts"]
         if not d["eligible"][ch]:
@@ -349,14 +467,23 @@ def assignment_section(decisions, labels):
         if len(choices) == 1:
             choice = choices.pop()
             lines.append(
-                "%s crystals give **%s**%s." % (
+                "%s crystals give **%s**%s."
+                % (
                     "Both" if len(outcomes) == 2 else "All %d" % len(outcomes),
                     choice,
-                    ": the present default is confirmed" if choice == current
-                    else " -- the rule says the default should change from %s to %s" % (current, choice),
+                    ": the present default is confirmed"
+                    if choice == current
+                    else " -- the rule says the default should change from %s to %s"
+                    % (current, choice),
                 )
                 if len(outcomes) > 1
-                else "Outcome: **%s**%s." % (choice, " (the present default)" if choice == current else " (the present default is %s)" % current)
+                else "Outcome: **%s**%s."
+                % (
+                    choice,
+                    " (the present default)"
+                    if choice == current
+                    else " (the present default is %s)" % current,
+                )
             )
         else:
             lines.append(
@@ -386,8 +513,15 @@ def sectors_section(verdicts, labels):
         "(and more than with whole shells) are pooled. Also shown: the gap removed on the rows of the "
         "assignment rule (k_shell/k and weak <z>), the rows of the comparison table closer to the truth "
         "processing, and the error models."
-        % (N_SECTORS, N_SECTORS, SECTORS_ASSIGNMENT, labels, OUTER, round(100 * BIAS_MARGIN),
-           round(100 * POOLED_TOLERANCE)),
+        % (
+            N_SECTORS,
+            N_SECTORS,
+            SECTORS_ASSIGNMENT,
+            labels,
+            OUTER,
+            round(100 * BIAS_MARGIN),
+            round(100 * POOLED_TOLERANCE),
+        ),
         "",
     ]
     keeps = {}
@@ -406,53 +540,103 @@ def sectors_section(verdicts, labels):
             "| | %s | sectors |" % own,
             "|---|---|---|",
             "| gap removed, k_shell/k (outer shells) | %s | %s |"
-            % (gap_list(v["sigma_free"][own][:OUTER]), gap_list(v["sigma_free"]["sectors"][:OUTER])),
+            % (
+                gap_list(v["sigma_free"][own][:OUTER]),
+                gap_list(v["sigma_free"]["sectors"][:OUTER]),
+            ),
             "| gap removed, weak relative bias (outer shells) | %s | %s |"
-            % (gap_list(v["sigma_free"][own][OUTER:]), gap_list(v["sigma_free"]["sectors"][OUTER:])),
-            "| **mean of these (bias)** | %s | %s |" % (format_percent(mo), format_percent(ms)),
-            "| mean gap removed on the rule's rows (k_shell/k, weak <z>) | %s | %s |" % (format_percent(ro_), format_percent(rs_)),
+            % (
+                gap_list(v["sigma_free"][own][OUTER:]),
+                gap_list(v["sigma_free"]["sectors"][OUTER:]),
+            ),
+            "| **mean of these (bias)** | %s | %s |"
+            % (format_percent(mo), format_percent(ms)),
+            "| mean gap removed on the rule's rows (k_shell/k, weak <z>) | %s | %s |"
+            % (format_percent(ro_), format_percent(rs_)),
             "| **CC(I, I_true), outer shells (accuracy; truth: %s)** | %s | %s |"
-            % (" / ".join("%.4f" % x for x in cc["truth"]), " / ".join("%.4f" % x for x in cc[own]), " / ".join("%.4f" % x for x in cc["sectors"])),
-            "| rows of the comparison table closer to the truth processing | %d | %d (%d ties, %d rows) |" % (n_o, n_s, n_tie, n_rows),
-            "| regions with zeros (all images) | %d | %d |" % (ro["regions"], rs["regions"]),
-            "| **failed fits** | %d (%s) | %d (%s) |" % (ro["failed"], format_value(100 * ro["failed_fraction"], ".2f") + "%", rs["failed"], format_value(100 * rs["failed_fraction"], ".2f") + "%"),
-            "| **pooled fits** | %d (%s) | %d (%s) |" % (ro["pooled"], format_value(100 * ro["pooled_fraction"], ".2f") + "%", rs["pooled"], format_value(100 * rs["pooled_fraction"], ".2f") + "%"),
-            "| dials.scale error model a, b (truth: %s) | %s | %s |" % (fmt_em(em["truth"]), fmt_em(em[own]), fmt_em(em["sectors"])),
+            % (
+                " / ".join("%.4f" % x for x in cc["truth"]),
+                " / ".join("%.4f" % x for x in cc[own]),
+                " / ".join("%.4f" % x for x in cc["sectors"]),
+            ),
+            "| rows of the comparison table closer to the truth processing | %d | %d (%d ties, %d rows) |"
+            % (n_o, n_s, n_tie, n_rows),
+            "| regions with zeros (all images) | %d | %d |"
+            % (ro["regions"], rs["regions"]),
+            "| **failed fits** | %d (%s) | %d (%s) |"
+            % (
+                ro["failed"],
+                format_value(100 * ro["failed_fraction"], ".2f") + "%",
+                rs["failed"],
+                format_value(100 * rs["failed_fraction"], ".2f") + "%",
+            ),
+            "| **pooled fits** | %d (%s) | %d (%s) |"
+            % (
+                ro["pooled"],
+                format_value(100 * ro["pooled_fraction"], ".2f") + "%",
+                rs["pooled"],
+                format_value(100 * rs["pooled_fraction"], ".2f") + "%",
+            ),
+            "| dials.scale error model a, b (truth: %s) | %s | %s |"
+            % (fmt_em(em["truth"]), fmt_em(em[own]), fmt_em(em["sectors"])),
             "| dials.scale decay parameters, max - min (truth: %s) | %s | %s |"
-            % tuple(format_value(v["decay_spread"][n], ".2f") for n in ("truth", own, "sectors")),
+            % tuple(
+                format_value(v["decay_spread"][n], ".2f")
+                for n in ("truth", own, "sectors")
+            ),
             "",
             "Sectors %s the bias, %s the accuracy (CC higher in %d of %d outer shells) and %s robustness: %s."
             % (
                 "improve" if v["improves_bias"] else "do not improve",
                 "improve" if v["improves_accuracy"] else "do not improve",
-                v["cc_better"], len(cc["sectors"]),
+                v["cc_better"],
+                len(cc["sectors"]),
                 "lose" if v["loses_robustness"] else "do not lose",
                 "keep them" if v["keep"] else "not worth keeping on this evidence",
             ),
             "",
         ]
-        if math.isfinite(rs_) and math.isfinite(ro_) and rs_ > ro_ + BIAS_MARGIN and not v["improves_bias"]:
+        if (
+            math.isfinite(rs_)
+            and math.isfinite(ro_)
+            and rs_ > ro_ + BIAS_MARGIN
+            and not v["improves_bias"]
+        ):
             lines += [
                 "On the assignment rule's rows the sectors look better (%s against %s), but the gain is in weak "
                 "<z> alone and the sigma-free relative bias does not show it: it comes from the sigmas (error "
                 "model a = %s for the sectors, %s for whole shells), not from the intensities."
-                % (format_percent(rs_), format_percent(ro_), fmt_em(em["sectors"]).split(",")[0], fmt_em(em[own]).split(",")[0]),
+                % (
+                    format_percent(rs_),
+                    format_percent(ro_),
+                    fmt_em(em["sectors"]).split(",")[0],
+                    fmt_em(em[own]).split(",")[0],
+                ),
                 "",
             ]
         spreads = v["decay_spread"]
-        if all(spreads.get(k) is not None for k in ("truth", own, "sectors")) and spreads["sectors"] > 3 * max(spreads["truth"], spreads[own]):
+        if all(
+            spreads.get(k) is not None for k in ("truth", own, "sectors")
+        ) and spreads["sectors"] > 3 * max(spreads["truth"], spreads[own]):
             lines += [
                 "Caution: dials.scale's decay component came out %.1f times as spread for the sectors column as "
                 "for its own mode's (%.2f against %.2f; truth %.2f): a relative B that varies that much across "
                 "the sweep tilts the merged intensities against resolution, so the k_shell/k rows of this column "
                 "reflect the scaling model as much as the pixels."
-                % (spreads["sectors"] / max(spreads[own], 1e-9), spreads["sectors"], spreads[own], spreads["truth"]),
+                % (
+                    spreads["sectors"] / max(spreads[own], 1e-9),
+                    spreads["sectors"],
+                    spreads[own],
+                    spreads["truth"],
+                ),
                 "",
             ]
         keeps[crystal] = v["keep"]
     if keeps:
         if all(keeps.values()):
-            lines.append("Verdict: regions smaller than annuli help on every crystal here; keep `n_sectors` and consider it beyond the experiment.")
+            lines.append(
+                "Verdict: regions smaller than annuli help on every crystal here; keep `n_sectors` and consider it beyond the experiment."
+            )
         elif not any(keeps.values()):
             lines.append(
                 "Verdict: on these simulated sweeps (a background that depends on resolution only, as in the "
@@ -463,7 +647,9 @@ def sectors_section(verdicts, labels):
         else:
             lines.append(
                 "Verdict: mixed (%s); no case for making sectors more than an experiment."
-                % ", ".join("%s: %s" % (c, "keep" if k else "no gain") for c, k in keeps.items())
+                % ", ".join(
+                    "%s: %s" % (c, "keep" if k else "no gain") for c, k in keeps.items()
+                )
             )
         lines.append("")
     return "\n".join(lines)

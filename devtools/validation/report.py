@@ -8,12 +8,30 @@ from __future__ import annotations
 import os
 import sys
 
-from devtools.validation.datasets import ASSIGNMENTS, DATASET_TEXT, DATASETS, ON_READ, REFERENCES, SECTORS_ASSIGNMENT
+from devtools.validation.datasets import (
+    ASSIGNMENTS,
+    DATASET_TEXT,
+    DATASETS,
+    ON_READ,
+    REFERENCES,
+    SECTORS_ASSIGNMENT,
+)
 from devtools.validation.lanes import lane_order
-from devtools.validation.prose import assignment_section, discussion, masked_discussion, sectors_section
-from devtools.validation.rules import OUTER, choose_assignment, sectors_verdict, zeros_masked
+from devtools.validation.prose import (
+    assignment_section,
+    discussion,
+    masked_discussion,
+    sectors_section,
+)
+from devtools.validation.rules import (
+    OUTER,
+    choose_assignment,
+    sectors_verdict,
+    zeros_masked,
+)
 from devtools.validation.statistics import MERGING_SHELLS, TRUTH_SHELLS
 from devtools.validation.tables import comparison_table, table
+
 
 def column_label(lane, dataset, lanes):
     """The report's name of a column: the dataset, prefixed by the DIALS
@@ -45,7 +63,13 @@ def _lane_description(info, lane):
     """What the lane runs: versions, programs, interpreter and plugin."""
     i = info["lanes"][lane]
     return "%s, dxtbx %s (`%s/dials.*`, %s; dials-truncfix %s from %s)" % (
-        i["dials_version"], i["dxtbx"], i["programs"], i["python"], i["plugin_version"], i["plugin"])
+        i["dials_version"],
+        i["dxtbx"],
+        i["programs"],
+        i["python"],
+        i["plugin_version"],
+        i["plugin"],
+    )
 
 
 def _trusted_range_text(results, info):
@@ -60,11 +84,20 @@ def _trusted_range_text(results, info):
                 zero_valid = not zeros_masked(r, lane_info)
                 parts.append(
                     "%s reads it as %g..%g %s: zero pixels %s"
-                    % (lane_info["dials_version"], low, high,
-                       "inclusive" if inclusive else "exclusive", "valid" if zero_valid else "masked")
+                    % (
+                        lane_info["dials_version"],
+                        low,
+                        high,
+                        "inclusive" if inclusive else "exclusive",
+                        "valid" if zero_valid else "masked",
+                    )
                 )
                 break
-    return ("Trusted range of the truncated SMVs: " + "; ".join(parts) + ".") if parts else ""
+    return (
+        ("Trusted range of the truncated SMVs: " + "; ".join(parts) + ".")
+        if parts
+        else ""
+    )
 
 
 def report(results, info, command):
@@ -77,7 +110,10 @@ def report(results, info, command):
         ct = times.get(crystal, {})
         parts = ["simulation %.0f s" % ct.get("simulation", float("nan"))]
         for lane in lanes:
-            parts += ["%s %.0f s" % (labels[lane][n], ct.get(lane, {}).get(n, float("nan"))) for n in results[crystal].get(lane, {})]
+            parts += [
+                "%s %.0f s" % (labels[lane][n], ct.get(lane, {}).get(n, float("nan")))
+                for n in results[crystal].get(lane, {})
+            ]
         time_parts.append("%s: %s" % (crystal, ", ".join(parts)))
     lines = [
         "# Validation against a simulated truth",
@@ -89,12 +125,23 @@ def report(results, info, command):
         "- Date: %s; wall time %.1f min on %d processes (%s)"
         % (info["date"], info["total_time"] / 60, info["nproc"], "; ".join(time_parts)),
         "- Lanes (each runs its own programs; the statistics are computed by %s): %s"
-        % (info.get("driver", sys.executable), "; ".join("%s = %s" % (lane, _lane_description(info, lane)) for lane in lanes)),
+        % (
+            info.get("driver", sys.executable),
+            "; ".join(
+                "%s = %s" % (lane, _lane_description(info, lane)) for lane in lanes
+            ),
+        ),
         "- Simulation, one sweep per crystal: %s (%s x %s pixels, %d images of %.2f deg, other parameters at "
         "their defaults; the weak crystal is the strong one with a tenth of the flux)"
         % (
-            "; ".join("`python -m devtools.simulate %s`" % " ".join(a) for a in info["simulation_parameters"].values()),
-            info["image_size"], info["image_size"], info["n_images"], info["osc_width"],
+            "; ".join(
+                "`python -m devtools.simulate %s`" % " ".join(a)
+                for a in info["simulation_parameters"].values()
+            ),
+            info["image_size"],
+            info["image_size"],
+            info["n_images"],
+            info["osc_width"],
         ),
         "- Processing, identical for every column: `dials.import` (on read: with `DIALS_TRUNCFIX=1`); (corrected "
         "images: `dials.correct_truncation imported.expt nproc=%d truncfix...`, CBF output); `dials.find_spots`; "
@@ -102,12 +149,24 @@ def report(results, info, command):
         "%g A in the true cell, expressed in the dataset's refined cell, so that a cell refined slightly off "
         "does not change which reflections are kept); "
         "`dials.export format=mtz`. Every command line is in `%s/commands.log`."
-        % (info["nproc"], " ".join(info["symmetry"]), info["d_min"], os.path.basename(info["workdir"])),
-        "- Columns: " + "; ".join(
-            "%s = %s" % (", ".join(labels[lane][name] for lane in lanes if name in labels[lane]), DATASET_TEXT[name])
+        % (
+            info["nproc"],
+            " ".join(info["symmetry"]),
+            info["d_min"],
+            os.path.basename(info["workdir"]),
+        ),
+        "- Columns: "
+        + "; ".join(
+            "%s = %s"
+            % (
+                ", ".join(labels[lane][name] for lane in lanes if name in labels[lane]),
+                DATASET_TEXT[name],
+            )
             for name in DATASETS
             if any(name in labels[lane] for lane in lanes)
-        ) + ". " + _trusted_range_text(results, info),
+        )
+        + ". "
+        + _trusted_range_text(results, info),
         "",
         "Definitions: statistics with the known cell and space group, so all datasets share the "
         "resolution bins. Merging statistics by `iotbx.merging_statistics` on the unmerged scaled "
@@ -128,14 +187,17 @@ def report(results, info, command):
         "from the scatter of z. The merging table also lists dials.scale's error model (a, b: "
         "sigma'^2 = a^2 (sigma^2 + (b I)^2)) and the spread (max - min) of the parameters of its decay "
         "component (a relative B along the sweep): the sigmas, and the resolution dependence of the scaled "
-        "intensities, depend on both."
-        % (MERGING_SHELLS, OUTER, TRUTH_SHELLS),
+        "intensities, depend on both." % (MERGING_SHELLS, OUTER, TRUTH_SHELLS),
         "",
     ]
     decisions, verdicts = {}, {}
     for crystal, by_lane in results.items():
         lines += ["## %s crystal (`preset=%s`)" % (crystal.capitalize(), crystal), ""]
-        columns = [(labels[lane][n], r) for lane in lanes for n, r in by_lane.get(lane, {}).items()]
+        columns = [
+            (labels[lane][n], r)
+            for lane in lanes
+            for n, r in by_lane.get(lane, {}).items()
+        ]
         lines += [table(columns), ""]
         for lane in lanes:
             lane_results = by_lane.get(lane, {})
@@ -143,8 +205,10 @@ def report(results, info, command):
                 continue
             lines += [
                 comparison_table(
-                    lane_results, labels[lane],
-                    "Gap removed, %s (against the truncated column of this lane)" % info["lanes"][lane]["dials_version"],
+                    lane_results,
+                    labels[lane],
+                    "Gap removed, %s (against the truncated column of this lane)"
+                    % info["lanes"][lane]["dials_version"],
                 ),
                 "",
             ]
@@ -159,34 +223,73 @@ def report(results, info, command):
                 lines += [
                     "%s, default assignment (%s):" % (label, mode),
                     "",
-                    discussion(lane_results["truth"], lane_results["truncated"], lane_results[mode], mode, label),
+                    discussion(
+                        lane_results["truth"],
+                        lane_results["truncated"],
+                        lane_results[mode],
+                        mode,
+                        label,
+                    ),
                     "",
                 ]
-            if ON_READ in lane_results and not zeros_masked(lane_results["truncated"], info["lanes"][lane]):
+            if ON_READ in lane_results and not zeros_masked(
+                lane_results["truncated"], info["lanes"][lane]
+            ):
                 lines += [
                     "%s, corrected on read:" % label,
                     "",
-                    discussion(lane_results["truth"], lane_results["truncated"], lane_results[ON_READ], "on-read", label),
+                    discussion(
+                        lane_results["truth"],
+                        lane_results["truncated"],
+                        lane_results[ON_READ],
+                        "on-read",
+                        label,
+                    ),
                     "",
                 ]
             elif ON_READ in lane_results:
                 lines += [
                     masked_discussion(
-                        lane_results["truth"], lane_results["truncated"], lane_results[ON_READ], label,
+                        lane_results["truth"],
+                        lane_results["truncated"],
+                        lane_results[ON_READ],
+                        label,
                         lane_results["truncated"].get("trusted_range"),
                     ),
                     "",
                 ]
         for lane in lanes:
             lane_results = by_lane.get(lane, {})
-            if all(n in lane_results for n in REFERENCES + ASSIGNMENTS) and crystal not in decisions:
-                decisions[crystal] = choose_assignment(lane_results, info["default_assignment"])
+            if (
+                all(n in lane_results for n in REFERENCES + ASSIGNMENTS)
+                and crystal not in decisions
+            ):
+                decisions[crystal] = choose_assignment(
+                    lane_results, info["default_assignment"]
+                )
                 decision_lane = lane
-            if all(n in lane_results for n in REFERENCES + (SECTORS_ASSIGNMENT, "sectors")) and crystal not in verdicts:
-                verdicts[crystal] = sectors_verdict(lane_results, {n: lane_results[n].get("correction") for n in lane_results})
+            if (
+                all(
+                    n in lane_results
+                    for n in REFERENCES + (SECTORS_ASSIGNMENT, "sectors")
+                )
+                and crystal not in verdicts
+            ):
+                verdicts[crystal] = sectors_verdict(
+                    lane_results,
+                    {n: lane_results[n].get("correction") for n in lane_results},
+                )
                 sectors_lane = lane
     if decisions:
-        lines += [assignment_section(decisions, info["lanes"][decision_lane]["dials_version"]), ""]
+        lines += [
+            assignment_section(
+                decisions, info["lanes"][decision_lane]["dials_version"]
+            ),
+            "",
+        ]
     if verdicts:
-        lines += [sectors_section(verdicts, info["lanes"][sectors_lane]["dials_version"]), ""]
+        lines += [
+            sectors_section(verdicts, info["lanes"][sectors_lane]["dials_version"]),
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import math
 
-from devtools.validation.datasets import ASSIGNMENTS, REFERENCES, SECTORS_ASSIGNMENT, default_assignment
+from devtools.validation.datasets import (
+    ASSIGNMENTS,
+    REFERENCES,
+    SECTORS_ASSIGNMENT,
+    default_assignment,
+)
 
 
 def k_ratio(r, i):
@@ -37,7 +42,13 @@ def metric_rows(results):
     rows = []
     names = list(results)
     get = lambda f: {n: f(results[n]) for n in names}  # noqa: E731
-    rows.append(("integrated observations", get(lambda r: r.get("integrated", {}).get("integrated_sum", float("nan"))), "d"))
+    rows.append(
+        (
+            "integrated observations",
+            get(lambda r: r.get("integrated", {}).get("integrated_sum", float("nan"))),
+            "d",
+        )
+    )
     for part, tag in (("overall", "overall"), ("highest_shell", "outer shell")):
         for key, label, spec in (
             ("n_obs", "merged observations", "d"),
@@ -47,21 +58,58 @@ def metric_rows(results):
             ("cc_one_half", "CC1/2", ".3f"),
             ("i_over_sigma", "<I/sigI>", ".2f"),
         ):
-            rows.append(("%s, %s" % (label, tag), get(lambda r, p=part, k=key: r[p][k]), spec))
-    rows.append(("CC(I, I_true), overall", get(lambda r: r["truth"]["cc_truth"]), ".4f"))
+            rows.append(
+                ("%s, %s" % (label, tag), get(lambda r, p=part, k=key: r[p][k]), spec)
+            )
+    rows.append(
+        ("CC(I, I_true), overall", get(lambda r: r["truth"]["cc_truth"]), ".4f")
+    )
     first = results[names[0]]
     n = len(first["truth"]["shells"])
     for i in range(n):
-        rows.append(("k_shell/k, %s" % shell_label(first, i), get(lambda r, i=i: k_ratio(r, i)), ".3f"))
+        rows.append(
+            (
+                "k_shell/k, %s" % shell_label(first, i),
+                get(lambda r, i=i: k_ratio(r, i)),
+                ".3f",
+            )
+        )
     for i in range(n):
-        rows.append(("weak <z>, %s" % shell_label(first, i), get(lambda r, i=i: r["truth"]["shells"][i]["weak_mean_z"]), "+.3f"))
+        rows.append(
+            (
+                "weak <z>, %s" % shell_label(first, i),
+                get(lambda r, i=i: r["truth"]["shells"][i]["weak_mean_z"]),
+                "+.3f",
+            )
+        )
     for i in range(n):
-        rows.append(("weak relative bias, %s" % shell_label(first, i),
-                     get(lambda r, i=i: r["truth"]["shells"][i].get("weak_relative_bias", float("nan"))), "+.3f"))
+        rows.append(
+            (
+                "weak relative bias, %s" % shell_label(first, i),
+                get(
+                    lambda r, i=i: r["truth"]["shells"][i].get(
+                        "weak_relative_bias", float("nan")
+                    )
+                ),
+                "+.3f",
+            )
+        )
     for i in range(n):
-        rows.append(("weak rms(z), %s" % shell_label(first, i), get(lambda r, i=i: r["truth"]["shells"][i]["weak_rms_z"]), ".3f"))
+        rows.append(
+            (
+                "weak rms(z), %s" % shell_label(first, i),
+                get(lambda r, i=i: r["truth"]["shells"][i]["weak_rms_z"]),
+                ".3f",
+            )
+        )
     for i in range(n):
-        rows.append(("CC(I, I_true), %s" % shell_label(first, i), get(lambda r, i=i: r["truth"]["shells"][i]["cc_truth"]), ".4f"))
+        rows.append(
+            (
+                "CC(I, I_true), %s" % shell_label(first, i),
+                get(lambda r, i=i: r["truth"]["shells"][i]["cc_truth"]),
+                ".4f",
+            )
+        )
     return rows
 
 
@@ -126,9 +174,17 @@ def compare(lane_results, corrected=None):
                 cells[name] = (c, float("nan"), "n/a")
             elif harmed:
                 gap = gap_removed(t, u, c)
-                cells[name] = (c, gap, "closer to truth" if gap > 0 else "further from truth")
+                cells[name] = (
+                    c,
+                    gap,
+                    "closer to truth" if gap > 0 else "further from truth",
+                )
             else:
-                cells[name] = (c, float("nan"), "within tolerance" if abs(c - t) <= tol else "moves away")
+                cells[name] = (
+                    c,
+                    float("nan"),
+                    "within tolerance" if abs(c - t) <= tol else "moves away",
+                )
         out.append((label, spec, t, u, harmed, cells))
     return out
 
@@ -136,9 +192,19 @@ def compare(lane_results, corrected=None):
 def bias_metrics():
     """(metric, value of shell i, its standard error) of the bias rows."""
     return (
-        ("k_shell/k", k_ratio, lambda r, i: r["truth"]["shells"][i].get("k_shell_se", float("nan")) / r["truth"]["k"]),
-        ("weak <z>", lambda r, i: r["truth"]["shells"][i]["weak_mean_z"],
-         lambda r, i: r["truth"]["shells"][i].get("weak_mean_z_se", float("nan"))),
+        (
+            "k_shell/k",
+            k_ratio,
+            lambda r, i: (
+                r["truth"]["shells"][i].get("k_shell_se", float("nan"))
+                / r["truth"]["k"]
+            ),
+        ),
+        (
+            "weak <z>",
+            lambda r, i: r["truth"]["shells"][i]["weak_mean_z"],
+            lambda r, i: r["truth"]["shells"][i].get("weak_mean_z_se", float("nan")),
+        ),
     )
 
 
@@ -204,13 +270,22 @@ def choose_assignment(lane_results, current=None):
     noise = []
     for metric, get, se in bias_metrics():
         for i in range(n - OUTER, n):
-            noise.append(abs(get(lane_results["expectation"], i) - get(lane_results["distribution"], i)) < 2 * se(T, i))
+            noise.append(
+                abs(
+                    get(lane_results["expectation"], i)
+                    - get(lane_results["distribution"], i)
+                )
+                < 2 * se(T, i)
+            )
     eligible, failures = {}, {}
     for m in ASSIGNMENTS:
         bad = [
             (metric, shell, g, gd, within)
-            for (metric, shell, g), (_, _, gd), within in zip(bias[m], bias[reference], noise)
-            if math.isfinite(gd) and not (math.isfinite(g) and g >= eligibility_threshold(gd))
+            for (metric, shell, g), (_, _, gd), within in zip(
+                bias[m], bias[reference], noise
+            )
+            if math.isfinite(gd)
+            and not (math.isfinite(g) and g >= eligibility_threshold(gd))
         ]
         eligible[m] = not bad
         failures[m] = bad
@@ -225,7 +300,10 @@ def choose_assignment(lane_results, current=None):
         choice = reference if not eligible[challenger] else current
     else:
         choice = challenger if n_c > n_r else reference
-    models = {m: (lane_results[m].get("scaling_model") or {}).get("error_model") for m in ASSIGNMENTS}
+    models = {
+        m: (lane_results[m].get("scaling_model") or {}).get("error_model")
+        for m in ASSIGNMENTS
+    }
     return {
         "error_models": models,
         "bias": bias,
@@ -277,15 +355,27 @@ def sectors_verdict(lane_results, corrections):
         pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
         if not pairs:
             return float("nan"), float("nan")
-        return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
+        return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(
+            pairs
+        )
 
     rel = lambda r, i: r["truth"]["shells"][i].get("weak_relative_bias", float("nan"))  # noqa: E731
-    sigma_free = {name: outer_gaps(lane_results, name, k_ratio) + outer_gaps(lane_results, name, rel) for name in ("sectors", own)}
+    sigma_free = {
+        name: outer_gaps(lane_results, name, k_ratio)
+        + outer_gaps(lane_results, name, rel)
+        for name in ("sectors", own)
+    }
     mean_s, mean_o = mean_pairs(sigma_free["sectors"], sigma_free[own])
-    rule = {name: [g for _, _, g in bias_rows(lane_results, name)] for name in ("sectors", own)}
+    rule = {
+        name: [g for _, _, g in bias_rows(lane_results, name)]
+        for name in ("sectors", own)
+    }
     rule_s, rule_o = mean_pairs(rule["sectors"], rule[own])
     n_s, n_o, n_tie, n_rows = closer_rows(lane_results, "sectors", own)
-    cc = {name: [lane_results[name]["truth"]["shells"][i]["cc_truth"] for i in outer] for name in ("truth", "truncated", own, "sectors")}
+    cc = {
+        name: [lane_results[name]["truth"]["shells"][i]["cc_truth"] for i in outer]
+        for name in ("truth", "truncated", own, "sectors")
+    }
     cc_better = sum(1 for x, y in zip(cc["sectors"], cc[own]) if x > y)
     robust = {}
     for name in (own, "sectors"):
@@ -295,15 +385,25 @@ def sectors_verdict(lane_results, corrections):
             "regions": regions,
             "failed": c.get("failed", 0),
             "pooled": c.get("pooled", 0),
-            "failed_fraction": c.get("failed", 0) / regions if regions else float("nan"),
-            "pooled_fraction": c.get("pooled", 0) / regions if regions else float("nan"),
+            "failed_fraction": c.get("failed", 0) / regions
+            if regions
+            else float("nan"),
+            "pooled_fraction": c.get("pooled", 0) / regions
+            if regions
+            else float("nan"),
         }
     improves_bias = math.isfinite(mean_s) and mean_s > mean_o + BIAS_MARGIN
     improves_accuracy = 2 * cc_better > len(cc["sectors"])
-    loses_robustness = robust["sectors"]["failed_fraction"] > robust[own]["failed_fraction"] or (
-        robust["sectors"]["pooled_fraction"] > max(robust[own]["pooled_fraction"], POOLED_TOLERANCE)
+    loses_robustness = robust["sectors"]["failed_fraction"] > robust[own][
+        "failed_fraction"
+    ] or (
+        robust["sectors"]["pooled_fraction"]
+        > max(robust[own]["pooled_fraction"], POOLED_TOLERANCE)
     )
-    model = {name: lane_results[name].get("scaling_model") or {} for name in ("truth", own, "sectors")}
+    model = {
+        name: lane_results[name].get("scaling_model") or {}
+        for name in ("truth", own, "sectors")
+    }
     return {
         "own": own,
         "sigma_free": sigma_free,

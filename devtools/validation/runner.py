@@ -18,7 +18,11 @@ def run_step(args, cwd, env, log=None, check_output=None, show_env=()):
     (with the variables named in ``show_env``); raise StepError with the tail
     of its log if it fails or ``check_output`` is missing."""
     prefix = "".join("%s=%s " % (k, shlex.quote(env[k])) for k in show_env)
-    line = "(cd %s && %s%s)" % (shlex.quote(cwd), prefix, " ".join(shlex.quote(a) for a in args))
+    line = "(cd %s && %s%s)" % (
+        shlex.quote(cwd),
+        prefix,
+        " ".join(shlex.quote(a) for a in args),
+    )
     logger.info("$ %s", line)
     if log is not None:
         log.write(line + "\n")
@@ -34,6 +38,10 @@ def run_step(args, cwd, env, log=None, check_output=None, show_env=()):
             with open(program_log) as fh:
                 text = fh.read() + "\n" + result.stderr
         tail = "\n".join(text.strip().splitlines()[-30:])
-        why = "exit status %d" % result.returncode if result.returncode else "no %s" % check_output
+        why = (
+            "exit status %d" % result.returncode
+            if result.returncode
+            else "no %s" % check_output
+        )
         raise StepError("%s failed (%s) in %s:\n%s" % (args[0], why, cwd, tail))
     logger.info("  (%.1f s)", elapsed)

@@ -10,9 +10,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 import iotbx.merging_statistics
 import iotbx.mtz
-import numpy as np
 
 from devtools.validation.lanes import StepError
 
@@ -25,8 +26,12 @@ TRUTH_SHELLS = 8
 def _truth_array(truth_mtz):
     """The true merged intensities of the simulation."""
     for array in iotbx.mtz.object(truth_mtz).as_miller_arrays():
-        if array.is_xray_intensity_array() or array.info().label_string().startswith("I"):
-            array = array.customized_copy(sigmas=None).set_observation_type_xray_intensity()
+        if array.is_xray_intensity_array() or array.info().label_string().startswith(
+            "I"
+        ):
+            array = array.customized_copy(
+                sigmas=None
+            ).set_observation_type_xray_intensity()
             return array.map_to_asu().merge_equivalents().array()
     raise ValueError("no intensity array in %s" % truth_mtz)
 
@@ -38,7 +43,9 @@ def _unmerged_intensities(scaled_mtz, symmetry):
     for array in arrays:
         labels = array.info().labels
         if labels and labels[0] == "I" and array.sigmas() is not None:
-            array = array.customized_copy(crystal_symmetry=symmetry).set_observation_type_xray_intensity()
+            array = array.customized_copy(
+                crystal_symmetry=symmetry
+            ).set_observation_type_xray_intensity()
             return array.map_to_asu()
     raise ValueError("no unmerged I/SIGI in %s" % scaled_mtz)
 
@@ -62,9 +69,16 @@ def count_integrated(integrated_refl, python=None, env=None):
     by this interpreter."""
     if python is None:
         python = sys.executable
-    result = subprocess.run([python, "-c", _COUNT_INTEGRATED, integrated_refl], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [python, "-c", _COUNT_INTEGRATED, integrated_refl],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
-        raise StepError("%s cannot read %s:\n%s" % (python, integrated_refl, result.stderr[-2000:]))
+        raise StepError(
+            "%s cannot read %s:\n%s" % (python, integrated_refl, result.stderr[-2000:])
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -79,7 +93,9 @@ def scaling_model(scaled_expt):
     decay = model.get("decay", {}).get("parameters")
     return {
         "decay_spread": float(max(decay) - min(decay)) if decay else None,
-        "error_model": model.get("configuration_parameters", {}).get("error_model_parameters"),
+        "error_model": model.get("configuration_parameters", {}).get(
+            "error_model_parameters"
+        ),
     }
 
 
@@ -88,8 +104,16 @@ def _shell_stats(bin_stats):
     if not bin_stats.n_obs:  # an empty shell: no statistic
         nan = float("nan")
         return {
-            "d_max": bin_stats.d_max, "d_min": bin_stats.d_min, "n_obs": 0, "n_uniq": 0, "completeness": 0.0,
-            "multiplicity": nan, "r_merge": nan, "cc_one_half": nan, "i_over_sigma": nan, "mean_i": nan,
+            "d_max": bin_stats.d_max,
+            "d_min": bin_stats.d_min,
+            "n_obs": 0,
+            "n_uniq": 0,
+            "completeness": 0.0,
+            "multiplicity": nan,
+            "r_merge": nan,
+            "cc_one_half": nan,
+            "i_over_sigma": nan,
+            "mean_i": nan,
         }
     return {
         "d_max": bin_stats.d_max,
@@ -112,8 +136,16 @@ def _pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def dataset_statistics(scaled_expt, scaled_refl, truth_mtz, d_min, d_max=None, scaled_mtz=None, integrated_refl=None,
-               integrated=None):
+def dataset_statistics(
+    scaled_expt,
+    scaled_refl,
+    truth_mtz,
+    d_min,
+    d_max=None,
+    scaled_mtz=None,
+    integrated_refl=None,
+    integrated=None,
+):
     """Merging statistics and comparison with the truth of one dataset.
 
     ``scaled_mtz`` (dials.export of scaled_expt/refl) defaults to scaled.mtz
@@ -127,7 +159,9 @@ def dataset_statistics(scaled_expt, scaled_refl, truth_mtz, d_min, d_max=None, s
     truth = truth.resolution_filter(d_max=d_max, d_min=d_min)
     if scaled_mtz is None:
         scaled_mtz = os.path.join(os.path.dirname(scaled_refl), "scaled.mtz")
-    unmerged = _unmerged_intensities(scaled_mtz, symmetry).resolution_filter(d_max=d_max, d_min=d_min)
+    unmerged = _unmerged_intensities(scaled_mtz, symmetry).resolution_filter(
+        d_max=d_max, d_min=d_min
+    )
 
     merging = iotbx.merging_statistics.dataset_statistics(
         i_obs=unmerged,
@@ -155,7 +189,9 @@ def dataset_statistics(scaled_expt, scaled_refl, truth_mtz, d_min, d_max=None, s
         out["integrated"] = integrated
     else:
         if integrated_refl is None:
-            integrated_refl = os.path.join(os.path.dirname(scaled_refl), "integrated.refl")
+            integrated_refl = os.path.join(
+                os.path.dirname(scaled_refl), "integrated.refl"
+            )
         if os.path.exists(integrated_refl):
             out["integrated"] = count_integrated(integrated_refl)
 
@@ -181,7 +217,9 @@ def dataset_statistics(scaled_expt, scaled_refl, truth_mtz, d_min, d_max=None, s
     for i_bin in binner.range_used():
         d_lo, d_hi = binner.bin_d_range(i_bin)
         in_truth = true_bins == i_bin
-        median = float(np.median(truth_data[in_truth])) if in_truth.any() else float("nan")
+        median = (
+            float(np.median(truth_data[in_truth])) if in_truth.any() else float("nan")
+        )
         sel = obs_bins == i_bin
         weak = sel & (i_true < median)
         weak_all |= weak
@@ -193,25 +231,40 @@ def dataset_statistics(scaled_expt, scaled_refl, truth_mtz, d_min, d_max=None, s
                 "n_matched": int(sel.sum()),
                 "n_weak": int(weak.sum()),
                 "cc_truth": _pearson(i_obs[sel], i_true[sel]),
-                "k_shell": float(np.dot(i_obs[sel], i_true[sel]) / np.dot(i_true[sel], i_true[sel]))
+                "k_shell": float(
+                    np.dot(i_obs[sel], i_true[sel]) / np.dot(i_true[sel], i_true[sel])
+                )
                 if sel.any()
                 else float("nan"),
                 # standard errors from the sigmas: of k_shell (least squares),
                 # and of <z> from the scatter of z
-                "k_shell_se": float(np.sqrt(np.dot(i_true[sel] ** 2, s_obs[sel] ** 2)) / np.dot(i_true[sel], i_true[sel]))
+                "k_shell_se": float(
+                    np.sqrt(np.dot(i_true[sel] ** 2, s_obs[sel] ** 2))
+                    / np.dot(i_true[sel], i_true[sel])
+                )
                 if sel.any()
                 else float("nan"),
-                "weak_mean_z_se": float(np.std(z[weak]) / np.sqrt(weak.sum())) if weak.sum() > 1 else float("nan"),
+                "weak_mean_z_se": float(np.std(z[weak]) / np.sqrt(weak.sum()))
+                if weak.sum() > 1
+                else float("nan"),
                 # the bias of the weak reflections without their sigmas (which
                 # depend on the error model dials.scale fits to each dataset):
                 # <I - k I_true> / <k I_true>
-                "weak_relative_bias": float(np.mean(i_obs[weak] - k * i_true[weak]) / np.mean(k * i_true[weak]))
+                "weak_relative_bias": float(
+                    np.mean(i_obs[weak] - k * i_true[weak]) / np.mean(k * i_true[weak])
+                )
                 if weak.any()
                 else float("nan"),
                 "weak_mean_z": float(np.mean(z[weak])) if weak.any() else float("nan"),
-                "weak_rms_z": float(np.sqrt(np.mean(z[weak] ** 2))) if weak.any() else float("nan"),
-                "weak_mean_i_over_sigma": float(np.mean(i_obs[weak] / s_obs[weak])) if weak.any() else float("nan"),
-                "weak_fraction_negative": float(np.mean(i_obs[weak] < 0)) if weak.any() else float("nan"),
+                "weak_rms_z": float(np.sqrt(np.mean(z[weak] ** 2)))
+                if weak.any()
+                else float("nan"),
+                "weak_mean_i_over_sigma": float(np.mean(i_obs[weak] / s_obs[weak]))
+                if weak.any()
+                else float("nan"),
+                "weak_fraction_negative": float(np.mean(i_obs[weak] < 0))
+                if weak.any()
+                else float("nan"),
             }
         )
     out["truth"] = {

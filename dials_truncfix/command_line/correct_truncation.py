@@ -205,10 +205,17 @@ def run(args: list[str] | None = None, phil: libtbx.phil.scope = phil_scope) -> 
         raise Sorry("no images or experiment list were given (or none could be read)")
     input_files = [a for a in args if "=" not in a and os.path.isfile(a)]
     try:
-        with interruptible():  # the process-wide signal handling: the command line's alone
-            correct(experiments, params, options, parser.diff_phil.as_str(), input_files)
+        with (
+            interruptible()
+        ):  # the process-wide signal handling: the command line's alone
+            correct(
+                experiments, params, options, parser.diff_phil.as_str(), input_files
+            )
     except Interrupted as e:
-        print(f"dials.correct_truncation: interrupted (signal {e.code - 128}); no experiment list written", file=sys.stderr)
+        print(
+            f"dials.correct_truncation: interrupted (signal {e.code - 128}); no experiment list written",
+            file=sys.stderr,
+        )
         raise
     except Sorry:
         raise
@@ -234,7 +241,14 @@ def correct(
     from dials_truncfix.core.shells import ShellError
     from dials_truncfix.io import OutputFormatError
     from dials_truncfix.program import experiments as corrected
-    from dials_truncfix.program import interruption, outputs, planning, record, report, tasks
+    from dials_truncfix.program import (
+        interruption,
+        outputs,
+        planning,
+        record,
+        report,
+        tasks,
+    )
     from dials_truncfix.settings import Settings
 
     try:
@@ -248,7 +262,9 @@ def correct(
             raise Sorry(str(e)) from None
     fmt = params.output.format
     if fmt != planning.ON_READ and not params.output.directory:
-        raise Sorry(f"output.directory=None: output.format={fmt} writes images and needs a directory")
+        raise Sorry(
+            f"output.directory=None: output.format={fmt} writes images and needs a directory"
+        )
     try:
         plans = planning.plan(experiments, settings, params.output.directory, fmt)
         images = [o for p in plans for o in p.outputs]
@@ -259,11 +275,16 @@ def correct(
             "output.log": params.output.log,
         }
         outputs.check_output_paths(
-            named, images, planning.input_files(plans, input_files, settings), params.output.overwrite
+            named,
+            images,
+            planning.input_files(plans, input_files, settings),
+            params.output.overwrite,
         )
     except (planning.TruncationInputError, outputs.OutputError) as e:
         raise Sorry(str(e)) from None
-    directories = {os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p}
+    directories = {
+        os.path.dirname(os.path.abspath(p)) for p in [*named.values(), *images] if p
+    }
     interrupted = interruption.current()
     with outputs.run_lock(directories):
         dials.util.log.config(options.verbose, logfile=params.output.log)
@@ -271,13 +292,32 @@ def correct(
         if diff_phil:
             logger.info("The following parameters have been modified:\n%s", diff_phil)
         n_images = sum(len(p.imageset) for p in plans)
-        where = os.path.abspath(params.output.directory) if images else params.output.experiments
-        logger.info("Correcting %d image(s) in %d imageset(s) into %s (%s)", n_images, len(plans), where, fmt)
+        where = (
+            os.path.abspath(params.output.directory)
+            if images
+            else params.output.experiments
+        )
+        logger.info(
+            "Correcting %d image(s) in %d imageset(s) into %s (%s)",
+            n_images,
+            len(plans),
+            where,
+            fmt,
+        )
         progress = _Progress(n_images, interrupted.check)
         try:
-            with outputs.staging(images) if images else contextlib.nullcontext() as staging:
+            with (
+                outputs.staging(images)
+                if images
+                else contextlib.nullcontext() as staging
+            ):
                 results = tasks.correct_sweeps(
-                    plans, settings, fmt, params.mp, staging, n_report_images=params.output.report_images,
+                    plans,
+                    settings,
+                    fmt,
+                    params.mp,
+                    staging,
+                    n_report_images=params.output.report_images,
                     progress=progress,
                 )
                 progress.close()
@@ -290,14 +330,20 @@ def correct(
                     _atomic_text(params.output.json, record.as_json(run_record))
                     logger.info("Wrote %s", params.output.json)
                 if params.output.report:
-                    _atomic_text(params.output.report, report.html_report(results, run_record))
+                    _atomic_text(
+                        params.output.report, report.html_report(results, run_record)
+                    )
                     logger.info("Wrote %s", params.output.report)
                 if params.output.experiments:
                     interrupted.check()
                     if fmt == planning.ON_READ:
-                        written = corrected.on_read_experiments(experiments, plans, settings)
+                        written = corrected.on_read_experiments(
+                            experiments, plans, settings
+                        )
                     else:
-                        written = corrected.corrected_experiments(experiments, results, fmt)
+                        written = corrected.corrected_experiments(
+                            experiments, results, fmt
+                        )
                     _atomic_text(params.output.experiments, written.as_json())
                     logger.info("Wrote %s", params.output.experiments)
         except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
@@ -314,21 +360,33 @@ def _log_summary(results):
         for s in r.images:
             if s["damaged"]:
                 logger.warning(
-                    "%s: %s are all zero (a file cut short, or a dead line?): left as they were", s["file"], s["damaged"]
+                    "%s: %s are all zero (a file cut short, or a dead line?): left as they were",
+                    s["file"],
+                    s["damaged"],
                 )
         changed = sum(s["n_changed"] for s in r.images)
         n_changed += changed
-        failed = sum(1 for s in r.images for sh in s["shells"] if sh["status"].startswith("fit failed"))
+        failed = sum(
+            1
+            for s in r.images
+            for sh in s["shells"]
+            if sh["status"].startswith("fit failed")
+        )
         logger.info(
             "Imageset %d (%s): %d images, %s%s",
-            p.number, p.description, len(p.imageset),
-            f"not corrected: {p.refused}" if p.refused else
-            f"{changed} pixels changed, lowest value {r.lowest_value}"
+            p.number,
+            p.description,
+            len(p.imageset),
+            f"not corrected: {p.refused}"
+            if p.refused
+            else f"{changed} pixels changed, lowest value {r.lowest_value}"
             + (f", SMV pedestal {r.pedestal}" if r.pedestal else ""),
             f", {failed} shell fit(s) failed" if failed else "",
         )
     if n_changed == 0:
-        logger.info("Nothing to correct: no zero-valued pixel was given another value; images written unchanged")
+        logger.info(
+            "Nothing to correct: no zero-valued pixel was given another value; images written unchanged"
+        )
 
 
 if __name__ == "__main__":

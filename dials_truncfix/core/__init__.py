@@ -20,4 +20,6 @@
 #: whose zeros are not truncation left alone); 3: the fit in location, scale
 #: and shape, the normal (shape 0) included, so that near-Gaussian read noise
 #: fits (dials-truncfix 0.4).
+from __future__ import annotations
+
 ALGORITHM = 3

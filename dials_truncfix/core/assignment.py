@@ -87,7 +87,11 @@ def value_distribution(mode: str, n_zero: int, distribution: Distribution):
     mean = float(np.dot(values, prob))
     if mode == "expectation":
         low = math.floor(mean)
-        return np.array([low + 1, low], dtype=np.int64), np.array([mean - low, 1 - (mean - low)]), mean
+        return (
+            np.array([low + 1, low], dtype=np.int64),
+            np.array([mean - low, 1 - (mean - low)]),
+            mean,
+        )
     return values, prob, mean
 
 

@@ -15,7 +15,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_truncfix.core.assignment import (
-    TABLE_SIZE, image_rng, set_slot_steps, slot_ends, uniform_slots, value_distribution,
+    TABLE_SIZE,
+    image_rng,
+    set_slot_steps,
+    slot_ends,
+    uniform_slots,
+    value_distribution,
 )
 from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
 from dials_truncfix.core.lognormal import LognormalFit, fit_lognormals
@@ -30,7 +35,9 @@ NO_ZEROS = "no zero pixels"
 NOT_TRUNCATED_NEGATIVE = "not truncated data: holds negative values"
 NOT_TRUNCATED_FLOAT = "not truncated data: holds non-integer values"
 NOT_TRUNCATION = "not truncation"
-BLANK = "blank or damaged image: most valid pixels lie in rows or columns that are all zero"
+BLANK = (
+    "blank or damaged image: most valid pixels lie in rows or columns that are all zero"
+)
 
 #: a row or column is damaged when all of at least this many valid pixels
 #: are zero: a file cut short (dxtbx reads the missing rows as 0) or a dead
@@ -118,7 +125,9 @@ def _zero_lines(panel, axis, n_valid_per_line):
     across = panel.shape[axis]
     probes = np.linspace(0, across - 1, min(PROBE_LINES, across)).astype(np.intp)
     probe = np.take(panel, probes, axis=axis)
-    candidates = np.flatnonzero((probe == 0).all(axis=axis) & (n_valid_per_line >= DAMAGED_LINE_MIN_PIXELS))
+    candidates = np.flatnonzero(
+        (probe == 0).all(axis=axis) & (n_valid_per_line >= DAMAGED_LINE_MIN_PIXELS)
+    )
     if not len(candidates):
         return candidates
     lines = np.take(panel, candidates, axis=1 - axis)
@@ -131,19 +140,27 @@ def damaged_lines(panels: list, shell_map: ShellMap) -> tuple:
     Only integer data without negative values is checked (all the correction
     ever changes)."""
     damaged, described, offset = None, [], 0
-    for k, (panel, (per_row, per_column)) in enumerate(zip(panels, shell_map.valid_per_line())):
+    for k, (panel, (per_row, per_column)) in enumerate(
+        zip(panels, shell_map.valid_per_line())
+    ):
         panel = np.asarray(panel)
         rows = _damage(_zero_lines(panel, 1, per_row), panel.shape[0], trailing=True)
-        columns = _damage(_zero_lines(panel, 0, per_column), panel.shape[1], trailing=False)
+        columns = _damage(
+            _zero_lines(panel, 0, per_column), panel.shape[1], trailing=False
+        )
         if len(rows) or len(columns):
             if damaged is None:
-                damaged = np.zeros(sum(int(np.prod(np.shape(p))) for p in panels), dtype=bool)
+                damaged = np.zeros(
+                    sum(int(np.prod(np.shape(p))) for p in panels), dtype=bool
+                )
             block = np.zeros(panel.shape, dtype=bool)
             block[rows] = True
             block[:, columns] = True
             damaged[offset : offset + panel.size] = block.ravel()
             where = " and ".join(
-                f"{name} {_ranges(lines)}" for name, lines in (("rows", rows), ("columns", columns)) if len(lines)
+                f"{name} {_ranges(lines)}"
+                for name, lines in (("rows", rows), ("columns", columns))
+                if len(lines)
             )
             described.append(where if len(panels) == 1 else f"panel {k} {where}")
         offset += panel.size
@@ -178,7 +195,11 @@ class ImageCorrection:
         given no value: masked ones, those of damaged lines, of regions not
         corrected (fit failed, not truncation) and of images passed through.
         Where the stock format class masks zero pixels they must stay masked."""
-        return np.array([], dtype=np.intp) if self._zeros_left is None else self._zeros_left()
+        return (
+            np.array([], dtype=np.intp)
+            if self._zeros_left is None
+            else self._zeros_left()
+        )
 
     @property
     def n_changed(self) -> int:
@@ -195,8 +216,13 @@ def _fit_shells(problems, params):
     """[(Imax, LognormalFit)] of each (histogram, sampled pixels) of
     ``problems``, fitted together."""
     tops = [imax(histogram, n_valid, params) for histogram, n_valid in problems]
-    heads = [counts_up_to(histogram, top) for (histogram, _), top in zip(problems, tops)]
-    fits = fit_lognormals([(h, int(n_valid - h.sum())) for h, (_, n_valid) in zip(heads, problems)], params.likelihood)
+    heads = [
+        counts_up_to(histogram, top) for (histogram, _), top in zip(problems, tops)
+    ]
+    fits = fit_lognormals(
+        [(h, int(n_valid - h.sum())) for h, (_, n_valid) in zip(heads, problems)],
+        params.likelihood,
+    )
     return [(top, _usable(fit)) for top, fit in zip(tops, fits)]
 
 
@@ -205,8 +231,14 @@ def _usable(fit):
     values for the zero pixels)."""
     if fit.converged and not fit.distribution.cdf([0.5])[0] > 0:
         return LognormalFit(
-            fit.location, fit.scale, fit.shape, fit.log_likelihood, fit.rmsd, False,
-            fit.n_iterations, "no probability below 0.5",
+            fit.location,
+            fit.scale,
+            fit.shape,
+            fit.log_likelihood,
+            fit.rmsd,
+            False,
+            fit.n_iterations,
+            "no probability below 0.5",
         )
     return fit
 
@@ -231,12 +263,16 @@ def _not_truncated(flat, labels):
     (detector gaps flagged with negative values, say) do not count."""
     if flat.dtype.kind == "f":
         valid_values = flat[labels != INVALID]
-        if not np.all(np.isfinite(valid_values)) or not np.array_equal(valid_values, np.floor(valid_values)):
+        if not np.all(np.isfinite(valid_values)) or not np.array_equal(
+            valid_values, np.floor(valid_values)
+        ):
             return NOT_TRUNCATED_FLOAT
     return None
 
 
-def correct_image(panels: list, shell_map: ShellMap, params: CorrectionParameters, image_key: str) -> ImageCorrection:
+def correct_image(
+    panels: list, shell_map: ShellMap, params: CorrectionParameters, image_key: str
+) -> ImageCorrection:
     """Correct one image given as a list of per-panel integer arrays.
 
     The input is never written: the corrected values go into a new array
@@ -251,41 +287,84 @@ def correct_image(panels: list, shell_map: ShellMap, params: CorrectionParameter
     )
     if reason:
         logger.info("Image %s passed through unchanged: %s", image_key, reason)
-        return ImageCorrection(data=list(panels), status=reason, _zeros_left=lambda: np.flatnonzero(flat == 0))
+        return ImageCorrection(
+            data=list(panels),
+            status=reason,
+            _zeros_left=lambda: np.flatnonzero(flat == 0),
+        )
     negative_masked = len(negative) > 0
 
     stride, base, n_sampled = shell_map.histogram_sample()
     n_valid = shell_map.n_valid
-    damaged, described = damaged_lines(panels, shell_map) if flat.dtype.kind != "f" else (None, "")
+    damaged, described = (
+        damaged_lines(panels, shell_map) if flat.dtype.kind != "f" else (None, "")
+    )
     if damaged is not None:  # not valid pixels for this image
         labels = np.where(damaged, INVALID, labels).astype(labels.dtype)
         n_valid = np.bincount(labels[labels != INVALID], minlength=shell_map.n_regions)
         if n_valid.sum() < 0.5 * shell_map.n_valid.sum():
-            logger.info("Image %s passed through unchanged: %s (%s)", image_key, BLANK, described)
-            return ImageCorrection(data=list(panels), status=BLANK, damaged=described,
-                                   _zeros_left=lambda: np.flatnonzero(flat == 0))
+            logger.info(
+                "Image %s passed through unchanged: %s (%s)",
+                image_key,
+                BLANK,
+                described,
+            )
+            return ImageCorrection(
+                data=list(panels),
+                status=BLANK,
+                damaged=described,
+                _zeros_left=lambda: np.flatnonzero(flat == 0),
+            )
         base, n_sampled = sample_keys(labels, stride, shell_map.n_regions)
 
-    zero_positions, zero_regions, n_zero = find_zeros(flat, labels, shell_map.n_regions, non_positive, negative_masked)
+    zero_positions, zero_regions, n_zero = find_zeros(
+        flat, labels, shell_map.n_regions, non_positive, negative_masked
+    )
     if not n_zero.any() and not params.fit_all_shells:
-        return ImageCorrection(data=list(panels), status=NO_ZEROS, damaged=described,
-                               _zeros_left=lambda: zero_positions)
+        return ImageCorrection(
+            data=list(panels),
+            status=NO_ZEROS,
+            damaged=described,
+            _zeros_left=lambda: zero_positions,
+        )
 
-    histograms = region_histograms(flat, labels, stride, base, n_sampled, negative_masked)
-    results = [_region_result(shell_map, r, n_valid[r], n_zero[r], n_sampled[r]) for r in range(shell_map.n_regions)]
+    histograms = region_histograms(
+        flat, labels, stride, base, n_sampled, negative_masked
+    )
+    results = [
+        _region_result(shell_map, r, n_valid[r], n_zero[r], n_sampled[r])
+        for r in range(shell_map.n_regions)
+    ]
     fits = _fit_regions(results, histograms, shell_map, params, image_key)
 
     out = _output(flat, copied)
     tally = None
     if fits:
-        tally = _assign(out, zero_positions, zero_regions, results, fits, params, image_rng(params.seed, image_key))
+        tally = _assign(
+            out,
+            zero_positions,
+            zero_regions,
+            results,
+            fits,
+            params,
+            image_rng(params.seed, image_key),
+        )
+
     def zeros_left():
-        fitted = np.zeros(shell_map.n_regions + 1, dtype=bool)  # the last entry: INVALID
+        fitted = np.zeros(
+            shell_map.n_regions + 1, dtype=bool
+        )  # the last entry: INVALID
         fitted[list(fits)] = True
         return zero_positions[~np.take(fitted, zero_regions)]
 
-    return ImageCorrection(data=_split(out, shapes), status=CORRECTED, _shells=results, damaged=described,
-                           _tally=tally, _zeros_left=zeros_left)
+    return ImageCorrection(
+        data=_split(out, shapes),
+        status=CORRECTED,
+        _shells=results,
+        damaged=described,
+        _tally=tally,
+        _zeros_left=zeros_left,
+    )
 
 
 def find_non_positive(flat):
@@ -311,10 +390,14 @@ def find_zeros(flat, labels, n_regions, non_positive=None, negative=False):
     if non_positive is None:
         positions = np.flatnonzero(flat == 0)
     else:
-        positions = non_positive[np.take(flat, non_positive) == 0] if negative else non_positive
+        positions = (
+            non_positive[np.take(flat, non_positive) == 0] if negative else non_positive
+        )
     regions = np.take(labels, positions)
     if n_regions <= FEW_REGIONS:
-        n_zero = np.array([np.count_nonzero(regions == r) for r in range(n_regions)], dtype=np.intp)
+        n_zero = np.array(
+            [np.count_nonzero(regions == r) for r in range(n_regions)], dtype=np.intp
+        )
     elif regions.dtype == np.int16:  # INVALID counts in the last of 65536 bins
         n_zero = np.bincount(regions.view(np.uint16), minlength=n_regions)[:n_regions]
     else:
@@ -324,7 +407,9 @@ def find_zeros(flat, labels, n_regions, non_positive=None, negative=False):
 
 def region_histograms(flat, labels, stride, base, n_sampled, negative_masked):
     """The RegionHistograms of this image (one bincount)."""
-    return RegionHistograms(flat, labels, stride, base, n_sampled, clip_negative=negative_masked)
+    return RegionHistograms(
+        flat, labels, stride, base, n_sampled, clip_negative=negative_masked
+    )
 
 
 def corrected_dtype(dtype: np.dtype) -> type:
@@ -384,10 +469,18 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
         if not any(r in fits for r in batch):
             continue
         table, distributions = value_table(batch, results, fits, params)
-        positions, rows, batch_slots = zero_positions, zero_regions.astype(np.int32), slots
+        positions, rows, batch_slots = (
+            zero_positions,
+            zero_regions.astype(np.int32),
+            slots,
+        )
         if n_regions > TABLE_ROWS:  # keep this batch's pixels (INVALID is -1)
             chosen = np.flatnonzero((rows >= first) & (rows < first + TABLE_ROWS))
-            positions, rows, batch_slots = positions[chosen], rows[chosen], slots[chosen]
+            positions, rows, batch_slots = (
+                positions[chosen],
+                rows[chosen],
+                slots[chosen],
+            )
         keys = rows
         keys += 1 - first  # row 0: masked pixels
         keys *= TABLE_SIZE
@@ -398,7 +491,9 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
     def tally():
         """Each fitted region's n_changed and min_value, from the keys drawn."""
         for batch, distributions, keys in tallies:
-            counts = np.bincount(keys, minlength=(len(batch) + 1) * TABLE_SIZE).reshape(-1, TABLE_SIZE)
+            counts = np.bincount(keys, minlength=(len(batch) + 1) * TABLE_SIZE).reshape(
+                -1, TABLE_SIZE
+            )
             for row, r in enumerate(batch, start=1):
                 if r not in distributions:
                     continue
@@ -413,7 +508,9 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
 
 def _check_map(shapes, shell_map, params):
     if shapes != list(shell_map.panel_shapes):
-        raise ValueError(f"image shape {shapes} does not match the shell map {shell_map.panel_shapes}")
+        raise ValueError(
+            f"image shape {shapes} does not match the shell map {shell_map.panel_shapes}"
+        )
     if shell_map.n_sectors != params.n_sectors:
         raise ValueError(
             f"n_sectors={params.n_sectors} but the shell map has {shell_map.n_sectors} sector(s) per shell:"
@@ -440,10 +537,14 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
     histogram of regions together.  Returns {region: fit} of the regions to
     correct; a region whose zeros are not truncation (core/truncation.py) is
     left alone, with one line per image."""
-    fitted = [r for r, result in enumerate(results) if result.n_zero or params.fit_all_shells]
+    fitted = [
+        r for r, result in enumerate(results) if result.n_zero or params.fit_all_shells
+    ]
     own = [histograms.of([r], params) for r in fitted]
     fits = {}
-    for r, (histogram, n_sampled), (top, fit) in zip(fitted, own, _fit_shells(own, params)):
+    for r, (histogram, n_sampled), (top, fit) in zip(
+        fitted, own, _fit_shells(own, params)
+    ):
         result = results[r]
         result.imax, result.fit = top, fit
         result.fitted_regions = ((result.shell, result.sector),)
@@ -458,9 +559,19 @@ def _fit_regions(results, histograms, shell_map, params, image_key):
             fits[r] = result.fit
             result.status = CORRECTED
         else:
-            result.status = f"fit failed: {result.fit.message}; zero pixels left unchanged"
-            say_once((image_key, r), logging.WARNING, "Image %s %s (%.2f-%.2f A): %s",
-                     image_key, shell_map.region_name(r), result.d_max, result.d_min, result.status)
+            result.status = (
+                f"fit failed: {result.fit.message}; zero pixels left unchanged"
+            )
+            say_once(
+                (image_key, r),
+                logging.WARNING,
+                "Image %s %s (%.2f-%.2f A): %s",
+                image_key,
+                shell_map.region_name(r),
+                result.d_max,
+                result.d_min,
+                result.status,
+            )
     _summarise_left_alone(results, shell_map, image_key)
     return fits
 
@@ -471,25 +582,48 @@ def _summarise_left_alone(results, shell_map, image_key):
     reasons (a sweep from an offset camera says it once, not per image)."""
     left_alone = [s for s in results if s.status.startswith(NOT_TRUNCATION)]
     if left_alone:
-        names = tuple(shell_map.region_name(r) for r, s in enumerate(results) if s.status.startswith(NOT_TRUNCATION))
-        reasons = tuple(sorted({s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone}))
-        say_once((NOT_TRUNCATION, names, reasons), logging.INFO,
-                 "Image %s and any other with the same: zeros of %d of %d regions (%s) left alone, not truncation (%s)",
-                 image_key, len(left_alone), len(results), ", ".join(names), "; ".join(reasons))
+        names = tuple(
+            shell_map.region_name(r)
+            for r, s in enumerate(results)
+            if s.status.startswith(NOT_TRUNCATION)
+        )
+        reasons = tuple(
+            sorted(
+                {s.status[len(NOT_TRUNCATION) + 2 :].split(" (")[0] for s in left_alone}
+            )
+        )
+        say_once(
+            (NOT_TRUNCATION, names, reasons),
+            logging.INFO,
+            "Image %s and any other with the same: zeros of %d of %d regions (%s) left alone, not truncation (%s)",
+            image_key,
+            len(left_alone),
+            len(results),
+            ", ".join(names),
+            "; ".join(reasons),
+        )
 
 
 def _fit_merged(result, region, histograms, shell_map, params, image_key):
     for other in shell_map.merge_candidates(region):
-        [(merged_imax, merged_fit)] = _fit_shells([histograms.of([region, other], params)], params)
+        [(merged_imax, merged_fit)] = _fit_shells(
+            [histograms.of([region, other], params)], params
+        )
         if merged_fit.converged:
             first, second = sorted((region, other))
             logger.info(
                 "Image %s %s: fit failed (%s); using the fit of %s and %s together",
-                image_key, shell_map.region_name(region), result.fit.message,
-                shell_map.region_name(first), shell_map.region_name(second),
+                image_key,
+                shell_map.region_name(region),
+                result.fit.message,
+                shell_map.region_name(first),
+                shell_map.region_name(second),
             )
             result.imax, result.fit = merged_imax, merged_fit
-            result.fitted_regions = tuple((int(shell_map.shell[k]), int(shell_map.sector[k])) for k in (first, second))
+            result.fitted_regions = tuple(
+                (int(shell_map.shell[k]), int(shell_map.sector[k]))
+                for k in (first, second)
+            )
             return
 
 

@@ -59,7 +59,12 @@ class RegionHistograms:
     def __init__(self, flat, labels, stride, base, n_sampled, clip_negative=False):
         self.n_regions = len(n_sampled)
         self.bins = histogram_bins(self.n_regions)
-        self.flat, self.labels, self.stride, self.n_sampled = flat, labels, stride, n_sampled
+        self.flat, self.labels, self.stride, self.n_sampled = (
+            flat,
+            labels,
+            stride,
+            n_sampled,
+        )
         sampled = flat[::stride]
         top = self.bins - 1
         keys = np.clip(sampled, 0, top) if clip_negative else np.minimum(sampled, top)
@@ -67,7 +72,9 @@ class RegionHistograms:
             keys = keys.astype(np.int32)
         keys += base  # in place: one array less of the sample's size
         counts = np.bincount(keys, minlength=(self.n_regions + 1) * self.bins)
-        self.capped = counts[: self.n_regions * self.bins].reshape(self.n_regions, self.bins)
+        self.capped = counts[: self.n_regions * self.bins].reshape(
+            self.n_regions, self.bins
+        )
 
     def of(self, regions, params):
         """(H(0 .. at least Imax), number of sampled pixels) of these regions
@@ -77,7 +84,9 @@ class RegionHistograms:
         exact = self.capped[regions].sum(axis=0)[:-1]
         if imax(exact, n, params) < len(exact):
             return exact, n
-        sampled = self.flat[:: self.stride][np.isin(self.labels[:: self.stride], regions)]
+        sampled = self.flat[:: self.stride][
+            np.isin(self.labels[:: self.stride], regions)
+        ]
         return np.bincount(histogram_values(np.clip(sampled, 0, None))), n
 
 

@@ -135,7 +135,7 @@ class LognormalFit:
 
     @property
     def model(self) -> str | None:
-        """"lognormal" (the paper's) or "normal" (its limit); None if not fitted."""
+        """ "lognormal" (the paper's) or "normal" (its limit); None if not fitted."""
         return self.distribution.model if np.isfinite(self.shape) else None
 
     @property
@@ -195,7 +195,9 @@ SERIES_TERMS = 24
 # d2z/dshape2 = w^3 B(u), u = shape * w, with these coefficients of u^j
 # (highest power first, for np.polyval)
 _A = np.array([(-1) ** (j + 1) * (j + 1) / (j + 2) for j in range(SERIES_TERMS)])[::-1]
-_B = np.array([(-1) ** j * (j + 2) * (j + 1) / (j + 3) for j in range(SERIES_TERMS)])[::-1]
+_B = np.array([(-1) ** j * (j + 2) * (j + 1) / (j + 3) for j in range(SERIES_TERMS)])[
+    ::-1
+]
 
 
 def _z_and_derivatives(x, location, s, shape):
@@ -208,14 +210,22 @@ def _z_and_derivatives(x, location, s, shape):
     u = shape * w
     q = 1 + u
     positive = shape > 0
-    z = np.where(positive, np.log1p(np.maximum(u, -1)) / np.where(positive, shape, 1), w)
+    z = np.where(
+        positive, np.log1p(np.maximum(u, -1)) / np.where(positive, shape, 1), w
+    )
     z = np.where(q > 0, z, -np.inf)
     small = np.abs(u) < SERIES_LIMIT
     u_safe = np.where(small, 1.0, u)
     log1p_u = np.log1p(np.maximum(u_safe, -1 + 1e-300))
-    a = np.where(small, np.polyval(_A, u), (u_safe / (1 + u_safe) - log1p_u) / u_safe**2)
-    b = np.where(small, np.polyval(_B, u),
-                 (-(u_safe / (1 + u_safe)) ** 2 - 2 * u_safe / (1 + u_safe) + 2 * log1p_u) / u_safe**3)
+    a = np.where(
+        small, np.polyval(_A, u), (u_safe / (1 + u_safe) - log1p_u) / u_safe**2
+    )
+    b = np.where(
+        small,
+        np.polyval(_B, u),
+        (-((u_safe / (1 + u_safe)) ** 2) - 2 * u_safe / (1 + u_safe) + 2 * log1p_u)
+        / u_safe**3,
+    )
     q2 = q * q
     grad = np.stack((-1 / (scale * q), -w / q, w * w * a), axis=1)
     second = {
@@ -242,9 +252,13 @@ def _occupied_intervals(bin_counts):
     can go, the run becoming one empty interval.  Edge k is I = k + 0.5,
     the top of bin k."""
     occupied = bin_counts > 0
-    kept = _edges_kept(np.flatnonzero(occupied[:-1] | occupied[1:]), len(bin_counts) - 1)
+    kept = _edges_kept(
+        np.flatnonzero(occupied[:-1] | occupied[1:]), len(bin_counts) - 1
+    )
     cumulative = np.cumsum(bin_counts)
-    interval_counts = np.diff(np.concatenate(([0.0], cumulative[kept], cumulative[-1:])))
+    interval_counts = np.diff(
+        np.concatenate(([0.0], cumulative[kept], cumulative[-1:]))
+    )
     return kept.astype(float), interval_counts
 
 
@@ -261,8 +275,10 @@ class ExactLikelihood:
 
     def __init__(self, histograms, n_aboves):
         # bins (-inf, 0.5), [0.5, 1.5), ..., [Imax - 0.5, Imax + 0.5), [Imax + 0.5, inf)
-        rows = [_occupied_intervals(np.append(np.asarray(h, dtype=float), float(n)))
-                for h, n in zip(histograms, n_aboves)]
+        rows = [
+            _occupied_intervals(np.append(np.asarray(h, dtype=float), float(n)))
+            for h, n in zip(histograms, n_aboves)
+        ]
         n_edges = max(len(offsets) for offsets, _ in rows)
         self.edges = np.empty((len(rows), n_edges))
         self.bin_counts = np.zeros((len(rows), n_edges + 1))
@@ -281,17 +297,30 @@ class ExactLikelihood:
         derivatives are not finite (an edge below the support)."""
         with np.errstate(all="ignore"):
             value, grad, hessian = self._evaluate(p, rows)
-        bad = ~(np.isfinite(value) & np.isfinite(grad).all(axis=1) & np.isfinite(hessian).all(axis=(1, 2)))
+        bad = ~(
+            np.isfinite(value)
+            & np.isfinite(grad).all(axis=1)
+            & np.isfinite(hessian).all(axis=(1, 2))
+        )
         n_total = self.n_total[rows]
-        value, grad, hessian = -value / n_total, -grad / n_total[:, None], -hessian / n_total[:, None, None]
+        value, grad, hessian = (
+            -value / n_total,
+            -grad / n_total[:, None],
+            -hessian / n_total[:, None, None],
+        )
         value[bad], grad[bad], hessian[bad] = NOT_FINITE, 0.0, _IDENTITY
         return value, grad, hessian
 
     def _evaluate(self, p, rows):
-        z, grad_z, second = _z_and_derivatives(self.edges[rows], p[:, 0:1], p[:, 1:2], p[:, 2:3])
+        z, grad_z, second = _z_and_derivatives(
+            self.edges[rows], p[:, 0:1], p[:, 1:2], p[:, 2:3]
+        )
         counts, occupied = self.bin_counts[rows], self.occupied[rows]
         n = len(rows)
-        log_p = _log_diff_ndtr(np.hstack((z, np.full((n, 1), np.inf))), np.hstack((np.full((n, 1), -np.inf), z)))
+        log_p = _log_diff_ndtr(
+            np.hstack((z, np.full((n, 1), np.inf))),
+            np.hstack((np.full((n, 1), -np.inf), z)),
+        )
         log_phi = _log_phi(z)
         # the terms of empty bins are zero (their ratios may not be finite);
         # edge e is the top of bin e and the bottom of bin e + 1
@@ -301,9 +330,13 @@ class ExactLikelihood:
         top_terms = np.where(below, counts[:, :-1] * r_top, 0.0)
         bottom_terms = np.where(above, counts[:, 1:] * r_bottom, 0.0)
         w = top_terms + bottom_terms  # d value / d z_e
-        diag = np.where(below, top_terms * (-z - r_top), 0.0) + np.where(above, bottom_terms * (-z - r_bottom), 0.0)
+        diag = np.where(below, top_terms * (-z - r_top), 0.0) + np.where(
+            above, bottom_terms * (-z - r_bottom), 0.0
+        )
         # bin e + 1 joins edges e and e + 1
-        off = np.where(occupied[:, 1:-1], -counts[:, 1:-1] * r_bottom[:, :-1] * r_top[:, 1:], 0.0)
+        off = np.where(
+            occupied[:, 1:-1], -counts[:, 1:-1] * r_bottom[:, :-1] * r_top[:, 1:], 0.0
+        )
         h = np.einsum("rie,re,rje->rij", grad_z, diag, grad_z)
         cross = np.einsum("rie,re,rje->rij", grad_z[:, :, :-1], off, grad_z[:, :, 1:])
         h += cross + cross.transpose(0, 2, 1)
@@ -328,7 +361,10 @@ class Objective:
             self._batch = ExactLikelihood([h], [n_above])
             self.n_total = self._batch.n_total[0]
             # the bin edges (k + 0.5 for each offset k) and interval counts used
-            self.offsets, self.bin_counts = self._batch.edges[0] - 0.5, self._batch.bin_counts[0]
+            self.offsets, self.bin_counts = (
+                self._batch.edges[0] - 0.5,
+                self._batch.bin_counts[0],
+            )
         else:
             self.h0 = h[0]
             # the positive counts I (those that occur), and I - 0.5
@@ -361,12 +397,20 @@ class Objective:
         q = 1 + p[2] * w
         log_f0 = special.log_ndtr(z[0])
         value = self.h0 * log_f0 if self.h0 else 0.0
-        g = self.h0 * math.exp(_log_phi(z[0]) - log_f0) * grad_z[:, 0] if self.h0 else np.zeros(3)
+        g = (
+            self.h0 * math.exp(_log_phi(z[0]) - log_f0) * grad_z[:, 0]
+            if self.h0
+            else np.zeros(3)
+        )
         hpos, zp, qp, wp = self.positive_counts, z[1:], q[1:], w[1:]
         value += np.dot(hpos, _log_phi(zp) - p[1] - np.log(qp))
         # d log f / dp = -z dz/dp - d log q / dp - (0, 1, 0)
         dlogq = np.stack((-p[2] / (scale * qp), -p[2] * wp / qp, wp / qp))
-        g = g + (-(zp * grad_z[:, 1:]) - dlogq) @ hpos - np.array([0.0, hpos.sum(), 0.0])
+        g = (
+            g
+            + (-(zp * grad_z[:, 1:]) - dlogq) @ hpos
+            - np.array([0.0, hpos.sum(), 0.0])
+        )
         return value, g
 
 
@@ -401,12 +445,20 @@ def starting_values(histogram: np.ndarray, n_above: int) -> tuple:
     location = xs[0] - scale * math.expm1(shape * zs[0]) / shape
     # the support's lower end (location - scale / shape) below the lowest edge
     if location - scale / shape >= 0.5 - 1e-3 * max(scale / shape, 1.0):
-        shape = max(scale / (location - 0.5 + 1e-3 * max(scale, 1.0)), 0.0) if location > 0.5 else 0.0
+        shape = (
+            max(scale / (location - 0.5 + 1e-3 * max(scale, 1.0)), 0.0)
+            if location > 0.5
+            else 0.0
+        )
     return location, scale, shape
 
 
-def log_likelihood(histogram: np.ndarray, n_above: int, distribution: Distribution,
-                   likelihood: str = "exact") -> float:
+def log_likelihood(
+    histogram: np.ndarray,
+    n_above: int,
+    distribution: Distribution,
+    likelihood: str = "exact",
+) -> float:
     """The log-likelihood of ``distribution`` for a histogram."""
     objective = Objective(histogram, n_above, likelihood)
     d = distribution
@@ -414,14 +466,20 @@ def log_likelihood(histogram: np.ndarray, n_above: int, distribution: Distributi
     return -value * objective.n_total
 
 
-def fit_lognormal(histogram: np.ndarray, n_above: int = 0, likelihood: str = "exact",
-                  max_iterations: int = 200) -> LognormalFit:
+def fit_lognormal(
+    histogram: np.ndarray,
+    n_above: int = 0,
+    likelihood: str = "exact",
+    max_iterations: int = 200,
+) -> LognormalFit:
     """Fit the family to H(0..Imax) (and, for ``exact``, the number of
     counts above Imax) by maximum likelihood."""
     return fit_lognormals([(histogram, n_above)], likelihood, max_iterations)[0]
 
 
-def fit_lognormals(problems: list, likelihood: str = "exact", max_iterations: int = 200) -> list:
+def fit_lognormals(
+    problems: list, likelihood: str = "exact", max_iterations: int = 200
+) -> list:
     """The LognormalFit of each (histogram, n_above) of ``problems``, as
     fit_lognormal gives it; the exact fits run together (ExactLikelihood)."""
     if likelihood not in LIKELIHOODS:
@@ -450,12 +508,20 @@ def fit_lognormals(problems: list, likelihood: str = "exact", max_iterations: in
         results, n_totals = [], []
         for h, n_above, x0 in zip(histograms, n_aboves, starts):
             objective = Objective(h, n_above, likelihood)
-            results.append(optimize.minimize(
-                objective, x0, jac=True, method="L-BFGS-B", bounds=[(None, None), (None, None), (0.0, None)],
-                options={"gtol": 1e-7, "ftol": 1e-13, "maxiter": max_iterations},
-            ))
+            results.append(
+                optimize.minimize(
+                    objective,
+                    x0,
+                    jac=True,
+                    method="L-BFGS-B",
+                    bounds=[(None, None), (None, None), (0.0, None)],
+                    options={"gtol": 1e-7, "ftol": 1e-13, "maxiter": max_iterations},
+                )
+            )
             n_totals.append(objective.n_total)
-    for k, h, n_above, result, n_total in zip(fitted, histograms, n_aboves, results, n_totals):
+    for k, h, n_above, result, n_total in zip(
+        fitted, histograms, n_aboves, results, n_totals
+    ):
         fits[k] = _fit_from(result, h, n_above, n_total)
     return fits
 
@@ -471,7 +537,9 @@ def _fit_from(result, h, n_above, n_total):
     message = str(result.message) if np.isfinite(ll) else "log-likelihood not finite"
     if not (np.isfinite(ll) and np.isfinite([location, scale, shape]).all()):
         converged = False
-    expected = Distribution(location, scale, shape).bin_probabilities(len(h) - 1)[:-1] * (h.sum() + n_above)
+    expected = Distribution(location, scale, shape).bin_probabilities(len(h) - 1)[
+        :-1
+    ] * (h.sum() + n_above)
     rmsd = float(np.sqrt(np.mean((h - expected) ** 2)))
     return LognormalFit(
         location=float(location),
@@ -505,12 +573,16 @@ def _steps(hessian, damping, grad, fixed):
     grad[fixed, _SHAPE] = 0.0
     with np.errstate(all="ignore"):
         try:
-            steps = -np.linalg.solve(hessian + damping[:, None, None] * _IDENTITY, grad[:, :, None])[:, :, 0]
+            steps = -np.linalg.solve(
+                hessian + damping[:, None, None] * _IDENTITY, grad[:, :, None]
+            )[:, :, 0]
         except np.linalg.LinAlgError:  # a singular matrix: row by row
             steps = np.zeros_like(grad)
             for k in range(len(grad)):
                 try:
-                    steps[k] = -np.linalg.solve(hessian[k] + damping[k] * _IDENTITY, grad[k])
+                    steps[k] = -np.linalg.solve(
+                        hessian[k] + damping[k] * _IDENTITY, grad[k]
+                    )
                 except np.linalg.LinAlgError:
                     steps[k] = np.nan
     good = np.isfinite(steps).all(axis=1) & (np.einsum("ri,ri->r", steps, grad) < 0)
@@ -531,7 +603,9 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
     value, grad, hessian = objective(x, np.arange(n))
     damping = np.zeros(n)
     iterations = np.zeros(n, dtype=int)
-    status = np.full(n, -1)  # -1 while running; then 0 converged, 2 stopped, 3 no descent direction
+    status = np.full(
+        n, -1
+    )  # -1 while running; then 0 converged, 2 stopped, 3 no descent direction
     messages = ["maximum number of iterations reached"] * n
 
     def stop(rows, code, message):
@@ -557,17 +631,27 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
         searching = np.ones(len(rows), dtype=bool)
         while searching.any():
             k = np.flatnonzero(searching)
-            trial, good = _steps(hessian[rows[k]], damping[rows[k]], grad[rows[k]], fixed[k])
+            trial, good = _steps(
+                hessian[rows[k]], damping[rows[k]], grad[rows[k]], fixed[k]
+            )
             # at the bound, a step that would take the shape below 0 holds it
-            outward = good & ~fixed[k] & (x[rows[k], _SHAPE] <= 0) & (trial[:, _SHAPE] < 0)
+            outward = (
+                good & ~fixed[k] & (x[rows[k], _SHAPE] <= 0) & (trial[:, _SHAPE] < 0)
+            )
             if outward.any():
                 fixed[k[outward]] = True
                 continue
             step[k[good]] = trial[good]
             searching[k[good]] = False
             retry = rows[k[~good]]
-            damping[retry] = np.maximum(2 * damping[retry], 1e-6 * (1 + np.abs(np.diagonal(hessian[retry], axis1=1,
-                                                                                            axis2=2)).max(axis=1)))
+            damping[retry] = np.maximum(
+                2 * damping[retry],
+                1e-6
+                * (
+                    1
+                    + np.abs(np.diagonal(hessian[retry], axis1=1, axis2=2)).max(axis=1)
+                ),
+            )
             hopeless = k[~good][damping[retry] > 1e12]
             stop(rows[hopeless], 3, "no descent direction")
             searching[hopeless] = False
@@ -576,35 +660,67 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
         below = moving & (-0.5 * slope < rounding) & (damping[rows] == 0.0)
         stop(rows[below], 0, "converged (the next step is below rounding)")
         moving &= ~below
-        rows, step, slope, rounding = rows[moving], step[moving], slope[moving], rounding[moving]
+        rows, step, slope, rounding = (
+            rows[moving],
+            step[moving],
+            slope[moving],
+            rounding[moving],
+        )
         if not len(rows):
             continue
         # the longest step that keeps the shape >= 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            t_max = np.where(step[:, _SHAPE] < 0, np.minimum(1.0, x[rows, _SHAPE] / -step[:, _SHAPE]), 1.0)
+            t_max = np.where(
+                step[:, _SHAPE] < 0,
+                np.minimum(1.0, x[rows, _SHAPE] / -step[:, _SHAPE]),
+                1.0,
+            )
         t = t_max.copy()
-        new_value, new_grad, new_hessian = objective(_moved(x[rows], t, t_max, step), rows)
+        new_value, new_grad, new_hessian = objective(
+            _moved(x[rows], t, t_max, step), rows
+        )
         while True:
-            back = (new_value > value[rows] + 1e-4 * t * slope) & (-t * slope >= rounding)
+            back = (new_value > value[rows] + 1e-4 * t * slope) & (
+                -t * slope >= rounding
+            )
             if not back.any():
                 break
             t[back] *= 0.5
             k = np.flatnonzero(back)
-            new_value[k], new_grad[k], new_hessian[k] = objective(_moved(x[rows[k]], t[k], t_max[k], step[k]), rows[k])
+            new_value[k], new_grad[k], new_hessian[k] = objective(
+                _moved(x[rows[k]], t[k], t_max[k], step[k]), rows[k]
+            )
         failed = new_value > value[rows] + 1e-4 * t * slope
         for k in np.flatnonzero(failed):
             if np.max(np.abs(projected([rows[k]]))) < 1e-6:
-                stop([rows[k]], 0, "converged (no step changes the objective beyond rounding)")
+                stop(
+                    [rows[k]],
+                    0,
+                    "converged (no step changes the objective beyond rounding)",
+                )
             else:
                 stop([rows[k]], 2, "line search failed")
         k, accepted = np.flatnonzero(~failed), rows[~failed]
         x[accepted] = _moved(x[accepted], t[k], t_max[k], step[k])
-        value[accepted], grad[accepted], hessian[accepted] = new_value[k], new_grad[k], new_hessian[k]
-        damping[accepted] = np.where(t[k] == t_max[k], damping[accepted] / 10, damping[accepted])
+        value[accepted], grad[accepted], hessian[accepted] = (
+            new_value[k],
+            new_grad[k],
+            new_hessian[k],
+        )
+        damping[accepted] = np.where(
+            t[k] == t_max[k], damping[accepted] / 10, damping[accepted]
+        )
     status[status < 0] = 2
     return [
-        optimize.OptimizeResult(x=x[r], fun=value[r], jac=grad[r], nit=int(iterations[r]), success=status[r] == 0,
-                                status=int(status[r]), message=messages[r])
+        optimize.OptimizeResult(
+            x=x[r],
+            fun=value[r],
+            jac=grad[r],
+            nit=int(iterations[r]),
+            success=status[r] == 0,
+            status=int(status[r]),
+            message=messages[r],
+        )
         for r in range(n)
     ]
 
@@ -612,7 +728,9 @@ def _newton(objective, x, max_iterations, gtol=1e-9):
 def _moved(x, t, t_max, step):
     """x + t step, the shape exactly 0 where the step reaches the bound."""
     out = x + t[:, None] * step
-    out[:, _SHAPE] = np.where((t == t_max) & (t_max < 1.0), 0.0, np.maximum(out[:, _SHAPE], 0.0))
+    out[:, _SHAPE] = np.where(
+        (t == t_max) & (t_max < 1.0), 0.0, np.maximum(out[:, _SHAPE], 0.0)
+    )
     return out
 
 
@@ -621,8 +739,13 @@ def _failed(message):
     return LognormalFit(nan, nan, nan, nan, nan, False, 0, message)
 
 
-def parameter_covariance(histogram: np.ndarray, n_above: int, fit: LognormalFit, likelihood: str = "exact",
-                         step: float = 1e-5) -> np.ndarray:
+def parameter_covariance(
+    histogram: np.ndarray,
+    n_above: int,
+    fit: LognormalFit,
+    likelihood: str = "exact",
+    step: float = 1e-5,
+) -> np.ndarray:
     """Asymptotic covariance of (location, scale, shape) from the observed
     information (finite-difference Hessian of the analytic gradient; one-sided
     in the shape at its bound)."""
@@ -643,6 +766,8 @@ def parameter_covariance(histogram: np.ndarray, n_above: int, fit: LognormalFit,
     return jacobian @ covariance @ jacobian.T
 
 
-def standard_errors(histogram: np.ndarray, n_above: int, fit: LognormalFit, likelihood: str = "exact") -> np.ndarray:
+def standard_errors(
+    histogram: np.ndarray, n_above: int, fit: LognormalFit, likelihood: str = "exact"
+) -> np.ndarray:
     """Asymptotic standard errors of (location, scale, shape)."""
     return np.sqrt(np.diag(parameter_covariance(histogram, n_above, fit, likelihood)))

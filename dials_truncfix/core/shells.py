@@ -98,7 +98,10 @@ class ShellMap:
         in order of preference: the neighbouring sectors of the same shell,
         then the same sector of the next shell in (or out, for the first)."""
         shell, sector = int(self.shell[region]), int(self.sector[region])
-        wanted = [(shell, (sector - 1) % self.n_sectors), (shell, (sector + 1) % self.n_sectors)]
+        wanted = [
+            (shell, (sector - 1) % self.n_sectors),
+            (shell, (sector + 1) % self.n_sectors),
+        ]
         wanted.append((shell - 1 if shell > 0 else shell + 1, sector))
         candidates = []
         for s, k in wanted:
@@ -117,7 +120,9 @@ class ShellMap:
 
     def region_name(self, region: int) -> str:
         """How logs and reports name a region (region_label)."""
-        return region_label(int(self.shell[region]), int(self.sector[region]), self.n_sectors)
+        return region_label(
+            int(self.shell[region]), int(self.sector[region]), self.n_sectors
+        )
 
 
 def region_label(shell: int, sector: int, n_sectors: int) -> str:
@@ -141,7 +146,10 @@ MAX_HISTOGRAM_BINS = 2**20
 
 def fit_sample_stride(n_valid_per_region):
     """The stride of the fixed pixel subsample the fits use."""
-    if len(n_valid_per_region) and min(n_valid_per_region) >= SAMPLE_STRIDE * MIN_SAMPLED_PIXELS:
+    if (
+        len(n_valid_per_region)
+        and min(n_valid_per_region) >= SAMPLE_STRIDE * MIN_SAMPLED_PIXELS
+    ):
         return SAMPLE_STRIDE
     return 1
 
@@ -168,8 +176,14 @@ def _d_from_inv_d2(inv_d2):
     return math.inf if inv_d2 <= 0 else 1.0 / math.sqrt(inv_d2)
 
 
-def build_shell_map(inv_d2: list, valid: list, n_shells: int = 10, min_pixels_per_shell: int = 1000,
-                    azimuth: list | None = None, n_sectors: int = 1) -> ShellMap:
+def build_shell_map(
+    inv_d2: list,
+    valid: list,
+    n_shells: int = 10,
+    min_pixels_per_shell: int = 1000,
+    azimuth: list | None = None,
+    n_sectors: int = 1,
+) -> ShellMap:
     """Split the valid pixels into ``n_shells`` shells of (nearly) equal count,
     each into ``n_sectors`` sectors of equal angle (experimental).
 
@@ -180,7 +194,9 @@ def build_shell_map(inv_d2: list, valid: list, n_shells: int = 10, min_pixels_pe
     and a warning is logged; sectors may hold fewer pixels (a sector whose
     fit fails is pooled with its neighbour).  Empty regions are not made.
     """
-    resolution, angle, is_valid = _flat_geometry(inv_d2, valid, azimuth, n_shells, n_sectors)
+    resolution, angle, is_valid = _flat_geometry(
+        inv_d2, valid, azimuth, n_shells, n_sectors
+    )
     n_valid = int(is_valid.sum())
     n_made = _number_of_shells(n_valid, n_shells, min_pixels_per_shell)
     if n_made * n_sectors > n_valid:
@@ -194,7 +210,9 @@ def build_shell_map(inv_d2: list, valid: list, n_shells: int = 10, min_pixels_pe
         region = region * n_sectors + _sector(angle[is_valid], n_sectors)
 
     counts = np.bincount(region, minlength=n_made * n_sectors)
-    keep = counts > 0  # ties (or the detector's outline) can empty a region: renumber the ones left
+    keep = (
+        counts > 0
+    )  # ties (or the detector's outline) can empty a region: renumber the ones left
     shell, sector = np.divmod(np.flatnonzero(keep), n_sectors)
     shell = np.cumsum(np.bincount(shell, minlength=n_made) > 0)[shell] - 1
     if not keep.all():
@@ -231,7 +249,9 @@ def _flat_geometry(inv_d2, valid, azimuth, n_shells, n_sectors):
     if n_sectors > 1 and (azimuth is None or len(azimuth) != len(valid)):
         raise ValueError("n_sectors > 1 needs one azimuth array per panel")
     for k, (a, m) in enumerate(zip(inv_d2, valid)):
-        if np.shape(a) != np.shape(m) or (n_sectors > 1 and np.shape(azimuth[k]) != np.shape(m)):
+        if np.shape(a) != np.shape(m) or (
+            n_sectors > 1 and np.shape(azimuth[k]) != np.shape(m)
+        ):
             raise ValueError("resolution, azimuth and mask arrays differ in shape")
     resolution = np.concatenate([np.asarray(a, dtype=float).ravel() for a in inv_d2])
     is_valid = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in valid])

@@ -41,7 +41,9 @@ TOLERANCE = 5.0
 MODEL_FACTOR = 2.0
 
 
-def low_bin_excess(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> np.ndarray:
+def low_bin_excess(
+    histogram: np.ndarray, n_valid: int, fit: LognormalFit
+) -> np.ndarray:
     """How far H(0), H(1), ..., H(LOW_BINS) and, last, their sum over
     1..LOW_BINS lie outside the band E / MODEL_FACTOR .. E * MODEL_FACTOR
     of their expectations E, in Poisson standard deviations (signed root
@@ -54,25 +56,40 @@ def low_bin_excess(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> np
     edge = np.clip(observed, expected / MODEL_FACTOR, expected * MODEL_FACTOR)
     with np.errstate(divide="ignore", invalid="ignore"):
         deviance = 2 * (special.xlogy(observed, observed / edge) - (observed - edge))
-    return np.where(edge > 0, np.sign(observed - edge) * np.sqrt(np.maximum(deviance, 0)),
-                    np.where(observed > 0, np.inf, 0.0))
+    return np.where(
+        edge > 0,
+        np.sign(observed - edge) * np.sqrt(np.maximum(deviance, 0)),
+        np.where(observed > 0, np.inf, 0.0),
+    )
 
 
-def why_not_truncation(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -> str | None:
+def why_not_truncation(
+    histogram: np.ndarray, n_valid: int, fit: LognormalFit
+) -> str | None:
     """None if the region's zeros are the censored low tail of ``fit``, else
     the reason (see the module docstring).  ``histogram`` is the region's
     H(0), H(1), ... (it may end at its largest count), ``n_valid`` its valid
     pixels, ``fit`` a converged fit (of this region, or pooled with a
     neighbour's), or one that did not converge (only a gap is judged)."""
     h = np.asarray(histogram)
-    if len(h) == 0 or h[0] == 0 or not np.isfinite([fit.location, fit.scale, fit.shape]).all():
+    if (
+        len(h) == 0
+        or h[0] == 0
+        or not np.isfinite([fit.location, fit.scale, fit.shape]).all()
+    ):
         return None
     populated = np.flatnonzero(h[1:])
     gap = int(populated[0]) if populated.size else len(h) - 1
     if gap:
-        expected = n_valid * float(np.sum(fit.distribution.bin_probabilities(gap)[1:-1]))
+        expected = n_valid * float(
+            np.sum(fit.distribution.bin_probabilities(gap)[1:-1])
+        )
         if expected >= GAP_EXPECTED:
-            lowest = f"lowest populated count {gap + 1}" if populated.size else "no positive counts"
+            lowest = (
+                f"lowest populated count {gap + 1}"
+                if populated.size
+                else "no positive counts"
+            )
             return f"gap of empty bins above 0 ({lowest}; the fit expects {expected:.0f} counts in 1-{gap})"
     if not fit.converged:
         return None
@@ -82,7 +99,11 @@ def why_not_truncation(histogram: np.ndarray, n_valid: int, fit: LognormalFit) -
         which = f"H({worst})" if worst <= LOW_BINS else f"H(1..{LOW_BINS})"
         observed = _counts(h, LOW_BINS)
         expected = n_valid * fit.distribution.bin_probabilities(LOW_BINS)[:-1]
-        o, e = (observed[worst], expected[worst]) if worst <= LOW_BINS else (observed[1:].sum(), expected[1:].sum())
+        o, e = (
+            (observed[worst], expected[worst])
+            if worst <= LOW_BINS
+            else (observed[1:].sum(), expected[1:].sum())
+        )
         return f"the fit misses the low counts ({which} = {o:.0f}, fit {e:.0f})"
     return None
 

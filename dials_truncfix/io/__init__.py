@@ -2,6 +2,8 @@
 development tools: atomic writing (:mod:`.atomic`), full CBF (:mod:`.cbf`)
 and ADSC SMV (:mod:`.smv`)."""
 
+from __future__ import annotations
+
 
 class OutputFormatError(ValueError):
     """The corrected data cannot be written in the requested format."""

@@ -23,7 +23,9 @@ def atomic_path(path):
     it on failure."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".partial" + os.path.splitext(path)[1], dir=directory
+        prefix=f".{os.path.basename(path)}.",
+        suffix=".partial" + os.path.splitext(path)[1],
+        dir=directory,
     )
     os.close(fd)
     try:

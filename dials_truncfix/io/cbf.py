@@ -15,6 +15,7 @@ import math
 import time
 
 import numpy as np
+
 import pycbf
 from dxtbx.format.cbf_writer import FullCBFWriter
 from dxtbx.imageset import ImageSequence
@@ -41,7 +42,11 @@ def _add_rotation(cbf, goniometer, scan, index):
     )
     image = scan.get_image_range()[0] + index
     start, width = scan.get_image_oscillation(image)
-    exposure = scan.get_exposure_times()[index] if len(scan.get_exposure_times()) > index else 0.0
+    exposure = (
+        scan.get_exposure_times()[index]
+        if len(scan.get_exposure_times()) > index
+        else 0.0
+    )
 
     # the writer makes an empty 'unknown' measurement: make it the goniometer
     _set_column(cbf, "diffrn_measurement", "id", ["GONIOMETER"])
@@ -56,7 +61,18 @@ def _add_rotation(cbf, goniometer, scan, index):
         + ["0", "0", "0", "."]
     )
     cbf.find_category(b"diffrn_scan_axis")
-    cbf.add_row(["GONIOMETER_OMEGA", "SCAN1", repr(start), repr(width), repr(width), "0", "0", "0"])
+    cbf.add_row(
+        [
+            "GONIOMETER_OMEGA",
+            "SCAN1",
+            repr(start),
+            repr(width),
+            repr(width),
+            "0",
+            "0",
+            "0",
+        ]
+    )
     cbf.find_category(b"diffrn_scan_frame_axis")
     cbf.add_row(["GONIOMETER_OMEGA", "FRAME1", repr(start), "0"])
     _set_column(cbf, "diffrn_scan_frame", "integration_time", [repr(float(exposure))])
@@ -96,23 +112,55 @@ def write_full_cbf(path, imageset, index, panels, valid_ranges):
     # X-rays from a synchrotron, not the unpolarized electrons of MicroED)
     beam = imageset.get_beam(index)
     normal = beam.get_polarization_normal()
-    _set_column(cbf, "diffrn_radiation", "polarizn_source_ratio", [repr(beam.get_polarization_fraction())])
-    _set_column(cbf, "diffrn_radiation", "polarizn_source_norm", [repr(math.degrees(math.atan2(normal[0], normal[1])))])
-    _set_column(cbf, "array_intensities", "underload", [str(int(lo)) for lo, _ in valid_ranges])
-    _set_column(cbf, "array_intensities", "undefined_value", [str(int(lo) - 1) for lo, _ in valid_ranges])
-    _set_column(cbf, "array_intensities", "overload", [str(int(hi) + 1) for _, hi in valid_ranges])
+    _set_column(
+        cbf,
+        "diffrn_radiation",
+        "polarizn_source_ratio",
+        [repr(beam.get_polarization_fraction())],
+    )
+    _set_column(
+        cbf,
+        "diffrn_radiation",
+        "polarizn_source_norm",
+        [repr(math.degrees(math.atan2(normal[0], normal[1])))],
+    )
+    _set_column(
+        cbf, "array_intensities", "underload", [str(int(lo)) for lo, _ in valid_ranges]
+    )
+    _set_column(
+        cbf,
+        "array_intensities",
+        "undefined_value",
+        [str(int(lo) - 1) for lo, _ in valid_ranges],
+    )
+    _set_column(
+        cbf,
+        "array_intensities",
+        "overload",
+        [str(int(hi) + 1) for _, hi in valid_ranges],
+    )
 
     if isinstance(imageset, ImageSequence):
-        goniometer, scan, in_scan = imageset.get_goniometer(), imageset.get_scan(), index
+        goniometer, scan, in_scan = (
+            imageset.get_goniometer(),
+            imageset.get_scan(),
+            index,
+        )
     else:
-        goniometer, scan, in_scan = imageset.get_goniometer(index), imageset.get_scan(index), 0
+        goniometer, scan, in_scan = (
+            imageset.get_goniometer(index),
+            imageset.get_scan(index),
+            0,
+        )
     if goniometer is not None and scan is not None:
         # the goniometer axis also for stills (zero width): dxtbx reads
         # byte-offset full CBFs only with one
         if len(panels) == 1:
             # stock FormatCBFFull reads sequences through cbflib_adaptbx,
             # which expects the Pilatus-style names of the pixel axes
-            _rename_values(cbf, {"AXIS_L0M0_L1M0_F": "ELEMENT_X", "AXIS_L0M0_L1M0_S": "ELEMENT_Y"})
+            _rename_values(
+                cbf, {"AXIS_L0M0_L1M0_F": "ELEMENT_X", "AXIS_L0M0_L1M0_S": "ELEMENT_Y"}
+            )
         _add_rotation(cbf, goniometer, scan, in_scan)
 
     cbf.find_category(b"diffrn_data_frame")
@@ -121,9 +169,13 @@ def write_full_cbf(path, imageset, index, panels, valid_ranges):
     for row in range(len(panels)):
         cbf.select_row(row)
         names.append(cbf.get_value().decode())
-    cbf.add_category("array_structure", ["id", "encoding_type", "compression_type", "byte_order"])
+    cbf.add_category(
+        "array_structure", ["id", "encoding_type", "compression_type", "byte_order"]
+    )
     for name in names:
-        cbf.add_row([name, "signed 32-bit integer", "x-CBF_BYTE_OFFSET", "little_endian"])
+        cbf.add_row(
+            [name, "signed 32-bit integer", "x-CBF_BYTE_OFFSET", "little_endian"]
+        )
     cbf.add_category("array_data", ["array_id", "binary_id", "data"])
     for binary_id, (name, data) in enumerate(zip(names, panels), start=1):
         data = np.ascontiguousarray(data, dtype="<i4")
@@ -131,8 +183,17 @@ def write_full_cbf(path, imageset, index, panels, valid_ranges):
         cbf.add_row([name, str(binary_id)])
         cbf.find_column(b"data")
         cbf.set_integerarray_wdims_fs(
-            pycbf.CBF_BYTE_OFFSET, binary_id, data.tobytes(), 4, 1, data.size,
-            b"little_endian", nx, ny, 1, 0,
+            pycbf.CBF_BYTE_OFFSET,
+            binary_id,
+            data.tobytes(),
+            4,
+            1,
+            data.size,
+            b"little_endian",
+            nx,
+            ny,
+            1,
+            0,
         )
 
     with atomic_path(path) as tmp:

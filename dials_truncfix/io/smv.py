@@ -42,7 +42,9 @@ def write_smv(path, data, **header_items):
     if data.ndim != 2:
         raise ValueError("SMV images are two-dimensional")
     if data.size and (data.min() < 0 or data.max() > 65535):
-        raise ValueError(f"{path}: values outside 0..65535 cannot be stored as unsigned 16 bit")
+        raise ValueError(
+            f"{path}: values outside 0..65535 cannot be stored as unsigned 16 bit"
+        )
     slow, fast = data.shape
     header = smv_header(fast, slow, **header_items)
     atomic_write_bytes(path, [header, data.astype("<u2").tobytes()])
@@ -52,7 +54,9 @@ def check_single_panel(detector) -> None:
     """An SMV file holds one panel (checked when planning, before any work,
     and by every writer of SMV headers)."""
     if len(detector) != 1:
-        raise OutputFormatError("SMV output needs a single-panel detector: use output.format=cbf")
+        raise OutputFormatError(
+            "SMV output needs a single-panel detector: use output.format=cbf"
+        )
 
 
 def smv_header_items(beam, detector, scan, index, pedestal=0):
@@ -83,9 +87,13 @@ def smv_header_items(beam, detector, scan, index, pedestal=0):
             TIME=f"{times[index] if len(times) > index else 0.0:.6f}",
         )
         if len(epochs) > index and epochs[index] > 0:
-            items["DATE"] = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(epochs[index]))
+            items["DATE"] = time.strftime(
+                "%a %b %d %H:%M:%S %Y", time.gmtime(epochs[index])
+            )
     else:
-        items.update(OSC_START="0.000000", OSC_RANGE="0.000000", PHI="0.000000", TIME="0.000000")
+        items.update(
+            OSC_START="0.000000", OSC_RANGE="0.000000", PHI="0.000000", TIME="0.000000"
+        )
     return items
 
 
@@ -108,9 +116,13 @@ def smv_data(panel_data, pedestal):
     valid before): corrected values plus the pedestal, those above the valid
     range set to 65535."""
     stored = np.asarray(panel_data, dtype=np.int64) + int(pedestal)
-    not_valid = np.asarray(panel_data) < LOWEST_VALUE  # zeros left alone where stock masks them
+    not_valid = (
+        np.asarray(panel_data) < LOWEST_VALUE
+    )  # zeros left alone where stock masks them
     if stored.size and stored[~not_valid].min(initial=1) < 1:
-        raise OutputFormatError("corrected values below the pedestal: cannot be stored as unsigned")
+        raise OutputFormatError(
+            "corrected values below the pedestal: cannot be stored as unsigned"
+        )
     stored[not_valid] = 0  # below the valid range: masked, as stock
     high = stored > smv_valid_range(pedestal)[1]
     n_clipped = int(np.count_nonzero(high & (np.asarray(panel_data) < SMV_MAX)))
@@ -127,7 +139,9 @@ def write_smv_image(path, imageset, index, panels, pedestal):
         scan, in_scan = imageset.get_scan(), index
     else:
         scan, in_scan = imageset.get_scan(index), 0
-    items = smv_header_items(imageset.get_beam(index), imageset.get_detector(index), scan, in_scan, pedestal)
+    items = smv_header_items(
+        imageset.get_beam(index), imageset.get_detector(index), scan, in_scan, pedestal
+    )
     (panel,) = panels  # one panel, as its detector
     data, n_clipped = smv_data(panel, pedestal)
     write_smv(path, data, **items)

@@ -26,7 +26,10 @@ logger = logging.getLogger(f"dials.{__name__}")
 def _copy_lookups(old, new):
     """The external mask (a beam stop, say), gain, pedestal and dx/dy maps."""
     for name in ("mask", "gain", "pedestal", "dx", "dy"):
-        source, target = getattr(old.external_lookup, name), getattr(new.external_lookup, name)
+        source, target = (
+            getattr(old.external_lookup, name),
+            getattr(new.external_lookup, name),
+        )
         target.data, target.filename = source.data, source.filename
 
 
@@ -36,15 +39,21 @@ def _output_detector(result, index, fmt):
     detector = copy.deepcopy(result.plan.imageset.get_detector(index))
     if fmt == "smv":
         for panel in detector:
-            panel.set_trusted_range(compat.trusted_range_for(*smv_valid_range(result.pedestal)))
+            panel.set_trusted_range(
+                compat.trusted_range_for(*smv_valid_range(result.pedestal))
+            )
             panel.set_pedestal(float(result.pedestal))
     elif not result.plan.refused:
         for panel in detector:
-            panel.set_trusted_range(compat.trusted_range_for(*corrected_value_range(panel)))
+            panel.set_trusted_range(
+                compat.trusted_range_for(*corrected_value_range(panel))
+            )
     return detector
 
 
-def corrected_experiments(experiments: ExperimentList, results: list[SweepResult], fmt: str) -> ExperimentList:
+def corrected_experiments(
+    experiments: ExperimentList, results: list[SweepResult], fmt: str
+) -> ExperimentList:
     """A copy of ``experiments`` whose imagesets read the written images with
     stock dxtbx (the format class is the one dxtbx finds for them)."""
     from dxtbx.format.Registry import get_format_class_for_file
@@ -59,19 +68,30 @@ def corrected_experiments(experiments: ExperimentList, results: list[SweepResult
             detector = _output_detector(r, 0, fmt)
             template = p.output_template()
             new = ImageSetFactory.make_sequence(
-                template, [p.first_number + i for i in range(len(old))], format_class=format_class,
-                beam=old.get_beam(), detector=detector, goniometer=old.get_goniometer(),
-                scan=old.get_scan(), check_format=False,
+                template,
+                [p.first_number + i for i in range(len(old))],
+                format_class=format_class,
+                beam=old.get_beam(),
+                detector=detector,
+                goniometer=old.get_goniometer(),
+                scan=old.get_scan(),
+                check_format=False,
             )
         else:
-            new = ImageSetFactory.make_imageset(list(p.outputs), format_class, check_format=False)
-            detector = _set_still_models(new, old, lambda i: _output_detector(r, i, fmt))
+            new = ImageSetFactory.make_imageset(
+                list(p.outputs), format_class, check_format=False
+            )
+            detector = _set_still_models(
+                new, old, lambda i: _output_detector(r, i, fmt)
+            )
         _copy_lookups(old, new)
         replaced[id(old)] = (new, detector)
     return _with_new_imagesets(experiments, replaced)
 
 
-def on_read_experiments(experiments: ExperimentList, plans: list[SweepPlan], settings: Settings) -> ExperimentList:
+def on_read_experiments(
+    experiments: ExperimentList, plans: list[SweepPlan], settings: Settings
+) -> ExperimentList:
     """A copy of ``experiments`` whose imagesets read the original images
     through the correction on read, with the settings and the shell
     geometry of this run recorded (so that later refinement changes nothing)."""
@@ -84,31 +104,57 @@ def on_read_experiments(experiments: ExperimentList, plans: list[SweepPlan], set
         if p.refused:
             replaced[id(old)] = (old, None)
             continue
-        geometries = {g.digest: g for g in (shell_geometry_of(old, i, settings) for i in _geometry_images(p))}
+        geometries = {
+            g.digest: g
+            for g in (shell_geometry_of(old, i, settings) for i in _geometry_images(p))
+        }
         if len(geometries) > 1:
             logger.info(
                 "Imageset %d: its images have different geometries; the correction on read takes each "
-                "image's from the experiment list", p.number,
+                "image's from the experiment list",
+                p.number,
             )
         fixed = next(iter(geometries.values())) if len(geometries) == 1 else None
         kwargs = dict(old.params())
-        kwargs[FORMAT_KWARG] = type(settings)(settings.parameters, settings.mask, settings.detector, fixed).to_record()
+        kwargs[FORMAT_KWARG] = type(settings)(
+            settings.parameters, settings.mask, settings.detector, fixed
+        ).to_record()
         wrapped = wrapped_class(old.get_format_class().__name__)
         if p.is_sequence:
             detector = set_corrected_trusted_ranges(copy.deepcopy(old.get_detector()))
-            extra = {"single_file_indices": list(old.indices())} if p.multi_image else {"template": old.get_template()}
-            paths = [old.get_path(0)] if p.multi_image else [old.get_path(i) for i in range(len(old))]
+            extra = (
+                {"single_file_indices": list(old.indices())}
+                if p.multi_image
+                else {"template": old.get_template()}
+            )
+            paths = (
+                [old.get_path(0)]
+                if p.multi_image
+                else [old.get_path(i) for i in range(len(old))]
+            )
             new = wrapped.get_imageset(
-                paths, beam=old.get_beam(), detector=detector, goniometer=old.get_goniometer(),
-                scan=old.get_scan(), as_sequence=True, format_kwargs=kwargs, **extra,
+                paths,
+                beam=old.get_beam(),
+                detector=detector,
+                goniometer=old.get_goniometer(),
+                scan=old.get_scan(),
+                as_sequence=True,
+                format_kwargs=kwargs,
+                **extra,
             )
         else:
             new = wrapped.get_imageset(
-                [old.get_path(i) for i in range(len(old))], as_imageset=True, format_kwargs=kwargs,
+                [old.get_path(i) for i in range(len(old))],
+                as_imageset=True,
+                format_kwargs=kwargs,
                 single_file_indices=list(old.indices()) if p.multi_image else None,
             )
             detector = _set_still_models(
-                new, old, lambda i: set_corrected_trusted_ranges(copy.deepcopy(old.get_detector(i)))
+                new,
+                old,
+                lambda i: set_corrected_trusted_ranges(
+                    copy.deepcopy(old.get_detector(i))
+                ),
             )
         _copy_lookups(old, new)
         replaced[id(old)] = (new, detector)

@@ -113,7 +113,10 @@ def signals_held() -> Iterator[None]:
         yield
         return
     came = []
-    previous = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: came.append(signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield
     finally:

@@ -46,7 +46,10 @@ def _same_file(a, b):
 
 
 def check_output_paths(
-    named: Mapping[str, str | None], image_outputs: Sequence[str], inputs: Sequence[str], overwrite: bool
+    named: Mapping[str, str | None],
+    image_outputs: Sequence[str],
+    inputs: Sequence[str],
+    overwrite: bool,
 ) -> None:
     """Refuse, before any work, an output that would replace an input, share
     a path with another or (without ``overwrite``) replace a file.
@@ -61,7 +64,9 @@ def check_output_paths(
                 raise OutputError(f"{name}={path} would replace the input {source}")
         key = os.path.realpath(path)
         if key in seen:
-            raise OutputError(f"{name}={path} is also {seen[key]}: give each output its own path")
+            raise OutputError(
+                f"{name}={path} is also {seen[key]}: give each output its own path"
+            )
         seen[key] = name
         if os.path.isdir(path):
             raise OutputError(f"{name}={path} is a directory")
@@ -69,7 +74,9 @@ def check_output_paths(
         existing = [path for _, path in outputs if os.path.lexists(path)]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise OutputError(f"{existing[0]} exists{more}: choose another output or set output.overwrite=True")
+            raise OutputError(
+                f"{existing[0]} exists{more}: choose another output or set output.overwrite=True"
+            )
 
 
 @contextlib.contextmanager
@@ -135,13 +142,19 @@ def _directory_lock(directory):
                 f"{directory}: another dials.correct_truncation is writing there; wait for it or choose "
                 "another output directory"
             )
-        if os.path.exists(path) and os.path.samefile(path, fh.name) and os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+        if (
+            os.path.exists(path)
+            and os.path.samefile(path, fh.name)
+            and os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        ):
             break
         fh.close()
     try:
         yield
     finally:
-        if sys.platform == "win32":  # an open file cannot be removed there; a run that opens it meanwhile keeps it
+        if (
+            sys.platform == "win32"
+        ):  # an open file cannot be removed there; a run that opens it meanwhile keeps it
             unlock(fh)
             fh.close()
             with contextlib.suppress(OSError):
@@ -159,7 +172,9 @@ class Staging:
 
     def path(self, final: str) -> str:
         """Where the image of ``final`` is written first."""
-        return os.path.join(self.directories[os.path.dirname(final)], os.path.basename(final))
+        return os.path.join(
+            self.directories[os.path.dirname(final)], os.path.basename(final)
+        )
 
     def commit(self, finals: Iterable[str]) -> None:
         """Move the staged images into place, all of them even if a signal
@@ -184,7 +199,9 @@ def staging(image_outputs: Sequence[str]) -> Iterator[Staging]:
     directories = sorted({os.path.dirname(p) for p in image_outputs})
     try:
         _remove_staging(directories)
-        yield Staging({d: tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=d) for d in directories})
+        yield Staging(
+            {d: tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=d) for d in directories}
+        )
     finally:
         with signals_held():
             stop_workers()
@@ -193,5 +210,7 @@ def staging(image_outputs: Sequence[str]) -> Iterator[Staging]:
 
 def _remove_staging(directories):
     for directory in directories:
-        for found in glob.glob(os.path.join(glob.escape(directory), STAGING_PREFIX + "*")):
+        for found in glob.glob(
+            os.path.join(glob.escape(directory), STAGING_PREFIX + "*")
+        ):
             shutil.rmtree(found, ignore_errors=True)

@@ -62,11 +62,16 @@ class SweepPlan:
     def description(self) -> str:
         if self.is_sequence and not self.multi_image:
             return self.imageset.get_template()
-        return self.imageset.get_path(0) + (f" and {len(self.imageset) - 1} more" if len(self.imageset) > 1 else "")
+        return self.imageset.get_path(0) + (
+            f" and {len(self.imageset) - 1} more" if len(self.imageset) > 1 else ""
+        )
 
     def output_template(self) -> str:
         """The path template of a sequence's outputs."""
-        return os.path.join(os.path.dirname(self.outputs[0]), self.template + os.path.splitext(self.outputs[0])[1])
+        return os.path.join(
+            os.path.dirname(self.outputs[0]),
+            self.template + os.path.splitext(self.outputs[0])[1],
+        )
 
 
 def image_numbers(imageset):
@@ -116,11 +121,17 @@ def _names(imageset, template):
         width = template.count("#")
         return [template.replace("#" * width, f"{n:0{width}d}") for n in numbers]
     stems = [_stem(imageset.get_path(i)) for i in range(len(imageset))]
-    return [stem if re.search(r"\d$", stem) and len(set(stems)) == len(stems) else f"{stem}_{n:05d}"
-            for stem, n in zip(stems, numbers)]
+    return [
+        stem
+        if re.search(r"\d$", stem) and len(set(stems)) == len(stems)
+        else f"{stem}_{n:05d}"
+        for stem, n in zip(stems, numbers)
+    ]
 
 
-def plan(experiments: ExperimentList, settings: Settings, directory: str | None, fmt: str) -> list[SweepPlan]:
+def plan(
+    experiments: ExperimentList, settings: Settings, directory: str | None, fmt: str
+) -> list[SweepPlan]:
     """One SweepPlan per distinct imageset, with its output paths; refuses,
     before any work, what cannot be corrected into ``fmt``."""
     from dials_truncfix.format_wrapper import can_wrap, is_corrected_on_read
@@ -135,15 +146,24 @@ def plan(experiments: ExperimentList, settings: Settings, directory: str | None,
             )
         multi = _is_multi_image(imageset)
         keys = tuple(
-            image_identity(imageset.get_path(i), int(imageset.indices()[i]) if multi else 0)
+            image_identity(
+                imageset.get_path(i), int(imageset.indices()[i]) if multi else 0
+            )
             for i in range(len(imageset))
         )
         sequence = _is_sequence(imageset)
         template = _template(imageset, multi) if sequence else None
         plans.append(
             SweepPlan(
-                len(plans) + 1, imageset, sequence, multi, keys, tuple(_names(imageset, template)),
-                correction_refused(format_class, settings.detector), template, image_numbers(imageset)[0],
+                len(plans) + 1,
+                imageset,
+                sequence,
+                multi,
+                keys,
+                tuple(_names(imageset, template)),
+                correction_refused(format_class, settings.detector),
+                template,
+                image_numbers(imageset)[0],
             )
         )
     for p in plans:
@@ -158,7 +178,9 @@ def plan(experiments: ExperimentList, settings: Settings, directory: str | None,
                 check_single_panel(p.imageset.get_detector())
             except OutputFormatError as e:
                 raise TruncationInputError(f"{p.imageset.get_path(0)}: {e}") from None
-        elif not p.is_sequence and any(p.imageset.get_goniometer(i) is None for i in range(len(p.imageset))):
+        elif not p.is_sequence and any(
+            p.imageset.get_goniometer(i) is None for i in range(len(p.imageset))
+        ):
             # dxtbx's full-CBF writer gives such an image a goniometer without axes, which dxtbx cannot read back
             raise TruncationInputError(
                 f"{p.imageset.get_path(0)}: a still without a goniometer (an XFEL still) cannot be written as a "
@@ -170,12 +192,26 @@ def plan(experiments: ExperimentList, settings: Settings, directory: str | None,
     per_sequence = len(set(all_names)) != len(all_names)
     planned = []
     for p in plans:
-        base = os.path.join(directory, f"sequence_{p.number:02d}") if per_sequence else directory
-        planned.append(replace(p, outputs=tuple(os.path.abspath(os.path.join(base, n + EXTENSIONS[fmt])) for n in p.names)))
+        base = (
+            os.path.join(directory, f"sequence_{p.number:02d}")
+            if per_sequence
+            else directory
+        )
+        planned.append(
+            replace(
+                p,
+                outputs=tuple(
+                    os.path.abspath(os.path.join(base, n + EXTENSIONS[fmt]))
+                    for n in p.names
+                ),
+            )
+        )
     return planned
 
 
-def input_files(plans: list[SweepPlan], experiment_files: Sequence[str], settings: Settings) -> list[str]:
+def input_files(
+    plans: list[SweepPlan], experiment_files: Sequence[str], settings: Settings
+) -> list[str]:
     """Every file the run reads (images, experiment lists, masks): none may
     be an output."""
     files = [p.imageset.get_path(i) for p in plans for i in range(len(p.imageset))]

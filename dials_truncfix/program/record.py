@@ -36,7 +36,11 @@ def run_record(results: list[SweepResult], settings: Settings, fmt: str) -> dict
     return {
         "program": "dials.correct_truncation",
         "version": RECORD_VERSION,
-        "parameters": {**dataclasses.asdict(settings.parameters), "detector": settings.detector, "format": fmt},
+        "parameters": {
+            **dataclasses.asdict(settings.parameters),
+            "detector": settings.detector,
+            "format": fmt,
+        },
         "sequences": [
             {
                 "sequence": r.plan.number,
@@ -44,7 +48,9 @@ def run_record(results: list[SweepResult], settings: Settings, fmt: str) -> dict
                 "not_corrected": r.plan.refused,
                 "lowest_value": r.lowest_value,
                 **({"pedestal": r.pedestal} if fmt == "smv" else {}),
-                "images": [{k: v for k, v in s.items() if k != "histograms"} for s in r.images],
+                "images": [
+                    {k: v for k, v in s.items() if k != "histograms"} for s in r.images
+                ],
             }
             for r in results
         ],
@@ -56,8 +62,10 @@ def sequences(record: dict) -> list:
     "sequence", its number), older records (version 1: "sweeps") included."""
     if record.get("version", 1) >= 2:
         return record["sequences"]
-    return [{**{k: v for k, v in entry.items() if k != "sweep"}, "sequence": entry["sweep"]}
-            for entry in record["sweeps"]]
+    return [
+        {**{k: v for k, v in entry.items() if k != "sweep"}, "sequence": entry["sweep"]}
+        for entry in record["sweeps"]
+    ]
 
 
 def as_json(record: dict) -> str:

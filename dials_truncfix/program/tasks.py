@@ -12,11 +12,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
 from dials.util.mp import batch_multi_node_parallel_map
 
 from dials_truncfix import compat
-from dials_truncfix.core.histogram import counts_up_to, histogram_values, region_histogram
-from dials_truncfix.corrector import NOT_VALID, corrected_value_range, corrector_for, stock_zeros_valid
+from dials_truncfix.core.histogram import (
+    counts_up_to,
+    histogram_values,
+    region_histogram,
+)
+from dials_truncfix.corrector import (
+    NOT_VALID,
+    corrected_value_range,
+    corrector_for,
+    stock_zeros_valid,
+)
 from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.cbf import write_full_cbf
@@ -54,11 +64,15 @@ class SweepResult:
         return min(values) if values else None
 
 
-def shell_geometry_of(imageset: ImageSet, index: int, settings: Settings) -> ShellGeometry:
+def shell_geometry_of(
+    imageset: ImageSet, index: int, settings: Settings
+) -> ShellGeometry:
     """The ShellGeometry of image ``index`` by the rule the correction on read
     follows too (geometry.experiment_shell_geometry); a truncfix.mask that
     cannot be used is bad input."""
-    instance = imageset.get_format_class().get_instance(imageset.get_path(index), **imageset.params())
+    instance = imageset.get_format_class().get_instance(
+        imageset.get_path(index), **imageset.params()
+    )
     try:
         return experiment_shell_geometry(imageset, index, instance, settings.mask)
     except MaskFileError as e:
@@ -71,14 +85,19 @@ def low_count_histograms(panels, shell_map, top):
     flat = np.concatenate([np.asarray(p).ravel() for p in panels])
     order, starts = shell_map.pixel_order()
     values = histogram_values(np.clip(flat[order], 0, None))
-    return [counts_up_to(region_histogram(values, starts, r), top).tolist() for r in range(len(starts) - 1)]
+    return [
+        counts_up_to(region_histogram(values, starts, r), top).tolist()
+        for r in range(len(starts) - 1)
+    ]
 
 
 def _as_integers(panels, path):
     ints = []
     for p in panels:
         if p.dtype.kind == "f" and not np.array_equal(p, np.rint(p)):
-            raise OutputFormatError(f"{path}: non-integer pixel values cannot be written as integers")
+            raise OutputFormatError(
+                f"{path}: non-integer pixel values cannot be written as integers"
+            )
         ints.append(p.astype(np.int32))
     return ints
 
@@ -91,7 +110,10 @@ class CorrectTask:
         self.plans = {p.number: p for p in plans}
         self.settings = settings
         self.fmt = fmt
-        self.staged = {p.number: [staging.path(o) for o in p.outputs] if staging else None for p in plans}
+        self.staged = {
+            p.number: [staging.path(o) for o in p.outputs] if staging else None
+            for p in plans
+        }
         self.report_images = report_images
         self._geometries = {}
 
@@ -99,7 +121,9 @@ class CorrectTask:
         """One geometry per sequence; per image for stills."""
         key = (plan.number, 0 if plan.is_sequence else index)
         if key not in self._geometries:
-            self._geometries[key] = shell_geometry_of(plan.imageset, index, self.settings)
+            self._geometries[key] = shell_geometry_of(
+                plan.imageset, index, self.settings
+            )
         return self._geometries[key]
 
     def __call__(self, item):
@@ -109,26 +133,40 @@ class CorrectTask:
         try:
             raw = imageset.get_raw_data(index)
         except Exception as e:  # noqa: BLE001 - whatever the format class raises
-            raise TruncationInputError(f"{path}: image {index + 1} cannot be read: {e}") from None
+            raise TruncationInputError(
+                f"{path}: image {index + 1} cannot be read: {e}"
+            ) from None
         raw = raw if isinstance(raw, tuple) else (raw,)
         corrector = corrector_for(self.geometry(plan, index), self.settings.parameters)
         if plan.refused:
             corrected, result = raw, None
         else:
-            corrected, result = corrector.correct(raw, plan.keys[index], stock_zeros_valid(imageset.get_detector(index)))
+            corrected, result = corrector.correct(
+                raw, plan.keys[index], stock_zeros_valid(imageset.get_detector(index))
+            )
         panels = [p.as_numpy_array() for p in corrected]
         raw_np = [p.as_numpy_array() for p in raw]
         summary = self.summary(plan, index, corrector.shell_map, raw_np, panels, result)
         if result is not None and index in self.report_images.get(number, ()):
             top = max([s.imax or 0 for s in result.shells] + [20])
-            summary["histograms"] = low_count_histograms(raw_np, corrector.shell_map, top)
+            summary["histograms"] = low_count_histograms(
+                raw_np, corrector.shell_map, top
+            )
         if self.fmt == "cbf":
             detector = imageset.get_detector(index)
             ranges = [
-                corrected_value_range(panel) if not plan.refused else compat.valid_integer_range(panel.get_trusted_range())
+                corrected_value_range(panel)
+                if not plan.refused
+                else compat.valid_integer_range(panel.get_trusted_range())
                 for panel in detector
             ]
-            write_full_cbf(self.staged[number][index], imageset, index, _as_integers(panels, path), ranges)
+            write_full_cbf(
+                self.staged[number][index],
+                imageset,
+                index,
+                _as_integers(panels, path),
+                ranges,
+            )
         elif self.fmt == "smv":
             np.save(self.staged[number][index] + ".npy", _as_integers(panels, path)[0])
         return summary
@@ -143,19 +181,31 @@ class CorrectTask:
             # the mean background per region, which the correction lowers
             labels = shell_map.labels[valid]
             n = np.maximum(np.bincount(labels, minlength=shell_map.n_regions), 1)
-            before = np.bincount(labels, weights=flat_raw, minlength=shell_map.n_regions) / n
-            after = np.bincount(labels, weights=flat_out, minlength=shell_map.n_regions) / n
+            before = (
+                np.bincount(labels, weights=flat_raw, minlength=shell_map.n_regions) / n
+            )
+            after = (
+                np.bincount(labels, weights=flat_out, minlength=shell_map.n_regions) / n
+            )
             for shell, mean_before, mean_after in zip(shells, before, after):
-                shell["mean_before"], shell["mean_after"] = float(mean_before), float(mean_after)
+                shell["mean_before"], shell["mean_after"] = (
+                    float(mean_before),
+                    float(mean_after),
+                )
         return {
             "image": index + 1,
             "file": plan.imageset.get_path(index),
             "output": plan.outputs[index] if plan.outputs else None,
-            "status": f"not corrected: {plan.refused}" if result is None else result.status,
+            "status": f"not corrected: {plan.refused}"
+            if result is None
+            else result.status,
             "n_valid": int(valid.sum()),
-            "zero_fraction": float(np.count_nonzero(flat_raw == 0) / max(1, flat_raw.size)),
+            "zero_fraction": float(
+                np.count_nonzero(flat_raw == 0) / max(1, flat_raw.size)
+            ),
             "negative_fraction": float(
-                np.count_nonzero((flat_out < 0) & (flat_out != NOT_VALID)) / max(1, flat_out.size)
+                np.count_nonzero((flat_out < 0) & (flat_out != NOT_VALID))
+                / max(1, flat_out.size)
             ),
             "damaged": "" if result is None else result.damaged,
             "n_changed": 0 if result is None else result.n_changed,
@@ -169,20 +219,28 @@ class SMVTask:
 
     def __init__(self, results, staging):
         self.results = {r.plan.number: r for r in results}
-        self.staged = {r.plan.number: [staging.path(o) for o in r.plan.outputs] for r in results}
+        self.staged = {
+            r.plan.number: [staging.path(o) for o in r.plan.outputs] for r in results
+        }
 
     def __call__(self, item):
         number, index = item
         result, staged = self.results[number], self.staged[number][index]
         data = np.load(staged + ".npy")
-        n_clipped = write_smv_image(staged, result.plan.imageset, index, [data], result.pedestal)
+        n_clipped = write_smv_image(
+            staged, result.plan.imageset, index, [data], result.pedestal
+        )
         os.unlink(staged + ".npy")
         return n_clipped
 
 
 def parallel_map(func, items, mp, callback=None):
     """``func`` over ``items`` in order, in nproc processes (DIALS' mp)."""
-    nproc = compat.available_cores() if mp.nproc in (None, 0) or str(mp.nproc) == "Auto" else mp.nproc
+    nproc = (
+        compat.available_cores()
+        if mp.nproc in (None, 0) or str(mp.nproc) == "Auto"
+        else mp.nproc
+    )
     if mp.method in (None, "none") and nproc == 1:
         results = []
         for item in items:
@@ -191,9 +249,13 @@ def parallel_map(func, items, mp, callback=None):
                 callback(results[-1])
         return results
     chunks = batch_multi_node_parallel_map(
-        func=func, iterable=items, nproc=nproc, njobs=mp.njobs,
+        func=func,
+        iterable=items,
+        nproc=nproc,
+        njobs=mp.njobs,
         cluster_method=None if mp.method in (None, "none") else mp.method,
-        callback=callback or (lambda result: None), chunksize=1,
+        callback=callback or (lambda result: None),
+        chunksize=1,
     )
     # results come back in order, one list per chunk
     return [result for chunk in chunks for result in chunk]
@@ -215,7 +277,9 @@ def _warn_if_slow(task, items):
         logger.warning(
             "Correcting one image took %.0f s with these settings (e.g. truncfix.histogram.max): "
             "the %d images will take about %.0f min",
-            seconds, len(items), seconds * len(items) / 60,
+            seconds,
+            len(items),
+            seconds * len(items) / 60,
         )
     return first
 
@@ -233,7 +297,9 @@ def correct_sweeps(
     on_read); ``progress`` is called with each image's summary as it is
     done.  An SMV imageset's pedestal comes from its lowest corrected value,
     so its images are written only once all are corrected."""
-    report_images = {p.number: report_image_indices(len(p.imageset), n_report_images) for p in plans}
+    report_images = {
+        p.number: report_image_indices(len(p.imageset), n_report_images) for p in plans
+    }
     task = CorrectTask(plans, settings, fmt, staging, report_images)
     items = [(p.number, i) for p in plans for i in range(len(p.imageset))]
     first = _warn_if_slow(task, items)
@@ -245,10 +311,13 @@ def correct_sweeps(
         per_plan[number].append(summary)
     results = [SweepResult(p, tuple(per_plan[p.number])) for p in plans]
     if fmt == "smv":
-        results = [SweepResult(r.plan, r.images, smv_pedestal(r.lowest_value)) for r in results]
+        results = [
+            SweepResult(r.plan, r.images, smv_pedestal(r.lowest_value)) for r in results
+        ]
         clipped = sum(parallel_map(SMVTask(results, staging), items, mp))
         if clipped:
             logger.warning(
-                "%d pixel(s) too high for 16 bits with the pedestal were stored as 65535 (overloaded)", clipped
+                "%d pixel(s) too high for 16 bits with the pedestal were stored as 65535 (overloaded)",
+                clipped,
             )
     return results
