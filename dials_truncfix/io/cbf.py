@@ -198,3 +198,22 @@ def write_full_cbf(path, imageset, index, panels, valid_ranges):
 
     with atomic_path(path) as tmp:
         writer.write_cbf(tmp, cbf=cbf)
+
+
+def panels_read_back(imageset) -> int:
+    """How many panels dxtbx reads from the full CBF this module writes for
+    image 0 of ``imageset`` (a probe of zeros, written to a temporary
+    directory and removed): dxtbx reads the full CBFs of some multi-panel
+    detectors (a TimePix quad, a Pilatus 12M) as one panel, and an
+    experiment list naming such files cannot be read back at all."""
+    import os
+    import tempfile
+
+    import dxtbx
+
+    detector = imageset.get_detector()
+    panels = [np.zeros(p.get_image_size()[::-1], dtype=np.int32) for p in detector]
+    with tempfile.TemporaryDirectory(prefix="dials.correct_truncation.probe-") as tmp:
+        path = os.path.join(tmp, "probe.cbf")
+        write_full_cbf(path, imageset, 0, panels, [(0, 1)] * len(panels))
+        return len(dxtbx.load(path).get_detector())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 from dials_truncfix.corrector import image_identity
 from dials_truncfix.detectors import correction_refused
 from dials_truncfix.io import OutputFormatError
+from dials_truncfix.io.cbf import panels_read_back
 from dials_truncfix.io.smv import check_single_panel
 
 if TYPE_CHECKING:
@@ -129,6 +130,15 @@ def _names(imageset, template):
     ]
 
 
+def _cbf_reads_back(imageset) -> bool:
+    """Whether dxtbx reads the full CBFs written for ``imageset`` with all
+    its panels (io.cbf.panels_read_back); a probe that fails counts as no."""
+    try:
+        return panels_read_back(imageset) == len(imageset.get_detector())
+    except Exception:
+        return False
+
+
 def plan(
     experiments: ExperimentList, settings: Settings, directory: str | None, fmt: str
 ) -> list[SweepPlan]:
@@ -185,6 +195,12 @@ def plan(
             raise TruncationInputError(
                 f"{p.imageset.get_path(0)}: a still without a goniometer (an XFEL still) cannot be written as a "
                 "full CBF: use output.format=on_read"
+            )
+        elif len(p.imageset.get_detector()) > 1 and not _cbf_reads_back(p.imageset):
+            raise TruncationInputError(
+                f"{p.imageset.get_path(0)}: dxtbx cannot read back a full CBF of this "
+                f"{len(p.imageset.get_detector())}-panel detector panel by panel: "
+                "use output.format=on_read"
             )
     if fmt == ON_READ:
         return plans
