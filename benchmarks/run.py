@@ -8,7 +8,9 @@ Two sweeps of 2048x2048 unsigned 16-bit SMV images:
     shell, about 60% overall), a stress case;
   * "readnoise": simulated by devtools.simulate preset=readnoise (a camera
     whose read noise exceeds its gain: near-Gaussian low counts, the fits of
-    the outer shells at the normal limit), held to the MicroED targets.
+    the outer shells at the normal limit; about 40% zeros), held to the
+    targets of the heavy sweep: the cost of a correction grows with its
+    zero pixels (core_speed.py shows that its fits cost what others do).
 
 For each sweep and each assignment mode:
 1. time to read an image with the stock dxtbx class;
@@ -41,7 +43,7 @@ MODES = ("distribution", "expectation")
 TARGETS = {
     "microed": {"correct_over_read": 0.3, "corrected_over_stock_read": 1.3},
     "heavy": {"correct_over_read": 0.7, "corrected_over_stock_read": 1.7},
-    "readnoise": {"correct_over_read": 0.3, "corrected_over_stock_read": 1.3},
+    "readnoise": {"correct_over_read": 0.7, "corrected_over_stock_read": 1.7},
 }
 #: devtools.simulate presets of the simulated sweeps
 SIMULATED = {"microed": "strong", "readnoise": "readnoise"}
