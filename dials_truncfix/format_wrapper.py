@@ -604,7 +604,7 @@ def __getattr__(name):
 # --- the registered dispatchers -------------------------------------------------
 
 
-class _StockChoice:
+class StockChoice:
     """What stock dxtbx reads a file with, resolved once per file (dxtbx asks
     several times about each file as it imports it; the last STOCK_CHOICES
     files are remembered): the previous file's class is the hint, as dxtbx's
@@ -630,11 +630,15 @@ class _StockChoice:
         self._previous = stock.__name__ if stock is not None else None
         return stock
 
+    def remembered(self) -> list:
+        """The files whose choice is remembered, least recently used first."""
+        return [path for path, _ in self._by_file]
+
 
 #: files whose stock class is remembered
 STOCK_CHOICES = 1024
 
-_stock_choice = _StockChoice()
+_stock_choice = StockChoice()
 
 
 def uncorrected_because(stock, settings) -> str | None:

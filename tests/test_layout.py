@@ -59,3 +59,39 @@ def test_no_private_names_imported_across_modules():
                     n for n in names if n.startswith("_") and not n.startswith("__")
                 ]
                 assert not private, (path, module, private)
+
+
+def test_no_private_names_of_the_package_used_across_modules():
+    """Nor reached as attributes: ``module._name`` of a project module
+    imported under a name (tests and tools use the public API)."""
+    for path in (
+        _files("dials_truncfix/**/*.py")
+        + _files("devtools/**/*.py")
+        + _files("tests/*.py")
+        + _files("benchmarks/*.py")
+    ):
+        tree = ast.parse(open(path).read(), path)
+        modules = set()
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module.startswith(("dials_truncfix", "devtools"))
+            ):
+                modules |= {alias.asname or alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                modules |= {
+                    alias.asname
+                    for alias in node.names
+                    if alias.asname and alias.name.startswith("dials_truncfix")
+                }
+        private = sorted(
+            f"{node.value.id}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        )
+        assert not private, (path, private)

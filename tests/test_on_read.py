@@ -1040,10 +1040,10 @@ def test_the_stock_choice_remembers_a_bounded_number_of_files(smv_sweep, monkeyp
     from dials_truncfix import format_wrapper
 
     monkeypatch.setattr(format_wrapper, "STOCK_CHOICES", 2)
-    choice = format_wrapper._StockChoice()
+    choice = format_wrapper.StockChoice()
     stock = type(dxtbx.load(smv_sweep[0]))
     assert [choice(p) for p in smv_sweep + smv_sweep[:1]] == [stock] * 4
-    assert [key[0] for key in choice._by_file] == [smv_sweep[2], smv_sweep[0]]
+    assert choice.remembered() == [smv_sweep[2], smv_sweep[0]]
 
 
 # --- more dials.import routes ----------------------------------------------------------------------
