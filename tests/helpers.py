@@ -104,3 +104,22 @@ def realdata(name):
             f"real images not found: {path} (the public DIALS test data beside the clone)"
         )
     return path
+
+
+def write_truncated_mrc_stack(path, n_images=2, size=128):
+    """A truncated two-image MRC stack (truncated shifted lognormal noise,
+    one seed per image) at ``path``; returns the path."""
+    import mrcfile
+
+    from devtools.synthetic import truncate
+
+    images = [
+        truncate(
+            -4
+            + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((size, size)))
+        )
+        for k in range(n_images)
+    ]
+    with mrcfile.new(str(path)) as mrc:
+        mrc.set_data(np.stack(images))
+    return str(path)

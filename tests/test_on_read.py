@@ -9,7 +9,14 @@ import pickle
 
 import numpy as np
 import pytest
-from helpers import one_line_error, read_back, record_of, run, spot_count
+from helpers import (
+    one_line_error,
+    read_back,
+    record_of,
+    run,
+    spot_count,
+    write_truncated_mrc_stack,
+)
 
 import dxtbx
 from dxtbx.model.experiment_list import ExperimentListFactory
@@ -175,7 +182,6 @@ def test_experiment_list_reads_as_written_whatever_the_variable_says(
 def mixed_files(tmp_path_factory):
     """Named so that dials.import's sorting puts them in the order of each case:
     copies of a real TimePix frame, truncated ADSC sweeps, an MRC stack, Pilatus CBFs."""
-    import mrcfile
     from helpers import realdata
 
     timepix = realdata("TIMEPIX_SU_512-stdgoni_0001.img")
@@ -192,22 +198,7 @@ def mixed_files(tmp_path_factory):
             root / name, n_images=2, size=256, seed=len(files)
         )
     (root / "s_mrc").mkdir()
-    files["s_mrc"] = [str(root / "s_mrc" / "stack.mrc")]
-    with mrcfile.new(files["s_mrc"][0]) as mrc:
-        mrc.set_data(
-            np.stack(
-                [
-                    truncate(
-                        -4
-                        + np.exp(
-                            1.6
-                            + 0.5 * np.random.default_rng(k).standard_normal((128, 128))
-                        )
-                    )
-                    for k in range(2)
-                ]
-            )
-        )
+    files["s_mrc"] = [write_truncated_mrc_stack(root / "s_mrc" / "stack.mrc")]
     (root / "b_pilatus").mkdir()
     files["b_pilatus"] = write_pilatus_cbfs(root / "b_pilatus")
     return root, files

@@ -16,35 +16,17 @@ import os
 
 import numpy as np
 import pytest
-from helpers import read_back, record_of
+from helpers import read_back, record_of, write_truncated_mrc_stack
 
 from dxtbx.model.experiment_list import ExperimentListFactory
 
-from devtools.synthetic import truncate, write_truncated_smv_sweep
+from devtools.synthetic import write_truncated_smv_sweep
 from dials_truncfix.settings import ENVIRONMENT_VARIABLE
 
 
 def _mrc_stack(directory):
-    import mrcfile
-
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "stack.mrc")
-    with mrcfile.new(path) as mrc:
-        mrc.set_data(
-            np.stack(
-                [
-                    truncate(
-                        -4
-                        + np.exp(
-                            1.6
-                            + 0.5 * np.random.default_rng(k).standard_normal((128, 128))
-                        )
-                    )
-                    for k in range(2)
-                ]
-            )
-        )
-    return [path]
+    return [write_truncated_mrc_stack(os.path.join(directory, "stack.mrc"))]
 
 
 FILES = {
