@@ -16,8 +16,6 @@ checkout holding this file into the Python running it.
 tests/test_packaging.py runs it through libtbx's own module class.
 """
 
-from __future__ import annotations
-
 
 def _dials_truncfix_libtbx_refresh(module=None):
     import os

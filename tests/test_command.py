@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import read_back, run, spot_count
+from helpers import one_line_error, read_back, run, spot_count
 
 from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
@@ -474,19 +474,28 @@ def test_on_read_experiments_equal_the_written_images(tmp_path, kind):
 
 @pytest.mark.slow
 def test_counting_detector_images_pass_through(tmp_path):
-    """A TimePix sweep is not corrected by default: written unchanged with its
-    stock trusted range, and the log says why."""
+    """A TimePix sweep is not corrected by default: read unchanged with its
+    stock trusted range, every panel, and the log says why.  Its full CBFs
+    dxtbx would read back as one panel (a quad of four), so CBF output is
+    refused before any work, in one line, and on_read is the route."""
     paths = write_timepix_smvs(tmp_path)
-    result = run(["dials.correct_truncation", *paths], tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    error = one_line_error(
+        run(["dials.correct_truncation", *paths], tmp_path, ok=False)
+    )
+    assert "dxtbx cannot read back a full CBF of this 4-panel detector" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
+    result = run(
+        ["dials.correct_truncation", *paths, "output.format=on_read"], tmp_path
+    )
     assert "counting detector" in result.stdout
     original = inputs(paths)
     expts = ExperimentList.from_file(str(tmp_path / "corrected.expt"))
-    assert (
-        expts[0].detector[0].get_trusted_range()
-        == original.get_detector()[0].get_trusted_range()
-    )
+    assert [p.get_trusted_range() for p in expts[0].detector] == [
+        p.get_trusted_range() for p in original.get_detector()
+    ]
     for i in range(2):
-        assert np.array_equal(
-            expts[0].imageset.get_raw_data(i)[0].as_numpy_array(),
-            original.get_raw_data(i)[0].as_numpy_array(),
-        )
+        read = expts[0].imageset.get_raw_data(i)
+        assert len(read) == len(original.get_detector()) == 4
+        for panel, stock in zip(read, original.get_raw_data(i)):
+            assert np.array_equal(panel.as_numpy_array(), stock.as_numpy_array())
