@@ -132,7 +132,7 @@ def report(results, info, command):
             ),
         ),
         "- Simulation, one sweep per crystal: %s (%s x %s pixels, %d images of %.2f deg, other parameters at "
-        "their defaults; the weak crystal is the strong one with a tenth of the flux)"
+        "the preset's values (devtools.simulate PRESETS) or their defaults)"
         % (
             "; ".join(
                 "`python -m devtools.simulate %s`" % " ".join(a)
