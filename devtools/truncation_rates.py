@@ -189,22 +189,22 @@ def main(argv=None):
                     len(paths),
                     counted(dxtbx_shells(paths, params)),
                 )
-        for size in (256, 512, 1024, 2048):
+        scenes = [
+            ("synthetic scene", "scene", core_scene, size)
+            for size in (256, 512, 1024, 2048)
+        ]
+        scenes += [
+            ("read-noise scene", "read_noise", read_noise_scene, size)
+            for size in (512, 2048)
+        ]
+        for label, key, scene, size in scenes:
             shells = []
             for seed in range(args.images):
-                shell_map, image = core_scene(size, seed)
+                shell_map, image = scene(size, seed)
                 shells += correct_image(
-                    [image], shell_map, params, f"scene_{size}_{seed}"
+                    [image], shell_map, params, f"{key}_{size}_{seed}"
                 ).shells
-            total += row(f"synthetic scene {size}", args.images, counted(shells))
-        for size in (512, 2048):
-            shells = []
-            for seed in range(args.images):
-                shell_map, image = read_noise_scene(size, seed)
-                shells += correct_image(
-                    [image], shell_map, params, f"read_noise_{size}_{seed}"
-                ).shells
-            total += row(f"read-noise scene {size}", args.images, counted(shells))
+            total += row(f"{label} {size}", args.images, counted(shells))
         ceta = os.path.join(
             os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             "..",
