@@ -70,18 +70,52 @@ phil_scope = iotbx.phil.parse(
     """
 include scope dials_truncfix.phil.correction_phil_scope
 mp {
-  method = *none drmaa sge lsf pbs
+  method = *none slurm sge
     .type = choice
-    .help = "The cluster method to use (as for dials.find_spots)"
-    .expert_level = 1
+    .help = "none: correct on this machine in mp.nproc processes. slurm, sge:"
+            "as mp.njobs jobs of a Slurm or Grid Engine cluster, submitted"
+            "from this machine through dask-jobqueue (pip install"
+            "'dials-truncfix[cluster]'); the nodes need the plugin installed"
+            "in this Python environment and a filesystem shared with this"
+            "machine. Results do not depend on the method."
   njobs = 1
     .type = int(value_min=1, allow_none=False)
-    .help = "The number of cluster jobs to use"
-    .expert_level = 1
+    .help = "The number of cluster jobs (mp.method=slurm or sge; also 1 job"
+            "runs on the cluster)."
   nproc = Auto
     .type = int(value_min=1)
-    .help = "The number of processes to use (per cluster job); Auto: the"
-            "processors available. Results do not depend on it."
+    .help = "The number of processes on this machine (mp.method=none); Auto:"
+            "the processors available. A cluster job uses mp.cluster.cores"
+            "instead. Results do not depend on it."
+  cluster
+    .help = "What each cluster job asks the scheduler for (mp.method=slurm or"
+            "sge)."
+  {
+    cores = 1
+      .type = int(value_min=1, allow_none=False)
+      .help = "Cores per job: each job runs this many worker processes."
+    memory = 4GB
+      .type = str
+      .help = "Memory per job (e.g. 4GB, 500MB): Slurm's --mem and the"
+              "workers' memory limit (Grid Engine: the workers' limit only;"
+              "ask for memory with mp.cluster.extra where the site needs it)."
+    queue = None
+      .type = str
+      .help = "The Slurm partition or Grid Engine queue; None: the"
+              "scheduler's default."
+    walltime = "01:00:00"
+      .type = str
+      .help = "Wall-clock limit per job (HH:MM:SS)."
+    parallel_environment = smp
+      .type = str
+      .help = "Grid Engine: the parallel environment for cores > 1."
+    extra = None
+      .type = strings
+      .help = "More options for each job's script, one per word with no"
+              "spaces inside (e.g. --account=xyz, --qos=short), as the"
+              "scheduler's submit command takes them."
+      .expert_level = 1
+  }
 }
 output {
   directory = corrected
@@ -242,6 +276,7 @@ def correct(
     from dials_truncfix.io import OutputFormatError
     from dials_truncfix.program import experiments as corrected
     from dials_truncfix.program import (
+        cluster,
         interruption,
         outputs,
         planning,
@@ -305,10 +340,17 @@ def correct(
             fmt,
         )
         progress = _Progress(n_images, interrupted.check)
+        # on_read writes no image; a cluster run still needs a staging
+        # directory, for the files of its jobs
+        staged = images or (
+            [os.path.join(sorted(directories)[0], "cluster")]
+            if cluster.is_cluster(params.mp) and directories
+            else []
+        )
         try:
             with (
-                outputs.staging(images)
-                if images
+                outputs.staging(staged)
+                if staged
                 else contextlib.nullcontext() as staging
             ):
                 results = tasks.correct_sweeps(
@@ -323,7 +365,7 @@ def correct(
                 progress.close()
                 _log_summary(results)
                 interrupted.check()
-                if staging:
+                if images:
                     staging.commit(images)
                 run_record = record.run_record(results, settings, fmt)
                 if params.output.json:
@@ -346,7 +388,12 @@ def correct(
                         )
                     _atomic_text(params.output.experiments, written.as_json())
                     logger.info("Wrote %s", params.output.experiments)
-        except (planning.TruncationInputError, ShellError, OutputFormatError) as e:
+        except (
+            planning.TruncationInputError,
+            ShellError,
+            OutputFormatError,
+            cluster.ClusterError,
+        ) as e:
             raise Sorry(str(e)) from None
         finally:
             progress.close()

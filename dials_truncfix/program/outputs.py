@@ -176,6 +176,14 @@ class Staging:
             self.directories[os.path.dirname(final)], os.path.basename(final)
         )
 
+    def scratch(self, name: str) -> str:
+        """A directory for the run's temporary files (a cluster's job scripts,
+        logs and worker directories) in a staging directory, so that it goes
+        with it however the run ends."""
+        path = os.path.join(self.directories[min(self.directories)], name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
     def commit(self, finals: Iterable[str]) -> None:
         """Move the staged images into place, all of them even if a signal
         comes meanwhile."""

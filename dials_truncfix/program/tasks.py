@@ -5,6 +5,7 @@ staging directory (program/outputs.py moves them into place): plans in, a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from dials_truncfix.geometry import MaskFileError, experiment_shell_geometry
 from dials_truncfix.io import OutputFormatError
 from dials_truncfix.io.cbf import write_full_cbf
 from dials_truncfix.io.smv import smv_pedestal, write_smv_image
+from dials_truncfix.program import cluster
 from dials_truncfix.program.planning import SweepPlan, TruncationInputError
 
 if TYPE_CHECKING:
@@ -234,14 +236,18 @@ class SMVTask:
         return n_clipped
 
 
-def parallel_map(func, items, mp, callback=None):
-    """``func`` over ``items`` in order, in nproc processes (DIALS' mp)."""
+def parallel_map(func, items, mp, callback=None, client=None):
+    """``func`` over ``items`` in order: as dask tasks of the cluster jobs of
+    ``client`` where there is one, else in nproc local processes (DIALS'
+    mp)."""
+    if client is not None:
+        return cluster.cluster_map(client, func, items, callback)
     nproc = (
         compat.available_cores()
         if mp.nproc in (None, 0) or str(mp.nproc) == "Auto"
         else mp.nproc
     )
-    if mp.method in (None, "none") and nproc == 1:
+    if nproc == 1:
         results = []
         for item in items:
             results.append(func(item))
@@ -252,8 +258,8 @@ def parallel_map(func, items, mp, callback=None):
         func=func,
         iterable=items,
         nproc=nproc,
-        njobs=mp.njobs,
-        cluster_method=None if mp.method in (None, "none") else mp.method,
+        njobs=1,
+        cluster_method=None,
         callback=callback or (lambda result: None),
         chunksize=1,
     )
@@ -305,7 +311,20 @@ def correct_sweeps(
     first = _warn_if_slow(task, items)
     if progress:
         progress(first)
-    summaries = [first] + parallel_map(task, items[1:], mp, callback=progress)
+    with (
+        cluster.cluster_client(mp, staging.scratch("cluster"))
+        if cluster.is_cluster(mp)
+        else contextlib.nullcontext()
+    ) as client:
+        summaries = [first] + parallel_map(
+            task, items[1:], mp, callback=progress, client=client
+        )
+        results = _sweep_results(plans, items, summaries, fmt, mp, staging, client)
+    return results
+
+
+def _sweep_results(plans, items, summaries, fmt, mp, staging, client):
+    """Each plan's summaries; SMV images written with their imageset's pedestal."""
     per_plan = {p.number: [] for p in plans}
     for (number, _), summary in zip(items, summaries):
         per_plan[number].append(summary)
@@ -314,7 +333,7 @@ def correct_sweeps(
         results = [
             SweepResult(r.plan, r.images, smv_pedestal(r.lowest_value)) for r in results
         ]
-        clipped = sum(parallel_map(SMVTask(results, staging), items, mp))
+        clipped = sum(parallel_map(SMVTask(results, staging), items, mp, client=client))
         if clipped:
             logger.warning(
                 "%d pixel(s) too high for 16 bits with the pedestal were stored as 65535 (overloaded)",
