@@ -274,7 +274,6 @@ def correct(
 
     from dials_truncfix.core.shells import ShellError
     from dials_truncfix.io import OutputFormatError
-    from dials_truncfix.program import experiments as corrected
     from dials_truncfix.program import (
         cluster,
         interruption,
@@ -284,6 +283,7 @@ def correct(
         report,
         tasks,
     )
+    from dials_truncfix.program import experiments as corrected
     from dials_truncfix.settings import Settings
 
     try:

@@ -114,20 +114,20 @@ def cluster_options(mp, workdir: str) -> dict:
         extra.insert(0, "-V")
         if cores > 1:
             extra.append(f"-pe {mp.cluster.parallel_environment} {cores}")
-    return dict(
-        cores=cores,
-        processes=cores,
-        memory=mp.cluster.memory,
-        queue=mp.cluster.queue,
-        walltime=mp.cluster.walltime,
-        job_name=JOB_NAME,
-        job_extra_directives=extra,
-        python=sys.executable,
-        local_directory=workdir,
-        log_directory=workdir,
-        shared_temp_directory=workdir,
-        scheduler_options={"dashboard_address": None},
-    )
+    return {
+        "cores": cores,
+        "processes": cores,
+        "memory": mp.cluster.memory,
+        "queue": mp.cluster.queue,
+        "walltime": mp.cluster.walltime,
+        "job_name": JOB_NAME,
+        "job_extra_directives": extra,
+        "python": sys.executable,
+        "local_directory": workdir,
+        "log_directory": workdir,
+        "shared_temp_directory": workdir,
+        "scheduler_options": {"dashboard_address": None},
+    }
 
 
 @contextlib.contextmanager
