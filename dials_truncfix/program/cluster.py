@@ -28,8 +28,10 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from typing import Callable, Iterator, Sequence
 
 from dials_truncfix.program.interruption import signals_held
@@ -55,6 +57,13 @@ def is_cluster(mp) -> bool:
 
 
 def _import_dask_jobqueue(method):
+    """dask_jobqueue and distributed; importing dask_jobqueue replaces the
+    process's SIGINT handler with one that exits with status 0 (its
+    runner module, for jobs that run a scheduler): the handler in force
+    (the command line's, which cancels the jobs and removes the staging
+    directory) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         import dask_jobqueue
         import distributed
@@ -63,6 +72,9 @@ def _import_dask_jobqueue(method):
             f"mp.method={method} needs dask-jobqueue ({e}): install it with "
             "pip install 'dials-truncfix[cluster]' in this environment"
         ) from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return dask_jobqueue, distributed
 
 
