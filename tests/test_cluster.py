@@ -158,7 +158,7 @@ def test_cluster_run_equals_local_run(sweep, scheduler, fmt, jobs, tmp_path):
     for where in ("local", scheduler):
         out = tmp_path / where
         names[where] = out
-        result = run(
+        run(
             [
                 "dials.correct_truncation",
                 *common,
@@ -342,7 +342,7 @@ def test_on_read_experiment_list_read_in_a_slurm_job(sweep, slurm, tmp_path):
             f"{sys.executable} {tmp_path / 'read.py'} {tmp_path / 'on_read.expt'} {tmp_path / 'job.npy'}",
         ],
         cwd=tmp_path,
-        env={k: v for k, v in env.items()},
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
