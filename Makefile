@@ -12,7 +12,10 @@ CURRENT_DIALS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dials-truncfix/current-d
 CURRENT_PYTHON = $(CURRENT_DIALS)/bin/python
 # what the current-DIALS lane needs beyond DIALS itself: the test tools,
 # plotly (report, where DIALS ships no plotly.js), scikit-learn (dials.scale)
-CURRENT_EXTRAS = pytest hypothesis plotly==7.1.0 scikit-learn
+# and dask-jobqueue (mp.method=slurm / sge, tests/test_cluster.py)
+CURRENT_EXTRAS = pytest hypothesis plotly==7.1.0 scikit-learn dask-jobqueue==$(DASK_JOBQUEUE_VERSION)
+# the cluster extra (pyproject.toml's dials-truncfix[cluster]), pinned for the tests
+DASK_JOBQUEUE_VERSION = 0.9.0
 # runs a command in the current-DIALS environment (its programs first on PATH)
 IN_CURRENT = PATH="$(CURRENT_DIALS)/bin:$$PATH"
 # true where CURRENT_DIALS holds a python that imports DIALS
@@ -47,6 +50,23 @@ define install_chromium
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 endef
 
+# dask-jobqueue (mp.method=slurm / sge) for Debian's DIALS without pip
+# touching a Debian package: dask and distributed from Debian
+# (python3-distributed 2022.12.1, which dask-jobqueue 0.9 accepts), then
+# dask-jobqueue alone (--no-deps); DIALS' imports and numpy's version
+# checked afterwards.
+define install_dask_jobqueue_debian
+	@$(PYTHON) -c "import dask_jobqueue" 2>/dev/null || { \
+		$(PYTHON) -c "import distributed" 2>/dev/null || { \
+			echo "Installing dask and distributed from Debian (apt-get install python3-distributed)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-distributed || exit 1; }; \
+		numpy=$$($(PYTHON) -c "import numpy; print(numpy.__version__)"); \
+		echo "Installing dask-jobqueue $(DASK_JOBQUEUE_VERSION) (pip --no-deps; dask and distributed are Debian's)"; \
+		$(PYTHON) -m pip install --quiet --break-system-packages --no-deps dask-jobqueue==$(DASK_JOBQUEUE_VERSION) && \
+		$(PYTHON) -c "import dials, dxtbx, numpy, scipy, dask_jobqueue, sys; sys.exit(numpy.__version__ != sys.argv[1])" "$$numpy" || { \
+			echo "make setup: dask-jobqueue broke $(PYTHON)'s DIALS or changed numpy" >&2; exit 1; }; }
+endef
+
 # Idempotent: installs only what is missing.
 setup:
 	@$(PYTHON) -c "import dials, dxtbx, scipy" 2>/dev/null || { \
@@ -56,12 +76,13 @@ setup:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			python3-pytest python3-hypothesis python3-pip python3-setuptools; }
 	$(install_chromium)
+	$(install_dask_jobqueue_debian)
 	$(call install_checkout,$(PYTHON),--break-system-packages)
 
 # Idempotent: installs into the current-DIALS environment only what is missing.
 setup-current:
 	@if $(CURRENT_PRESENT); then \
-		$(CURRENT_PYTHON) -c "import pytest, hypothesis, plotly, sklearn" 2>/dev/null || { \
+		$(CURRENT_PYTHON) -c "import pytest, hypothesis, plotly, sklearn, dask_jobqueue" 2>/dev/null || { \
 			echo "Installing $(CURRENT_EXTRAS) into $(CURRENT_DIALS)"; \
 			$(CURRENT_PYTHON) -m pip install --quiet $(CURRENT_EXTRAS) || exit 1; }; \
 		$(MAKE) --no-print-directory install-current-checkout; \

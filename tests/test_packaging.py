@@ -131,6 +131,7 @@ def test_metadata_as_setuptools_builds_it(tmp_path):
         'pytest;extra=="test"',
         'hypothesis;extra=="test"',
         'plotly;extra=="report"',
+        'dask-jobqueue>=0.8.2;extra=="cluster"',
     } <= requires
     assert not any(
         name in value for value in requires for name in ("dials", "dxtbx", "cctbx")
