@@ -154,6 +154,14 @@ def cluster_client(mp, workdir: str):
             f"mp.method={mp.method}: {submit} not found on PATH: run on a "
             f"machine that submits {name} jobs"
         )
+    if mp.nproc not in (None, 0) and str(mp.nproc) != "Auto":
+        logger.warning(
+            "mp.nproc=%s is for runs on this machine: each %s job runs "
+            "mp.cluster.cores=%d worker process(es)",
+            mp.nproc,
+            name,
+            mp.cluster.cores,
+        )
     os.makedirs(workdir, exist_ok=True)
     quiet = _DropSubmissionErrors()
     loggers = [logging.getLogger(n) for n in ("asyncio", "tornado.application")]
