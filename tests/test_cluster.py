@@ -354,3 +354,53 @@ def test_on_read_experiment_list_read_in_a_slurm_job(sweep, slurm, tmp_path):
     assert np.array_equal(in_job, np.stack(here))
     assert not np.array_equal(in_job, np.stack(stock))
     assert (in_job < 0).any() and not (np.stack(stock) < 0).any()
+
+
+def _mp(method, **cluster):
+    """The mp PHIL parameters of dials.correct_truncation with ``cluster``."""
+    from dials_truncfix.command_line.correct_truncation import phil_scope
+
+    words = [f"mp.method={method}"] + [
+        f"mp.cluster.{k}={v}" for k, v in cluster.items()
+    ]
+    import iotbx.phil
+
+    return phil_scope.fetch(sources=[iotbx.phil.parse(w) for w in words]).extract().mp
+
+
+def test_job_options_follow_the_parameters(tmp_path):
+    """What each job asks for: cores as worker processes, memory, queue,
+    walltime; Grid Engine gets the submitting environment (-V) and a
+    parallel environment for more than one core; every file in the work
+    directory."""
+    from dials_truncfix.program.cluster import cluster_options
+
+    slurm = cluster_options(
+        _mp("slurm", cores=3, memory="2GB", queue="short", extra="--qos=low"),
+        str(tmp_path),
+    )
+    assert (slurm["cores"], slurm["processes"], slurm["memory"], slurm["queue"]) == (
+        3,
+        3,
+        "2GB",
+        "short",
+    )
+    assert slurm["job_extra_directives"] == ["--qos=low"]
+    assert {
+        slurm[k] for k in ("local_directory", "log_directory", "shared_temp_directory")
+    } == {str(tmp_path)}
+    assert slurm["python"] == sys.executable
+    sge = cluster_options(_mp("sge", cores=2), str(tmp_path))
+    assert sge["job_extra_directives"] == ["-V", "-pe smp 2"]
+    assert cluster_options(_mp("sge"), str(tmp_path))["job_extra_directives"] == ["-V"]
+
+
+def test_without_dask_jobqueue_one_line(monkeypatch):
+    """The extra not installed: one line naming it."""
+    from dials_truncfix.program import cluster
+
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    with pytest.raises(cluster.ClusterError) as error:
+        with cluster.cluster_client(_mp("slurm"), "unused"):
+            pass
+    assert "pip install 'dials-truncfix[cluster]'" in str(error.value)
