@@ -53,7 +53,7 @@ def _missing(method):
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{method} does not answer ({e})"
     if answer.returncode != 0 or (method == "slurm" and not answer.stdout.strip()):
-        return f"{method} does not answer: {' '.join(probe)}: {answer.stderr.strip()[:200]}"
+        return f"{method} does not answer: {' '.join(probe)}: {(answer.stderr.strip().splitlines() or [''])[0][:200]}"
     return None
 
 
