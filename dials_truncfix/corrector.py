@@ -18,6 +18,7 @@ from dials_truncfix.core.correction import (
     corrected_dtype,
 )
 from dials_truncfix.core.parameters import CorrectionParameters
+from dials_truncfix.detectors import describe_as_integrating
 from dials_truncfix.geometry import ShellGeometry, shell_map_for
 
 if TYPE_CHECKING:
@@ -102,9 +103,12 @@ def corrected_value_range(panel: Panel) -> tuple[int, int]:
     return LOWEST_VALUE, compat.valid_integer_range(panel.get_trusted_range())[1]
 
 
-def set_corrected_trusted_ranges(detector: Detector) -> Detector:
-    """Widen each panel's trusted range (in place) to admit the corrected
-    values; the maximum stays."""
+def describe_corrected(detector: Detector) -> Detector:
+    """The detector model of corrected images (changed in place): each panel's
+    trusted range widened to admit the corrected values (the maximum stays),
+    and "PAD" panels described as the integrating camera they are
+    (detectors.describe_as_integrating says why)."""
     for panel in detector:
         panel.set_trusted_range(compat.trusted_range_for(*corrected_value_range(panel)))
+    describe_as_integrating(detector)
     return detector

@@ -99,11 +99,11 @@ from dials_truncfix.compat import (
 from dials_truncfix.core.correction import CORRECTED, NO_ZEROS, say_once
 from dials_truncfix.corrector import (
     corrector_for,
+    describe_corrected,
     image_identity,
-    set_corrected_trusted_ranges,
     stock_zeros_valid,
 )
-from dials_truncfix.detectors import correction_refused
+from dials_truncfix.detectors import correction_refused, describe_as_integrating
 from dials_truncfix.geometry import (
     MaskFileError,
     experiment_shell_geometry,
@@ -515,13 +515,19 @@ class _CorrectOnRead:
         """The stock trusted ranges, widened to admit the corrected values
         unless they admit values below SIGNED_DATA_BELOW (a class that does,
         such as a dark-subtracted XFEL camera's, may hold signed data, which
-        the correction passes through: its mask stays stock)."""
+        the correction passes through: its mask stays stock); "PAD" panels
+        described as an integrating camera's in either case
+        (detectors.describe_as_integrating)."""
         detector = super()._detector()
-        if detector is not None and all(
+        if detector is None:
+            return None
+        if all(
             valid_integer_range(panel.get_trusted_range())[0] >= SIGNED_DATA_BELOW
             for panel in detector
         ):
-            set_corrected_trusted_ranges(detector)
+            describe_corrected(detector)
+        else:
+            describe_as_integrating(detector)
         return detector
 
     def stock_detector(self):
@@ -641,11 +647,29 @@ STOCK_CHOICES = 1024
 _stock_choice = StockChoice()
 
 
-def uncorrected_because(stock, settings) -> str | None:
-    """Why images of this stock class stay as stock reads them, or None."""
-    return correction_refused(stock, settings.detector) or (
-        None if can_wrap(stock) else f"{stock.__name__} builds its own imagesets"
+def uncorrected_because(stock, settings, path) -> str | None:
+    """Why the images of file ``path``, of this stock class, stay as stock
+    reads them, or None."""
+    return correction_refused(
+        stock, settings.detector, lambda: stock_panel_types(stock, path)
+    ) or (None if can_wrap(stock) else f"{stock.__name__} builds its own imagesets")
+
+
+@functools.lru_cache(maxsize=64)
+def _panel_types(stock, path, mtime_ns):
+    instance = stock(path)
+    detector = (
+        instance.get_detector(0)
+        if issubclass(stock, FormatMultiImage)
+        else instance.get_detector()
     )
+    return tuple(panel.get_type() for panel in detector or ())
+
+
+def stock_panel_types(stock, path) -> tuple[str, ...]:
+    """The dxtbx types of the panels stock dxtbx gives the file (its first
+    image); read once per file version."""
+    return _panel_types(stock, path, os.stat(path).st_mtime_ns)
 
 
 def _claim(name, multi):
@@ -669,7 +693,7 @@ def _claim(name, multi):
         )  # None for files that are not images (an .expt DIALS tries first)
         if stock is None or stock.is_abstract():
             return None
-        why = uncorrected_because(stock, environment_settings())
+        why = uncorrected_because(stock, environment_settings(), name)
     if issubclass(stock, FormatMultiImage) != multi:
         return None
     return stock, why

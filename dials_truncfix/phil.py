@@ -78,13 +78,15 @@ truncfix
             "to exclude, for example a beam-stop shadow."
   detector = *auto integrating counting
     .type = choice
-    .help = "Whether the images come from a camera that truncates. auto: files"
-            "of photon/electron-counting detectors (Pilatus, Eiger, TimePix,"
-            "Medipix, Lambda; recognised by their dxtbx format class), whose"
-            "zeros are real counts, are left uncorrected; every other integer"
-            "format is treated as an integrating camera and corrected."
-            "integrating: correct whatever the format class. counting: correct"
-            "nothing (e.g. an MRC file from a camera in counting mode)."
+    .help = "Whether the images come from a camera that truncates. auto: the"
+            "rule of dials_truncfix/detectors.py: counting detectors (Pilatus,"
+            "Eiger, SINGLA, TimePix, Lambda, HF-4M, HyPix; recognised by their"
+            "dxtbx format class), whose zeros are real counts, are left"
+            "uncorrected, and so are unlisted classes whose panels dxtbx labels"
+            "PAD; every other integer format is treated as an integrating"
+            "camera and corrected. integrating: correct whatever the format"
+            "class. counting: correct nothing (e.g. an MRC file from a camera"
+            "in counting mode)."
 }
 """
 

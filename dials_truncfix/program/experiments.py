@@ -9,7 +9,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from dials_truncfix import compat
-from dials_truncfix.corrector import corrected_value_range, set_corrected_trusted_ranges
+from dials_truncfix.corrector import corrected_value_range, describe_corrected
+from dials_truncfix.detectors import describe_as_integrating
 from dials_truncfix.io.smv import smv_valid_range
 from dials_truncfix.program.tasks import shell_geometry_of
 
@@ -35,7 +36,8 @@ def _copy_lookups(old, new):
 
 def _output_detector(result, index, fmt):
     """The detector of image ``index`` with the trusted ranges (and, for SMV,
-    the pedestal) of the written values."""
+    the pedestal) of the written values, described as an integrating camera
+    where they are corrected (detectors.describe_as_integrating)."""
     detector = copy.deepcopy(result.plan.imageset.get_detector(index))
     if fmt == "smv":
         for panel in detector:
@@ -48,6 +50,8 @@ def _output_detector(result, index, fmt):
             panel.set_trusted_range(
                 compat.trusted_range_for(*corrected_value_range(panel))
             )
+    if not result.plan.refused:
+        describe_as_integrating(detector)
     return detector
 
 
@@ -121,7 +125,7 @@ def on_read_experiments(
         ).to_record()
         wrapped = wrapped_class(old.get_format_class().__name__)
         if p.is_sequence:
-            detector = set_corrected_trusted_ranges(copy.deepcopy(old.get_detector()))
+            detector = describe_corrected(copy.deepcopy(old.get_detector()))
             extra = (
                 {"single_file_indices": list(old.indices())}
                 if p.multi_image
@@ -152,9 +156,7 @@ def on_read_experiments(
             detector = _set_still_models(
                 new,
                 old,
-                lambda i: set_corrected_trusted_ranges(
-                    copy.deepcopy(old.get_detector(i))
-                ),
+                lambda i: describe_corrected(copy.deepcopy(old.get_detector(i))),
             )
         _copy_lookups(old, new)
         replaced[id(old)] = (new, detector)

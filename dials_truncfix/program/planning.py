@@ -171,7 +171,13 @@ def plan(
                 multi,
                 keys,
                 tuple(_names(imageset, template)),
-                correction_refused(format_class, settings.detector),
+                correction_refused(
+                    format_class,
+                    settings.detector,
+                    lambda imageset=imageset: [
+                        panel.get_type() for panel in imageset.get_detector(0)
+                    ],
+                ),
                 template,
                 image_numbers(imageset)[0],
             )
