@@ -123,3 +123,82 @@ def write_truncated_mrc_stack(path, n_images=2, size=128):
     with mrcfile.new(str(path)) as mrc:
         mrc.set_data(np.stack(images))
     return str(path)
+
+
+PLUGIN_CLASS = '''
+import numpy as np
+from dxtbx.format.Format import Format
+from scitbx.array_family import flex
+
+class {name}(Format):
+    """A third-party camera: magic {magic!r}, uint16 {size} x {size}, panel type {sensor}."""
+
+    @staticmethod
+    def understand(image_file):
+        with open(image_file, "rb") as fh:
+            return fh.read(8) == {magic!r}
+
+    def _start(self):
+        with open(self._image_file, "rb") as fh:
+            self._pixels = np.frombuffer(fh.read()[8:], dtype="<u2").reshape({size}, {size})
+
+    def _detector(self):
+        return self._detector_factory.simple({sensor!r}, {distance!r}, ({origin!r}, {origin!r}), "+x", "-y",
+                                             ({pixel!r}, {pixel!r}), ({size}, {size}), (-1, 65535), [])
+
+    def _beam(self):
+        return self._beam_factory.simple(0.0251)
+
+    def _goniometer(self):
+        return self._goniometer_factory.single_axis()
+
+    def _scan(self):
+        number = int(self._image_file[-9:-4])
+        return self._scan_factory.make_scan((number, number), 1.0, (0.5 * (number - 1), 0.5), {{number: 0.0}})
+
+    def get_raw_data(self):
+        return flex.int(self._pixels.astype(np.int32))
+'''
+
+
+def install_plugin_camera(
+    directory, name, magic, size, sensor="CCD", distance=500.0, origin=7.68, pixel=0.03
+):
+    """Register a third-party dxtbx format class ``name`` as another package
+    would (a module and a dist-info with a ``dxtbx.format`` entry point, in
+    ``directory``/site): files of ``magic`` (8 bytes) then uint16 pixels,
+    ``size`` x ``size``, panels of type ``sensor``, no geometry beyond the
+    class's own.  The environment whose dxtbx registry has the class."""
+    module = "truncfix_" + "".join(
+        f"_{c.lower()}" if c.isupper() else c for c in name[len("Format") :]
+    ).lstrip("_")
+    site = directory / "site"
+    site.mkdir()
+    (site / f"{module}.py").write_text(
+        PLUGIN_CLASS.format(
+            name=name,
+            magic=magic,
+            size=size,
+            sensor=sensor,
+            distance=distance,
+            origin=origin,
+            pixel=pixel,
+        )
+    )
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text(
+        f"[dxtbx.format]\n{name}:Format = {module}:{name}\n"
+    )
+    return {
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    }
+
+
+def write_plugin_image(path, magic, pixels):
+    """An image file of a class of :func:`install_plugin_camera`."""
+    path.write_bytes(magic + np.asarray(pixels).astype("<u2").tobytes())
+    return str(path)

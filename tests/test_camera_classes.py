@@ -23,12 +23,11 @@ GLM, which rejects negative pixels (detectors.py says what the plugin does).
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from tests.helpers import run
+from tests.helpers import install_plugin_camera, run, write_plugin_image
 
 #: the simulated sweep: gain 1 ADU per electron (what DM4, MRC and SER
 #: without a Ceta header tell DIALS), 1 ADU of read noise; a 20 x 20 x 30 A
@@ -49,41 +48,6 @@ CETA_SIMULATION = [
     "camera.gain=26",
     "camera.read_noise=26",
 ]
-
-PLUGIN = '''
-import numpy as np
-from dxtbx.format.Format import Format
-from scitbx.array_family import flex
-
-class FormatTestSweepCamera(Format):
-    """A third-party camera: magic b"TESTSWP1", uint16 512 x 512, no geometry."""
-
-    @staticmethod
-    def understand(image_file):
-        with open(image_file, "rb") as fh:
-            return fh.read(8) == b"TESTSWP1"
-
-    def _start(self):
-        with open(self._image_file, "rb") as fh:
-            self._pixels = np.frombuffer(fh.read()[8:], dtype="<u2").reshape(512, 512)
-
-    def _detector(self):
-        return self._detector_factory.simple("CCD", 1000.0, (25.6, 25.6), "+x", "-y", (0.1, 0.1),
-                                             (512, 512), (-1, 65535), [])
-
-    def _beam(self):
-        return self._beam_factory.simple(0.0251)
-
-    def _goniometer(self):
-        return self._goniometer_factory.single_axis()
-
-    def _scan(self):
-        number = int(self._image_file[-9:-4])
-        return self._scan_factory.make_scan((number, number), 1.0, (0.5 * (number - 1), 0.5), {number: 0.0})
-
-    def get_raw_data(self):
-        return flex.int(self._pixels.astype(np.int32))
-'''
 
 
 class Sweep:
@@ -220,24 +184,19 @@ def write_dm4(sweep, directory):
 
 
 def write_plugin(sweep, directory):
-    site = directory / "site"
-    site.mkdir()
-    (site / "truncfix_test_sweep_camera.py").write_text(PLUGIN)
-    info = site / "truncfix_test_sweep_camera-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: truncfix-test-sweep-camera\nVersion: 1.0\n"
+    env = install_plugin_camera(
+        directory,
+        "FormatTestSweepCamera",
+        b"TESTSWP1",
+        512,
+        distance=1000.0,
+        origin=25.6,
+        pixel=0.1,
     )
-    (info / "entry_points.txt").write_text(
-        "[dxtbx.format]\n"
-        "FormatTestSweepCamera:Format = truncfix_test_sweep_camera:FormatTestSweepCamera\n"
-    )
-    paths = []
-    for i, pixels in enumerate(sweep.pixels):
-        path = directory / f"image_{i + 1:05d}.tsw"
-        path.write_bytes(b"TESTSWP1" + pixels.astype("<u2").tobytes())
-        paths.append(str(path))
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    paths = [
+        write_plugin_image(directory / f"image_{i + 1:05d}.tsw", b"TESTSWP1", pixels)
+        for i, pixels in enumerate(sweep.pixels)
+    ]
     return paths, env
 
 

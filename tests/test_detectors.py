@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from dials_truncfix import detectors
 from dials_truncfix.format_wrapper import can_wrap
-from tests.helpers import read_back, run
+from tests.helpers import install_plugin_camera, read_back, run, write_plugin_image
 
 #: counting detectors, by what their class names say (independently of the
 #: rule's class lists): DECTRIS Pilatus, Eiger, SINGLA (NXmx ED), TimePix,
@@ -147,57 +146,13 @@ def test_corrected_pad_panels_are_described_as_integrating():
     assert not detectors.describe_as_integrating(detector)
 
 
-PAD_PLUGIN = '''
-import numpy as np
-from dxtbx.format.Format import Format
-from scitbx.array_family import flex
-
-class FormatTestPadCamera(Format):
-    """A third-party camera labelled PAD, gain 1: magic b"TESTPAD1", uint16 256 x 256."""
-
-    @staticmethod
-    def understand(image_file):
-        with open(image_file, "rb") as fh:
-            return fh.read(8) == b"TESTPAD1"
-
-    def _start(self):
-        with open(self._image_file, "rb") as fh:
-            self._pixels = np.frombuffer(fh.read()[8:], dtype="<u2").reshape(256, 256)
-
-    def _detector(self):
-        return self._detector_factory.simple("PAD", 500.0, (7.68, 7.68), "+x", "-y", (0.03, 0.03),
-                                             (256, 256), (-1, 65535), [])
-
-    def _beam(self):
-        return self._beam_factory.simple(0.0251)
-
-    def _goniometer(self):
-        return self._goniometer_factory.single_axis()
-
-    def _scan(self):
-        number = int(self._image_file[-9:-4])
-        return self._scan_factory.make_scan((number, number), 1.0, (0.5 * (number - 1), 0.5), {number: 0.0})
-
-    def get_raw_data(self):
-        return flex.int(self._pixels.astype(np.int32))
-'''
-
-
 @pytest.fixture(scope="module")
 def pad_camera(tmp_path_factory):
     """Two truncated images of a third-party class labelled PAD, and the
     environment whose dxtbx registry has the class."""
     tmp_path = tmp_path_factory.mktemp("pad_camera")
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "truncfix_test_pad_camera.py").write_text(PAD_PLUGIN)
-    info = site / "truncfix_test_pad_camera-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: truncfix-test-pad-camera\nVersion: 1.0\n"
-    )
-    (info / "entry_points.txt").write_text(
-        "[dxtbx.format]\nFormatTestPadCamera:Format = truncfix_test_pad_camera:FormatTestPadCamera\n"
+    env = install_plugin_camera(
+        tmp_path, "FormatTestPadCamera", b"TESTPAD1", 256, "PAD"
     )
     paths = []
     for k in range(2):
@@ -205,10 +160,9 @@ def pad_camera(tmp_path_factory):
         values = np.clip(
             np.round(-4 + np.exp(1.6 + 0.5 * rng.standard_normal((256, 256)))), 0, None
         )
-        path = tmp_path / f"pad_{k + 1:05d}.tpd"
-        path.write_bytes(b"TESTPAD1" + values.astype("<u2").tobytes())
-        paths.append(str(path))
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        paths.append(
+            write_plugin_image(tmp_path / f"pad_{k + 1:05d}.tpd", b"TESTPAD1", values)
+        )
     return tmp_path, paths, env
 
 

@@ -10,11 +10,13 @@ import pickle
 import numpy as np
 import pytest
 from helpers import (
+    install_plugin_camera,
     one_line_error,
     read_back,
     record_of,
     run,
     spot_count,
+    write_plugin_image,
     write_truncated_mrc_stack,
 )
 
@@ -635,66 +637,19 @@ def test_electron_camera_formats_are_corrected(tmp_path, kind):
     )
 
 
-PLUGIN = '''
-import numpy as np
-from dxtbx.format.Format import Format
-from scitbx.array_family import flex
-
-class FormatTestCamera(Format):
-    """A third-party camera: magic b"TESTCAM1", uint16 256 x 256."""
-
-    @staticmethod
-    def understand(image_file):
-        with open(image_file, "rb") as fh:
-            return fh.read(8) == b"TESTCAM1"
-
-    def _start(self):
-        with open(self._image_file, "rb") as fh:
-            self._pixels = np.frombuffer(fh.read()[8:], dtype="<u2").reshape(256, 256)
-
-    def _detector(self):
-        return self._detector_factory.simple("CCD", 500.0, (7.68, 7.68), "+x", "-y", (0.03, 0.03), (256, 256),
-                                             (-1, 65535), [])
-
-    def _beam(self):
-        return self._beam_factory.simple(0.0251)
-
-    def _goniometer(self):
-        return self._goniometer_factory.single_axis()
-
-    def _scan(self):
-        number = int(self._image_file[-9:-4])
-        return self._scan_factory.make_scan((number, number), 1.0, (0.5 * (number - 1), 0.5), {number: 0.0})
-
-    def get_raw_data(self):
-        return flex.int(self._pixels.astype(np.int32))
-'''
-
-
 @pytest.mark.slow
 def test_third_party_plugin_format_is_corrected(tmp_path):
     """A format class registered by another package's entry point."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "truncfix_test_camera.py").write_text(PLUGIN)
-    info = site / "truncfix_test_camera-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: truncfix-test-camera\nVersion: 1.0\n"
-    )
-    (info / "entry_points.txt").write_text(
-        "[dxtbx.format]\nFormatTestCamera:Format = truncfix_test_camera:FormatTestCamera\n"
-    )
+    env = install_plugin_camera(tmp_path, "FormatTestCamera", b"TESTCAM1", 256)
     paths = []
     for k in range(2):
         values = truncate(
             -4
             + np.exp(1.6 + 0.5 * np.random.default_rng(k).standard_normal((256, 256)))
         )
-        path = tmp_path / f"cam_{k + 1:05d}.tcm"
-        path.write_bytes(b"TESTCAM1" + values.astype("<u2").tobytes())
-        paths.append(str(path))
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        paths.append(
+            write_plugin_image(tmp_path / f"cam_{k + 1:05d}.tcm", b"TESTCAM1", values)
+        )
     run(
         ["dials.import", *paths, "output.experiments=imported.expt"],
         tmp_path,
