@@ -12,10 +12,10 @@ pixels.  The rule, in one place (``truncfix.detector=auto``):
    first class found decides.  The counting list names every counting
    detector of both supported dxtbx versions (Pilatus, Eiger, SINGLA,
    TimePix, Lambda, ADSC HF-4M, Rigaku HyPix; neutron time-of-flight
-   detectors), whatever the file format (CBF, SMV, NeXus/HDF5, ROD).  The integrating list names the cameras that
-   dxtbx labels "PAD" although they integrate (Gatan DM4, MRC, TIA SER,
-   Ceta-D SMV; charge-integrating pixel detectors, whose signed data the
-   correction passes through).
+   detectors), whatever the file format (CBF, SMV, NeXus/HDF5, ROD).  The
+   integrating list names the cameras that dxtbx labels "PAD" although they
+   integrate (Gatan DM4, MRC, TIA SER, Ceta-D SMV; charge-integrating pixel
+   detectors, whose signed data the correction passes through).
 2. A class in neither list (a generic class such as FormatCBFMini, a
    third-party plugin) is decided by the file's detector model: panels of a
    dxtbx type containing "PAD" are taken for a counting detector and left

@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from dials_truncfix import compat
-from dials_truncfix.corrector import corrected_value_range, describe_corrected
+from dials_truncfix.corrector import describe_corrected
 from dials_truncfix.detectors import describe_as_integrating
 from dials_truncfix.io.smv import smv_valid_range
 from dials_truncfix.program.tasks import shell_geometry_of
@@ -45,13 +45,10 @@ def _output_detector(result, index, fmt):
                 compat.trusted_range_for(*smv_valid_range(result.pedestal))
             )
             panel.set_pedestal(float(result.pedestal))
+        if not result.plan.refused:
+            describe_as_integrating(detector)
     elif not result.plan.refused:
-        for panel in detector:
-            panel.set_trusted_range(
-                compat.trusted_range_for(*corrected_value_range(panel))
-            )
-    if not result.plan.refused:
-        describe_as_integrating(detector)
+        describe_corrected(detector)
     return detector
 
 
