@@ -1214,3 +1214,97 @@ def test_fits_run_together_equal_the_fits_one_by_one():
             assert np.allclose(_parameters(fit), _parameters(alone), rtol=1e-9)
             assert fit.log_likelihood == pytest.approx(alone.log_likelihood, rel=1e-12)
     assert sum(f.converged for f in together) == 4
+
+
+# --- the block-by-block pass over an image -------------------------------------
+
+
+def test_scan_image_matches_whole_image_search_across_blocks():
+    """scan_image works block by block (histogram.HISTOGRAM_BLOCK sampled
+    pixels at a time): zeros, their regions, negatives (in one block only),
+    the copy into the output and the sampled histograms must be those of
+    whole-image operations, block edges included."""
+    from dials_truncfix.core.histogram import (
+        HISTOGRAM_BLOCK,
+        RegionHistograms,
+        SampleCounter,
+    )
+
+    rng = np.random.default_rng(11)
+    n_regions, stride = 7, 3
+    size = 3 * stride * HISTOGRAM_BLOCK + 12345  # three full blocks and a bit
+    labels = rng.integers(0, n_regions, size).astype(np.int8)
+    labels[rng.random(size) < 0.05] = INVALID
+    flat = rng.poisson(1.5, size).astype(np.int32)
+    edge = stride * HISTOGRAM_BLOCK  # zeros on both sides of a block edge
+    flat[edge - 3 : edge + 3] = 0
+    masked = np.flatnonzero(labels == INVALID)
+    second = masked[(masked > edge) & (masked < 2 * edge)][:50]
+    flat[second] = -7  # negative masked pixels in the second block only
+    base, n_sampled = shells.sample_keys(labels, stride, n_regions)
+
+    out = np.empty_like(flat)
+    counter = SampleCounter(n_regions, stride, base)
+    zeros, regions, negative = correction.scan_image(flat, labels, out, counter)
+
+    assert np.array_equal(zeros, np.flatnonzero(flat == 0))
+    assert np.array_equal(regions, labels[zeros])
+    assert np.array_equal(negative, np.sort(second))
+    assert np.array_equal(out, flat)
+    whole = RegionHistograms(flat, labels, stride, base, n_sampled, True)
+    scanned = RegionHistograms(flat, labels, stride, base, n_sampled, True, counter)
+    bins = shells.histogram_bins(n_regions)
+    sampled = np.clip(flat[::stride], 0, bins - 1)
+    for r in range(n_regions):
+        expected = np.bincount(sampled[labels[::stride] == r], minlength=bins)
+        assert np.array_equal(whole.capped[r], expected)
+        assert np.array_equal(scanned.capped[r], expected)
+
+
+@pytest.mark.parametrize(
+    "n_regions, dtype",
+    [(10, np.int8), (128, np.int8), (129, np.int16), (300, np.int16)],
+)
+def test_labels_are_the_narrowest_type_and_zeros_are_counted_per_region(
+    n_regions, dtype
+):
+    """int8 labels up to 128 regions (their lookup and count is what every
+    image pays for its zeros), int16 beyond; the zero pixels per region
+    counted alike by every counting path."""
+    assert shells._label_dtype(n_regions) is dtype
+    rng = np.random.default_rng(n_regions)
+    regions = rng.integers(-1, n_regions, 50_000).astype(dtype)
+    expected = np.array([np.count_nonzero(regions == r) for r in range(n_regions)])
+    assert np.array_equal(correction.zeros_per_region(regions, n_regions), expected)
+    wide = regions.astype(np.int32)
+    assert np.array_equal(correction.zeros_per_region(wide, n_regions), expected)
+
+
+@pytest.mark.parametrize("n_values", [3, 200])
+def test_fill_slots_gives_each_value_its_run_of_slots(n_values):
+    """A region's lookup table, filled run by run (few values) or by
+    np.repeat (many): value i in slots ends[i - 1] .. ends[i] - 1, values
+    whose probability rounds to no slot absent."""
+    from dials_truncfix.core.assignment import SLICED_RUNS, fill_slots
+
+    assert (n_values > SLICED_RUNS) == (n_values == 200)
+    rng = np.random.default_rng(n_values)
+    probabilities = rng.random(n_values) ** 4
+    probabilities /= probabilities.sum()
+    values = -np.arange(n_values)
+    ends = slot_ends(probabilities)
+    row = np.full(TABLE_SIZE, 99, dtype=np.int16)
+    fill_slots(row, values, ends)
+    expected = values[np.searchsorted(ends, np.arange(TABLE_SIZE), side="right")]
+    assert np.array_equal(row, expected)
+
+
+def test_series_of_the_shape_derivatives_are_those_of_polyval():
+    """_series evaluates both power series at once with np.polyval's own
+    operations: bit for bit the same numbers (the fit depends on them)."""
+    from dials_truncfix.core import lognormal
+
+    u = np.random.default_rng(2).uniform(-0.1, 0.1, 1000)
+    a, b = lognormal._series(u)
+    assert np.array_equal(a, np.polyval(lognormal._A, u))
+    assert np.array_equal(b, np.polyval(lognormal._B, u))

@@ -104,12 +104,19 @@ def slot_ends(probabilities) -> np.ndarray:
     return ends
 
 
-def set_slot_steps(row, values, ends):
-    """Write into ``row`` (TABLE_SIZE zeros) the steps whose running sum is a
-    region's lookup table: ``values[i]`` in slots ``ends[i - 1]`` ..
-    ``ends[i] - 1`` (slot_ends).  One running sum over all the regions'
-    rows then builds every table (np.repeat copies slot by slot: three
-    times slower)."""
+#: a region's lookup table is filled run by run (one slice per value) up to
+#: this many runs of slots, else by np.repeat: slices are faster for the
+#: dozen or so values a region usually has
+SLICED_RUNS = 64
+
+
+def fill_slots(row, values, ends):
+    """Fill ``row`` (TABLE_SIZE slots) with a region's lookup table:
+    ``values[i]`` in slots ``ends[i - 1]`` .. ``ends[i] - 1`` (slot_ends)."""
     starts = np.concatenate(([0], ends[:-1]))
-    kept = ends > starts
-    row[starts[kept]] = np.diff(values[kept], prepend=0)
+    kept = np.flatnonzero(ends > starts)
+    if len(kept) > SLICED_RUNS:
+        row[:] = np.repeat(values[kept], (ends - starts)[kept])
+        return
+    for i in kept.tolist():
+        row[starts[i] : ends[i]] = values[i]

@@ -16,13 +16,19 @@ import numpy as np
 
 from dials_truncfix.core.assignment import (
     TABLE_SIZE,
+    fill_slots,
     image_rng,
-    set_slot_steps,
     slot_ends,
     uniform_slots,
     value_distribution,
 )
-from dials_truncfix.core.histogram import RegionHistograms, counts_up_to, imax
+from dials_truncfix.core.histogram import (
+    HISTOGRAM_BLOCK,
+    RegionHistograms,
+    SampleCounter,
+    counts_up_to,
+    imax,
+)
 from dials_truncfix.core.lognormal import LognormalFit, fit_lognormals
 from dials_truncfix.core.parameters import CorrectionParameters
 from dials_truncfix.core.shells import INVALID, ShellMap, sample_keys
@@ -281,7 +287,17 @@ def correct_image(
     _check_map(shapes, shell_map, params)
     flat, copied = _flatten(panels)
     labels = shell_map.labels
-    non_positive, negative = find_non_positive(flat)
+    stride, base, n_sampled = shell_map.histogram_sample()
+    out = _output(flat, copied)
+    # float data are counted once known to be integer-valued (_not_truncated)
+    counter = (
+        None
+        if flat.dtype.kind == "f"
+        else SampleCounter(shell_map.n_regions, stride, base)
+    )
+    zero_positions, zero_regions, negative = scan_image(
+        flat, labels, out=out, counter=counter
+    )
     reason = _not_truncated(flat, labels) or (
         NOT_TRUNCATED_NEGATIVE if np.any(np.take(labels, negative) != INVALID) else None
     )
@@ -290,11 +306,10 @@ def correct_image(
         return ImageCorrection(
             data=list(panels),
             status=reason,
-            _zeros_left=lambda: np.flatnonzero(flat == 0),
+            _zeros_left=lambda: zero_positions,
         )
     negative_masked = len(negative) > 0
 
-    stride, base, n_sampled = shell_map.histogram_sample()
     n_valid = shell_map.n_valid
     damaged, described = (
         damaged_lines(panels, shell_map) if flat.dtype.kind != "f" else (None, "")
@@ -313,13 +328,13 @@ def correct_image(
                 data=list(panels),
                 status=BLANK,
                 damaged=described,
-                _zeros_left=lambda: np.flatnonzero(flat == 0),
+                _zeros_left=lambda: zero_positions,
             )
         base, n_sampled = sample_keys(labels, stride, shell_map.n_regions)
+        zero_regions = np.take(labels, zero_positions)
+        counter = None  # counted again with these labels
 
-    zero_positions, zero_regions, n_zero = find_zeros(
-        flat, labels, shell_map.n_regions, non_positive, negative_masked
-    )
+    n_zero = zeros_per_region(zero_regions, shell_map.n_regions)
     if not n_zero.any() and not params.fit_all_shells:
         return ImageCorrection(
             data=list(panels),
@@ -328,8 +343,8 @@ def correct_image(
             _zeros_left=lambda: zero_positions,
         )
 
-    histograms = region_histograms(
-        flat, labels, stride, base, n_sampled, negative_masked
+    histograms = RegionHistograms(
+        flat, labels, stride, base, n_sampled, negative_masked, counter
     )
     results = [
         _region_result(shell_map, r, n_valid[r], n_zero[r], n_sampled[r])
@@ -337,7 +352,6 @@ def correct_image(
     ]
     fits = _fit_regions(results, histograms, shell_map, params, image_key)
 
-    out = _output(flat, copied)
     tally = None
     if fits:
         tally = _assign(
@@ -367,15 +381,43 @@ def correct_image(
     )
 
 
-def find_non_positive(flat):
-    """(positions of the pixels <= 0, of those < 0) of signed or float data
-    (one comparison); (None, ()) for unsigned data."""
-    if flat.dtype.kind == "u":
-        return None, ()
-    if flat.min(initial=0) >= 0:  # the usual case: the pixels <= 0 are the zeros
-        return np.flatnonzero(flat == 0), np.array([], dtype=np.intp)
-    non_positive = np.flatnonzero(flat <= 0)
-    return non_positive, non_positive[np.take(flat, non_positive) < 0]
+def scan_image(flat, labels, out=None, counter=None):
+    """(flat positions of every zero pixel, masked ones too; their regions,
+    INVALID for masked pixels; flat positions of the negative pixels), in
+    one pass over the image, block by block: while a block is in the
+    processor's cache it is also copied into ``out`` (the corrected image,
+    if it is not ``flat`` itself) and its sampled pixels are counted by
+    ``counter`` (a SampleCounter): faster than three passes over an image
+    larger than the cache."""
+    zeros, regions, negative = [], [], []
+    unsigned = flat.dtype.kind == "u"
+    size = HISTOGRAM_BLOCK * (counter.stride if counter else 1)
+    for start in range(0, flat.size, size):
+        block = flat[start : start + size]
+        has_negative = not unsigned and not block.min() >= 0
+        if has_negative:
+            at = np.flatnonzero(block <= 0)
+            values = np.take(block, at)
+            negative.append(at[values < 0] + start)
+            at = at[values == 0]
+        else:  # usual: the pixels <= 0 are the zeros
+            at = np.flatnonzero(block == 0)
+        regions.append(np.take(labels[start : start + size], at))
+        at += start
+        zeros.append(at)
+        if counter is not None:
+            counter.add(block, has_negative)
+        if out is not None and out is not flat:
+            out[start : start + size] = block
+    return (
+        _joined(zeros, np.intp),
+        _joined(regions, labels.dtype),
+        _joined(negative, np.intp),
+    )
+
+
+def _joined(arrays, dtype):
+    return np.concatenate(arrays) if arrays else np.array([], dtype=dtype)
 
 
 #: up to this many regions, the zero pixels of each are counted by one
@@ -383,33 +425,17 @@ def find_non_positive(flat):
 FEW_REGIONS = 16
 
 
-def find_zeros(flat, labels, n_regions, non_positive=None, negative=False):
-    """(flat positions of every zero pixel, masked ones too; their regions,
-    INVALID for masked pixels; the number of zero pixels per region), from
-    the positions of the pixels <= 0 if known."""
-    if non_positive is None:
-        positions = np.flatnonzero(flat == 0)
-    else:
-        positions = (
-            non_positive[np.take(flat, non_positive) == 0] if negative else non_positive
-        )
-    regions = np.take(labels, positions)
+def zeros_per_region(regions, n_regions):
+    """The number of zero pixels per region, from the regions of the zero
+    pixels (INVALID ones not counted)."""
     if n_regions <= FEW_REGIONS:
-        n_zero = np.array(
+        return np.array(
             [np.count_nonzero(regions == r) for r in range(n_regions)], dtype=np.intp
         )
-    elif regions.dtype == np.int16:  # INVALID counts in the last of 65536 bins
-        n_zero = np.bincount(regions.view(np.uint16), minlength=n_regions)[:n_regions]
-    else:
-        n_zero = np.bincount(regions + 1, minlength=n_regions + 1)[1:]
-    return positions, regions, n_zero
-
-
-def region_histograms(flat, labels, stride, base, n_sampled, negative_masked):
-    """The RegionHistograms of this image (one bincount)."""
-    return RegionHistograms(
-        flat, labels, stride, base, n_sampled, clip_negative=negative_masked
-    )
+    if regions.dtype.itemsize <= 2:  # INVALID counts in the last bin (255, 65535)
+        unsigned = regions.view(f"u{regions.dtype.itemsize}")
+        return np.bincount(unsigned, minlength=n_regions)[:n_regions]
+    return np.bincount(regions + 1, minlength=n_regions + 1)[1:]
 
 
 def corrected_dtype(dtype: np.dtype) -> type:
@@ -419,12 +445,13 @@ def corrected_dtype(dtype: np.dtype) -> type:
 
 
 def _output(flat, writable):
-    """The flat array the corrected values go into (corrected_dtype),
-    ``flat`` itself when it may be written and has that type."""
+    """The flat array the corrected values go into (corrected_dtype):
+    ``flat`` itself when it may be written and has that type, else a new
+    array, which scan_image fills with the pixels."""
     dtype = corrected_dtype(flat.dtype)
     if writable and flat.dtype == dtype:
         return flat
-    return flat.astype(dtype, copy=True)
+    return np.empty(flat.shape, dtype=dtype)
 
 
 #: regions per value table (64 x 65536 int32 slots, 16 MiB at most): images
@@ -437,21 +464,26 @@ def value_table(batch, results, fits, params):
     slot ends of each fitted one).  Row 1 + i holds the lookup table of
     region ``batch[i]`` (value_distribution, slot_ends); row 0 and the rows
     of regions not fitted hold 0, which leaves their zero pixels (and the
-    masked ones) as they are."""
-    table = np.zeros((len(batch) + 1, TABLE_SIZE), dtype=np.int32)
+    masked ones) as they are.  The table is int16 where the values allow
+    (half the memory the lookups wander through), else int32."""
     distributions = {}
+    for r in batch:
+        if r in fits:
+            values, probabilities, results[r].conditional_mean = value_distribution(
+                params.assignment, results[r].n_zero, fits[r].distribution
+            )
+            results[r].assignment = params.assignment
+            distributions[r] = (values, slot_ends(probabilities))
+    lowest = min(int(values[-1]) for values, _ in distributions.values())
+    dtype = np.int16 if lowest >= np.iinfo(np.int16).min else np.int32
+    table = np.empty((len(batch) + 1, TABLE_SIZE), dtype=dtype)
     for row, r in enumerate(batch, start=1):
-        if r not in fits:
-            continue
-        fit = fits[r]
-        values, probabilities, results[r].conditional_mean = value_distribution(
-            params.assignment, results[r].n_zero, fit.distribution
-        )
-        results[r].assignment = params.assignment
-        ends = slot_ends(probabilities)
-        set_slot_steps(table[row], values, ends)
-        distributions[r] = (values, ends)
-    return np.cumsum(table, axis=1, out=table).ravel(), distributions
+        if r in distributions:
+            fill_slots(table[row], *distributions[r])
+        else:
+            table[row] = 0
+    table[0] = 0
+    return table.ravel(), distributions
 
 
 def _assign(out, zero_positions, zero_regions, results, fits, params, rng):

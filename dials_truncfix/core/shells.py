@@ -289,8 +289,9 @@ def _equal_count_shells(resolution, n_shells):
 
 def _label_dtype(n_regions):
     """The narrowest signed integer type for labels INVALID .. n_regions - 1
-    (narrow labels sort fast)."""
-    for dtype in (np.int16, np.int32):
+    (narrow labels sort fast, and the correction of every image looks up and
+    counts the labels of its zero pixels)."""
+    for dtype in (np.int8, np.int16, np.int32):
         if n_regions - 1 <= np.iinfo(dtype).max:
             return dtype
     return np.int64
