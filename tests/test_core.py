@@ -1245,10 +1245,12 @@ def test_scan_image_matches_whole_image_search_across_blocks():
 
     out = np.empty_like(flat)
     counter = SampleCounter(n_regions, stride, base)
-    zeros, regions, negative = correction.scan_image(flat, labels, out, counter)
+    zeros, negative = correction.scan_image(flat, labels, out, counter)
 
-    assert np.array_equal(zeros, np.flatnonzero(flat == 0))
-    assert np.array_equal(regions, labels[zeros])
+    assert len(zeros.blocks) == 4 and len(zeros) == np.count_nonzero(flat == 0)
+    assert np.array_equal(np.concatenate(zeros.blocks), np.flatnonzero(flat == 0))
+    assert np.array_equal(zeros.positions, np.flatnonzero(flat == 0))
+    assert np.array_equal(zeros.regions, labels[zeros.positions])
     assert np.array_equal(negative, np.sort(second))
     assert np.array_equal(out, flat)
     whole = RegionHistograms(flat, labels, stride, base, n_sampled, True)

@@ -123,14 +123,26 @@ def _damage(lines, n_lines, trailing):
 #: rows (columns) checked first: a line can be all zero only where these
 #: columns (rows) are zero, so only such candidates are checked in full
 PROBE_LINES = 16
+#: the probe columns come in bands of this many neighbours: a row's probe
+#: pixels then share a few cache lines rather than taking one each
+PROBE_BAND = 4
+
+
+def _probes(across, axis):
+    """The PROBE_LINES probe lines (fewer on a small panel): spread evenly
+    across, in bands of PROBE_BAND neighbours for columns (axis 1)."""
+    if across <= PROBE_LINES:
+        return np.arange(across)
+    if axis == 0:
+        return np.linspace(0, across - 1, PROBE_LINES).astype(np.intp)
+    bands = np.linspace(0, across - PROBE_BAND, PROBE_LINES // PROBE_BAND)
+    return (bands.astype(np.intp)[:, None] + np.arange(PROBE_BAND)).ravel()
 
 
 def _zero_lines(panel, axis, n_valid_per_line):
     """Indices of the lines along ``axis`` (1: rows, 0: columns) that are all
     zero and hold enough valid pixels to count as damaged."""
-    across = panel.shape[axis]
-    probes = np.linspace(0, across - 1, min(PROBE_LINES, across)).astype(np.intp)
-    probe = np.take(panel, probes, axis=axis)
+    probe = np.take(panel, _probes(panel.shape[axis], axis), axis=axis)
     candidates = np.flatnonzero(
         (probe == 0).all(axis=axis) & (n_valid_per_line >= DAMAGED_LINE_MIN_PIXELS)
     )
@@ -295,9 +307,7 @@ def correct_image(
         if flat.dtype.kind == "f"
         else SampleCounter(shell_map.n_regions, stride, base)
     )
-    zero_positions, zero_regions, negative = scan_image(
-        flat, labels, out=out, counter=counter
-    )
+    zeros, negative = scan_image(flat, labels, out=out, counter=counter)
     reason = _not_truncated(flat, labels) or (
         NOT_TRUNCATED_NEGATIVE if np.any(np.take(labels, negative) != INVALID) else None
     )
@@ -306,7 +316,7 @@ def correct_image(
         return ImageCorrection(
             data=list(panels),
             status=reason,
-            _zeros_left=lambda: zero_positions,
+            _zeros_left=lambda: zeros.positions,
         )
     negative_masked = len(negative) > 0
 
@@ -328,19 +338,19 @@ def correct_image(
                 data=list(panels),
                 status=BLANK,
                 damaged=described,
-                _zeros_left=lambda: zero_positions,
+                _zeros_left=lambda: zeros.positions,
             )
         base, n_sampled = sample_keys(labels, stride, shell_map.n_regions)
-        zero_regions = np.take(labels, zero_positions)
+        zeros.regions = np.take(labels, zeros.positions)
         counter = None  # counted again with these labels
 
-    n_zero = zeros_per_region(zero_regions, shell_map.n_regions)
+    n_zero = zeros_per_region(zeros.regions, shell_map.n_regions)
     if not n_zero.any() and not params.fit_all_shells:
         return ImageCorrection(
             data=list(panels),
             status=NO_ZEROS,
             damaged=described,
-            _zeros_left=lambda: zero_positions,
+            _zeros_left=lambda: zeros.positions,
         )
 
     histograms = RegionHistograms(
@@ -356,8 +366,7 @@ def correct_image(
     if fits:
         tally = _assign(
             out,
-            zero_positions,
-            zero_regions,
+            zeros,
             results,
             fits,
             params,
@@ -369,7 +378,7 @@ def correct_image(
             shell_map.n_regions + 1, dtype=bool
         )  # the last entry: INVALID
         fitted[list(fits)] = True
-        return zero_positions[~np.take(fitted, zero_regions)]
+        return zeros.positions[~np.take(fitted, zeros.regions)]
 
     return ImageCorrection(
         data=_split(out, shapes),
@@ -381,10 +390,30 @@ def correct_image(
     )
 
 
+class ZeroPixels:
+    """The zero pixels of an image, masked ones too, as scan_image finds
+    them block by block: their flat positions per block (``blocks``, joined
+    into ``positions`` only when asked: the assignment does without that
+    copy) and their regions (``regions``, INVALID for masked pixels)."""
+
+    def __init__(self, blocks, regions):
+        self.blocks, self.regions = blocks, regions
+        self._positions = None
+
+    def __len__(self):
+        return len(self.regions)
+
+    @property
+    def positions(self):
+        if self._positions is None:
+            self._positions = _joined(self.blocks, np.intp)
+            self.blocks = [self._positions]
+        return self._positions
+
+
 def scan_image(flat, labels, out=None, counter=None):
-    """(flat positions of every zero pixel, masked ones too; their regions,
-    INVALID for masked pixels; flat positions of the negative pixels), in
-    one pass over the image, block by block: while a block is in the
+    """(the ZeroPixels, flat positions of the negative pixels), in one pass
+    over the image, block by block: while a block is in the
     processor's cache it is also copied into ``out`` (the corrected image,
     if it is not ``flat`` itself) and its sampled pixels are counted by
     ``counter`` (a SampleCounter): faster than three passes over an image
@@ -409,11 +438,7 @@ def scan_image(flat, labels, out=None, counter=None):
             counter.add(block, has_negative)
         if out is not None and out is not flat:
             out[start : start + size] = block
-    return (
-        _joined(zeros, np.intp),
-        _joined(regions, labels.dtype),
-        _joined(negative, np.intp),
-    )
+    return ZeroPixels(zeros, _joined(regions, labels.dtype)), _joined(negative, np.intp)
 
 
 def _joined(arrays, dtype):
@@ -486,13 +511,14 @@ def value_table(batch, results, fits, params):
     return table.ravel(), distributions
 
 
-def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
-    """Give the zero pixels of the fitted regions their values: one 16-bit
-    random integer per zero pixel (raster order) picks a slot of its region's
-    row of the value table, the key row * TABLE_SIZE + slot indexing it directly;
-    the keys, counted, give how many pixels got each value (the returned
-    tally, run when the regions' results are first asked for)."""
-    slots = uniform_slots(rng, len(zero_positions))
+def _assign(out, zeros, results, fits, params, rng):
+    """Give the zero pixels (ZeroPixels) of the fitted regions their values:
+    one 16-bit random integer per zero pixel (raster order) picks a slot of
+    its region's row of the value table, the key row * TABLE_SIZE + slot
+    indexing it directly; the keys, counted, give how many pixels got each
+    value (the returned tally, run when the regions' results are first asked
+    for)."""
+    slots = uniform_slots(rng, len(zeros))
     fitted = sorted(fits)
     n_regions = len(results)
     tallies = []
@@ -501,15 +527,11 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
         if not any(r in fits for r in batch):
             continue
         table, distributions = value_table(batch, results, fits, params)
-        positions, rows, batch_slots = (
-            zero_positions,
-            zero_regions.astype(np.int32),
-            slots,
-        )
+        blocks, rows, batch_slots = zeros.blocks, zeros.regions.astype(np.int32), slots
         if n_regions > TABLE_ROWS:  # keep this batch's pixels (INVALID is -1)
             chosen = np.flatnonzero((rows >= first) & (rows < first + TABLE_ROWS))
-            positions, rows, batch_slots = (
-                positions[chosen],
+            blocks, rows, batch_slots = (
+                [zeros.positions[chosen]],
                 rows[chosen],
                 slots[chosen],
             )
@@ -517,7 +539,11 @@ def _assign(out, zero_positions, zero_regions, results, fits, params, rng):
         keys += 1 - first  # row 0: masked pixels
         keys *= TABLE_SIZE
         keys += batch_slots
-        out[positions] = np.take(table, keys)
+        values = np.take(table, keys)
+        done = 0
+        for positions in blocks:  # scattered block by block: no joined copy
+            out[positions] = values[done : done + len(positions)]
+            done += len(positions)
         tallies.append((batch, distributions, keys))
 
     def tally():
