@@ -1273,7 +1273,12 @@ def test_labels_are_the_narrowest_type_and_zeros_are_counted_per_region(
     """int8 labels up to 128 regions (their lookup and count is what every
     image pays for its zeros), int16 beyond; the zero pixels per region
     counted alike by every counting path."""
-    assert shells._label_dtype(n_regions) is dtype
+    shape = (40, 40)
+    inv_d2 = np.random.default_rng(5).random(shape)
+    shell_map = build_shell_map(
+        [inv_d2], [np.ones(shape, bool)], n_regions, min_pixels_per_shell=1
+    )
+    assert shell_map.n_regions == n_regions and shell_map.labels.dtype == dtype
     rng = np.random.default_rng(n_regions)
     regions = rng.integers(-1, n_regions, 50_000).astype(dtype)
     expected = np.array([np.count_nonzero(regions == r) for r in range(n_regions)])
@@ -1302,11 +1307,15 @@ def test_fill_slots_gives_each_value_its_run_of_slots(n_values):
 
 
 def test_series_of_the_shape_derivatives_are_those_of_polyval():
-    """_series evaluates both power series at once with np.polyval's own
-    operations: bit for bit the same numbers (the fit depends on them)."""
-    from dials_truncfix.core import lognormal
+    """derivative_series evaluates both power series at once with
+    np.polyval's own operations: bit for bit the numbers of np.polyval (the
+    fit depends on them)."""
+    from dials_truncfix.core.lognormal import SERIES_TERMS, derivative_series
 
+    terms = range(SERIES_TERMS)
+    a_coefficients = [(-1) ** (j + 1) * (j + 1) / (j + 2) for j in terms][::-1]
+    b_coefficients = [(-1) ** j * (j + 2) * (j + 1) / (j + 3) for j in terms][::-1]
     u = np.random.default_rng(2).uniform(-0.1, 0.1, 1000)
-    a, b = lognormal._series(u)
-    assert np.array_equal(a, np.polyval(lognormal._A, u))
-    assert np.array_equal(b, np.polyval(lognormal._B, u))
+    a, b = derivative_series(u)
+    assert np.array_equal(a, np.polyval(a_coefficients, u))
+    assert np.array_equal(b, np.polyval(b_coefficients, u))

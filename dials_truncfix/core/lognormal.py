@@ -205,7 +205,7 @@ _B = np.array([(-1) ** j * (j + 2) * (j + 1) / (j + 3) for j in range(SERIES_TER
 _AB = np.stack((_A, _B), axis=1)[:, :, None]
 
 
-def _series(u):
+def derivative_series(u):
     """(A(u), B(u)) by Horner's rule, both at once: the operations of
     np.polyval (hence its results), at half the cost of two calls."""
     series = np.zeros((2, len(u)))
@@ -237,7 +237,7 @@ def _z_and_derivatives(x, location, s, shape):
         -((u_safe / (1 + u_safe)) ** 2) - 2 * u_safe / (1 + u_safe) + 2 * log1p_u
     ) / u_safe**3
     if small.any():  # the series only where they are used
-        a[small], b[small] = _series(u[small])
+        a[small], b[small] = derivative_series(u[small])
     q2 = q * q
     grad = np.stack((-1 / (scale * q), -w / q, w * w * a), axis=1)
     second = {
