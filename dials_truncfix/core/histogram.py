@@ -73,6 +73,8 @@ class SampleCounter:
         """Count the sampled pixels of the next block (``clip_negative``:
         whether it may hold negative values, which count as 0)."""
         sampled = pixels[:: self.stride]
+        if sampled.dtype.kind == "f":  # masked pixels may hold nan or inf
+            sampled = np.nan_to_num(sampled, nan=0.0, posinf=HISTOGRAM_CAP, neginf=0.0)
         start, end = self._next, self._next + len(sampled)
         self._next = end
         keys = self._keys[: end - start]
