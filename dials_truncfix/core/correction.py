@@ -420,7 +420,7 @@ def scan_image(flat, labels, out=None, counter=None):
     larger than the cache."""
     zeros, regions, negative = [], [], []
     unsigned = flat.dtype.kind == "u"
-    size = HISTOGRAM_BLOCK * (counter.stride if counter else 1)
+    size = counter.block if counter else HISTOGRAM_BLOCK
     for start in range(0, flat.size, size):
         block = flat[start : start + size]
         has_negative = not unsigned and not block.min() >= 0

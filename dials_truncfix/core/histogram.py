@@ -63,6 +63,8 @@ class SampleCounter:
     def __init__(self, n_regions, stride, base):
         self.bins = histogram_bins(n_regions)
         self.n_regions, self.stride, self.base = n_regions, stride, base
+        #: the pixels of one block (``add``): HISTOGRAM_BLOCK sampled ones
+        self.block = stride * HISTOGRAM_BLOCK
         self.counts = np.zeros((n_regions + 1) * self.bins, dtype=np.intp)
         size = min(HISTOGRAM_BLOCK, len(base))
         self._keys = np.empty(size, dtype=np.int32)
@@ -122,9 +124,8 @@ class RegionHistograms:
         )
         if counter is None:
             counter = SampleCounter(self.n_regions, stride, base)
-            block = stride * HISTOGRAM_BLOCK
-            for start in range(0, len(flat), block):
-                counter.add(flat[start : start + block], clip_negative)
+            for start in range(0, len(flat), counter.block):
+                counter.add(flat[start : start + counter.block], clip_negative)
         self.capped = counter.capped()
 
     def of(self, regions, params):
